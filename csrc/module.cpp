@@ -1,0 +1,30 @@
+// pybind11 bindings only: every function here forwards to engine_core.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "cpu_features.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "PaliGemma engine native core";
+
+  m.def("cpu_features", [] {
+    const auto& f = engine::cpu_features();
+    py::dict d;
+    d["arch"] = f.arch;
+    d["avx2"] = f.avx2;
+    d["avx512"] = f.avx512;
+    d["avx512_vnni"] = f.avx512_vnni;
+    d["amx"] = f.amx;
+    d["neon"] = f.neon;
+    d["best"] = engine::simd_name(f.best);
+    d["simd"] = engine::simd_name(engine::active_simd());
+    return d;
+  }, "Detected CPU features, the best SIMD level, and the level kernels use now ('simd').");
+
+  m.def("set_simd_level", [](const std::string& name) {
+    engine::set_simd_level(engine::parse_simd_level(name));
+  }, py::arg("level"), "Force the kernels' SIMD level: 'scalar', 'avx2', 'avx512' or 'neon'.");
+  m.def("simd_level", [] { return std::string(engine::simd_name(engine::active_simd())); });
+}
