@@ -1,10 +1,14 @@
-// pybind11 bindings only: every function here forwards to engine_core.
+// pybind11 module entry: each area registers its own bindings from a bind_*.cpp file.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include "cpu_features.h"
 
 namespace py = pybind11;
+
+// Defined in bind_*.cpp; add one line here per area.
+void bind_attention(py::module_& m);
+void bind_generate(py::module_& m);
 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "PaliGemma engine native core";
@@ -27,4 +31,7 @@ PYBIND11_MODULE(_native, m) {
     engine::set_simd_level(engine::parse_simd_level(name));
   }, py::arg("level"), "Force the kernels' SIMD level: 'scalar', 'avx2', 'avx512' or 'neon'.");
   m.def("simd_level", [] { return std::string(engine::simd_name(engine::active_simd())); });
+
+  bind_attention(m);
+  bind_generate(m);
 }
