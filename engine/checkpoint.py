@@ -177,21 +177,23 @@ def _open_weight_files(path: str) -> list[SafetensorsFile]:
             shards[shard] = SafetensorsFile(shard_path)
             files.append(shards[shard])
 
-        seen: dict[str, str] = {}   # HF key -> shard it was found in
+        found_in: dict[str, list[str]] = {}   # HF key -> shards holding it
         for shard, f in shards.items():
             for key in f.keys():
-                if key in seen:
-                    raise CheckpointError(f"{f.path}: tensor {key!r} also appears in {seen[key]!r}; "
-                                          "each tensor must be stored once")
-                seen[key] = shard
-                if key not in weight_map:
-                    raise CheckpointError(f"{f.path}: tensor {key!r} is not listed in {index_path}; "
-                                          "the index and the shards disagree")
-                if weight_map[key] != shard:
-                    raise CheckpointError(f"{index_path}: tensor {key!r} is listed in "
-                                          f"{weight_map[key]!r} but found in {f.path}")
+                found_in.setdefault(key, []).append(shard)
+        for key, where in found_in.items():
+            if len(where) > 1:
+                raise CheckpointError(f"{path}: tensor {key!r} appears in several shards ({_list(where)}); "
+                                      "each tensor must be stored once")
+            shard_path = shards[where[0]].path
+            if key not in weight_map:
+                raise CheckpointError(f"{shard_path}: tensor {key!r} is not listed in {index_path}; "
+                                      "the index and the shards disagree")
+            if weight_map[key] != where[0]:
+                raise CheckpointError(f"{index_path}: tensor {key!r} is listed in "
+                                      f"{weight_map[key]!r} but found in {shard_path}")
         for key, shard in weight_map.items():
-            if key not in seen:
+            if key not in found_in:
                 raise CheckpointError(f"{index_path}: tensor {key!r} is listed in {shard!r}, but "
                                       f"{os.path.join(path, shard)} does not hold it")
         return files

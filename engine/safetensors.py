@@ -128,8 +128,8 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: no such file") from None
         except IsADirectoryError:
             raise CheckpointError(f"{self.path}: is a directory, not a safetensors file") from None
-        except PermissionError:
-            raise CheckpointError(f"{self.path}: permission denied; check the file's permissions") from None
+        except OSError as e:   # permissions, I/O errors, ...
+            raise CheckpointError(f"{self.path}: cannot read the file ({e})") from None
 
     def _error(self, msg: str, tensor: str | None = None) -> CheckpointError:
         where = f"{self.path}: tensor {tensor!r}: " if tensor is not None else f"{self.path}: "

@@ -7,6 +7,7 @@ window (6). The measured max |logit| differences are printed at the end of a `py
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -131,10 +132,8 @@ def test_window_and_prefix_matter():
     ids, tt, px = make_prompt(ref.config, seed=5)
     expected = hf_logits(model, ids, tt, px)
     assert np.abs(ref.logits(ids, px, tt) - expected).max() <= LOGIT_TOL
-    no_window = ReferenceModel.__new__(ReferenceModel)
-    no_window.w = ref.w
-    no_window.config = dataclasses.replace(
-        ref.config, text=dataclasses.replace(ref.config.text, sliding_window=None))
+    no_window_cfg = dataclasses.replace(ref.config, text=dataclasses.replace(ref.config.text, sliding_window=None))
+    no_window = ReferenceModel(no_window_cfg, ref.w)
     assert np.abs(no_window.logits(ids, px, tt) - expected).max() > 1e-3
     all_prefix = ref.logits(ids, px, [0] * len(ids))
     assert np.abs(all_prefix - expected).max() > 1e-3
@@ -249,8 +248,13 @@ def test_from_pretrained_bf16(tmp_path):
     """bf16 weights on disk are widened to fp32: equal to HF fp32 on the bf16-rounded weights."""
     pytest.importorskip("engine.checkpoint")
     model = tiny_model(2, seed=8)
-    model.to(torch.bfloat16).save_pretrained(tmp_path)
-    model.to(torch.float32)   # now holds exactly the bf16-rounded values
+    with torch.no_grad():   # round the parameters only: .to(bf16) would also round buffers
+        for p in model.parameters():   # (embedding scale, RoPE inv_freq) and change the oracle
+            p.copy_(p.to(torch.bfloat16).float())
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(tmp_path)
+    from engine.checkpoint import Checkpoint
+    with Checkpoint.open(tmp_path) as ckpt:
+        assert ckpt.dtype == "bf16"
     ref = ReferenceModel.from_pretrained(tmp_path)
     ids, tt, px = make_prompt(ref.config, seed=8)
     diff = float(np.abs(ref.logits(ids, px, tt) - hf_logits(model, ids, tt, px)).max())
