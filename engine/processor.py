@@ -104,8 +104,10 @@ def _scale_16bit(a: np.ndarray) -> np.ndarray:
 
 
 def _float_to_uint8(a: np.ndarray) -> np.ndarray:
-    if not np.all(np.isfinite(a)) or a.min() < 0.0 or a.max() > 1.0:
-        raise ImageError(f"float image data must lie in [0, 1], got [{np.nanmin(a)}, {np.nanmax(a)}]; "
+    if not np.all(np.isfinite(a)):
+        raise ImageError("float image data has NaN or infinite values; it must lie in [0, 1]")
+    if a.min() < 0.0 or a.max() > 1.0:
+        raise ImageError(f"float image data must lie in [0, 1], got [{a.min()}, {a.max()}]; "
                          "divide by the maximum value or pass uint8 data")
     return np.round(a.astype(np.float64) * 255.0).astype(np.uint8)
 

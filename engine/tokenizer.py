@@ -220,7 +220,10 @@ class Tokenizer:
         ids, missing = [], []
         for piece in pieces:
             i = self._sp.PieceToId(piece)
-            (missing.append(piece) if i == self._sp.unk_id() else ids.append(i))
+            if i == self._sp.unk_id():
+                missing.append(piece)
+            else:
+                ids.append(i)
         if missing:
             raise TokenizerError(
                 f"{self.path}: {len(missing)} PaliGemma tokens are missing (e.g. {missing[0]}); "
