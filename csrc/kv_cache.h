@@ -103,8 +103,9 @@ class KVCache {
   int NB_;                 // blocks per slot = ceil(capacity / B)
   int P_;                  // physical blocks per layer = S * NB
   size_t block_bytes_;     // 2 * KV * B * D * elem
-  std::unique_ptr<uint8_t[]> data_;     // [L, P, block_bytes]
-  std::unique_ptr<float[]> scales_;     // [L, P, 2, KV, B] (int8 only)
+  struct FreeDeleter { void operator()(void* p) const; };
+  std::unique_ptr<uint8_t[], FreeDeleter> data_;  // [L, P, block_bytes], 64-byte aligned
+  std::unique_ptr<float[], FreeDeleter> scales_;  // [L, P, 2, KV, B] (int8 only)
   std::vector<int> tables_;             // [L, S, NB] physical block or -1
   std::vector<int> refs_;               // [L, P]
   std::vector<std::vector<int>> free_;  // per layer: free physical blocks (stack)

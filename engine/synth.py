@@ -16,7 +16,7 @@ PaliGemmaProcessor load it offline. config.json is written last, so an interrupt
 never leaves a directory that looks complete.
 
 Weights are deterministic: every tensor is generated in fixed blocks of BLOCK values, block b
-from its own RNG seeded by (seed, crc32(HF key), b). The bytes of a tensor therefore depend
+from its own RNG seeded by (seed, crc32(canonical name), b). The bytes of a tensor therefore depend
 only on the seed, its name and its shape, never on write order, sharding or dtype (bf16 is the
 round-to-nearest-even of the fp32 values, done by ml_dtypes).
 
@@ -36,6 +36,7 @@ Norm weights are random in every preset (0 would hide mistakes in the (1 + w) sc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -97,7 +98,7 @@ def _pg2_text(**kw) -> TextConfig:
 
 
 def _paligemma(vision: VisionConfig, text: TextConfig, sp_vocab: int) -> PaliGemmaConfig:
-    text = TextConfig(**{**text.__dict__, "vocab_size": padded_vocab(sp_vocab)})
+    text = dataclasses.replace(text, vocab_size=padded_vocab(sp_vocab))
     cfg = PaliGemmaConfig(vision=vision, text=text, projection_dim=text.hidden_size,
                           image_token_index=sp_vocab)
     cfg.validate()
@@ -185,19 +186,14 @@ def init_std(name: str, shape: tuple[int, ...], cfg: PaliGemmaConfig) -> tuple[f
     return 0.0, std
 
 
-def tensor_seed(seed: int, key: str) -> int:
-    """Stable per-tensor seed component: crc32 of the HF key (independent of write order)."""
-    return zlib.crc32(key.encode("utf-8"))
-
-
-def random_tensor(key: str, shape: tuple[int, ...], mean: float, std: float, seed: int,
+def random_tensor(name: str, shape: tuple[int, ...], mean: float, std: float, seed: int,
                   dtype=np.float32) -> np.ndarray:
     """mean + std * N(0, 1) of `shape`, generated in BLOCK-value blocks (block b from
-    SeedSequence([seed, crc32(key), b])) straight into an array of `dtype`: peak memory is the
+    SeedSequence([seed, crc32(name), b])) straight into an array of `dtype`: peak memory is the
     result plus one fp32 block."""
     n = math.prod(shape)
     out = np.empty(n, dtype=dtype)
-    crc = tensor_seed(seed, key)
+    crc = zlib.crc32(name.encode("utf-8"))   # stable across runs, unlike hash()
     for b, lo in enumerate(range(0, n, BLOCK)):
         hi = min(n, lo + BLOCK)
         rng = np.random.Generator(np.random.SFC64(np.random.SeedSequence([seed, crc, b])))
@@ -375,7 +371,7 @@ def write_synthetic_checkpoint(preset_or_config: str | PaliGemmaConfig, out_dir:
                                    metadata={"format": "pt"}) as w:
                 for key, _, shape, nbytes in shard:
                     mean, std = init_std(canon[key], shape, cfg)
-                    w.write(key, random_tensor(key, shape, mean, std, seed, np_dtype))
+                    w.write(key, random_tensor(canon[key], shape, mean, std, seed, np_dtype))
                     if bar is not None:
                         bar.update(nbytes)
     finally:

@@ -10,7 +10,7 @@ from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
 # vocab: real-layout ids would need 257k rows; tiny models keep a compact vocabulary
 # whose last id is <image>.
-TINY_VOCAB = 1537  # compact tokenizer: 1536 sp pieces (384 base + 1024 loc + 128 seg), then <image>
+TINY_VOCAB = 320  # models that need the compact tokenizer pass vocab_size=1537 (1536 sp pieces + <image>)
 
 
 def tiny_config(version: int = 2, *, image_size: int = 28, vocab_size: int = TINY_VOCAB,
