@@ -21,3 +21,68 @@ def cpu_features() -> dict:
     support) and `simd` (the level kernels use now; ENGINE_SIMD=scalar forces the generic path).
     """
     return dict(_native.cpu_features())
+
+
+def default_cache_dir():
+    """Where exports of HF checkpoints and synthetic checkpoints are cached:
+    $PALIGEMMA_EDGE_CACHE, else $XDG_CACHE_HOME/paligemma-edge, else ~/.cache/paligemma-edge."""
+    import os
+    from pathlib import Path
+    root = os.environ.get("PALIGEMMA_EDGE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "paligemma-edge")
+    return Path(root)
+
+
+def load(path=None, backend: str = "openvino", threads: int | None = None, *, weights: str = "int8",
+         group_size: int = 128, verify: bool = True, kv_dtype: str = "f32", progress: bool = True):
+    """Load a model for inference.
+
+    path: an exported artifact directory (made by `python -m export`), or an HF PaliGemma
+      checkpoint directory, which is exported once (with `weights` / `group_size`, for `backend`)
+      into the cache directory and reused on later calls.
+    backend: "openvino" or "onnxruntime". threads: threads for graphs and native kernels.
+    verify: check the artifact's file checksums (skip for faster loads of trusted artifacts).
+    """
+    from pathlib import Path
+
+    from .artifact import MANIFEST
+    from .model import PaliGemma
+    from .runtime import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if path is None:
+        raise ValueError("no model path given and no default model is bundled yet; pass an exported "
+                         "artifact or an HF PaliGemma checkpoint directory")
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        if (path / "config.json").is_file():
+            path = _export_cached(path, backend, weights, group_size, progress)
+        elif path.exists():
+            raise ValueError(f"{path} is neither an exported artifact (no manifest.json) nor an HF "
+                             "checkpoint (no config.json)")
+        else:
+            raise FileNotFoundError(f"{path} does not exist")
+    return PaliGemma(path, backend, threads, verify=verify, kv_dtype=kv_dtype)
+
+
+def _export_cached(checkpoint, backend: str, weights: str, group_size: int, progress: bool):
+    """Export an HF checkpoint once into the cache; the key covers its files and the options."""
+    import hashlib
+    import sys
+
+    fmt = "onnx" if backend == "onnxruntime" else "openvino"
+    h = hashlib.sha256()
+    h.update(f"{checkpoint.resolve()}|{fmt}|{weights}|{group_size}|{__version__}".encode())
+    for f in sorted(checkpoint.iterdir()):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    out = default_cache_dir() / "artifacts" / f"{checkpoint.resolve().name}-{fmt}-{weights}-{h.hexdigest()[:12]}"
+    if not (out / "manifest.json").is_file():
+        from export.pipeline import export_checkpoint
+        if progress:
+            print(f"exporting {checkpoint} ({weights}, {fmt}) once into {out}", file=sys.stderr)
+        export_checkpoint(checkpoint, out, formats=(fmt,), weights=weights, group_size=group_size,
+                          progress=progress)
+    return out

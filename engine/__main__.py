@@ -7,17 +7,9 @@ Subcommands today:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
-
-
-def cache_dir() -> Path:
-    """~/.cache/paligemma-edge, or $PALIGEMMA_EDGE_CACHE."""
-    root = os.environ.get("PALIGEMMA_EDGE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "paligemma-edge")
-    return Path(root)
 
 
 def example_image():
@@ -31,11 +23,12 @@ def example_image():
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from . import default_cache_dir
     from .processor import Processor
     from .reference import ReferenceModel
     from .synth import write_synthetic_checkpoint
 
-    ckpt = Path(args.checkpoint) if args.checkpoint else cache_dir() / "synthetic" / args.preset
+    ckpt = Path(args.checkpoint) if args.checkpoint else default_cache_dir() / "synthetic" / args.preset
     if not (ckpt / "config.json").is_file():
         print(f"creating synthetic checkpoint {args.preset} (random weights) in {ckpt}", file=sys.stderr)
         write_synthetic_checkpoint(args.preset, ckpt, seed=0, dtype="fp32", progress=False)
