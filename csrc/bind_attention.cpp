@@ -42,7 +42,8 @@ py::ssize_t check_rows(const py::array& a, const char* name, py::ssize_t heads, 
   return a.ndim() == 3 ? a.shape(0) : a.shape(0) * a.shape(1);
 }
 
-std::vector<int32_t> to_positions(const py::array& a, py::ssize_t rows) {
+std::vector<int32_t> to_positions(const py::object& obj, py::ssize_t rows) {
+  const py::array a = py::module_::import("numpy").attr("asarray")(obj);
   const char kind = a.dtype().kind();
   if (kind != 'i' && kind != 'u')
     throw std::invalid_argument("positions must be an integer array, got dtype " + std::string(py::str(a.dtype())));
@@ -61,7 +62,7 @@ std::vector<int32_t> to_positions(const py::array& a, py::ssize_t rows) {
 }
 
 py::array_t<float> attention_py(engine::KVCache& cache, int layer, const py::array& q, const py::array& k,
-                                const py::array& v, const std::vector<int>& slots, const py::array& positions,
+                                const py::array& v, const std::vector<int>& slots, const py::object& positions,
                                 float scale, std::optional<float> softcap, std::optional<int> window,
                                 float rope_theta) {
   const py::ssize_t D = cache.head_dim(), KV = cache.num_kv_heads();

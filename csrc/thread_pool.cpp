@@ -10,6 +10,8 @@
 #include <thread>
 #include <vector>
 
+#include <unistd.h>
+
 namespace engine {
 namespace {
 
@@ -95,16 +97,26 @@ class ThreadPool {
   std::exception_ptr error_;
 };
 
-std::mutex g_pool_mutex;               // serializes parallel_for and resizing
-std::unique_ptr<ThreadPool> g_pool;    // created lazily
-
 int default_threads() {
   unsigned n = std::thread::hardware_concurrency();
   return n == 0 ? 1 : static_cast<int>(n);
 }
 
+std::mutex g_pool_mutex;                         // serializes parallel_for and resizing
+std::unique_ptr<ThreadPool> g_pool;              // created lazily, by the process g_pool_pid
+pid_t g_pool_pid = 0;
+std::atomic<int> g_num_threads{default_threads()};
+
 ThreadPool& pool_locked() {
-  if (!g_pool) g_pool = std::make_unique<ThreadPool>(default_threads());
+  if (g_pool && g_pool_pid != getpid()) {
+    // A forked child inherits the pool object but not its threads: abandon it (its memory is
+    // leaked on purpose; destroying it would join threads that do not exist here).
+    (void)g_pool.release();
+  }
+  if (!g_pool) {
+    g_pool = std::make_unique<ThreadPool>(g_num_threads.load());
+    g_pool_pid = getpid();
+  }
   return *g_pool;
 }
 
@@ -133,18 +145,17 @@ void parallel_for(int n_tasks, const std::function<void(int, int)>& fn) {
   pool.run(n_tasks, fn);
 }
 
-int get_num_threads() {
-  std::lock_guard<std::mutex> lk(g_pool_mutex);
-  return pool_locked().size();
-}
+int get_num_threads() { return g_num_threads.load(); }
 
 void set_num_threads(int n) {
   if (n < 1 || n > 1024)
     throw std::invalid_argument("set_num_threads: n must be in [1, 1024], got " + std::to_string(n));
+  if (t_thread >= 0) throw std::logic_error("set_num_threads cannot be called from inside a parallel task");
   std::lock_guard<std::mutex> lk(g_pool_mutex);
-  if (g_pool && g_pool->size() == n) return;
-  g_pool.reset();
-  g_pool = std::make_unique<ThreadPool>(n);
+  g_num_threads.store(n);
+  if (g_pool && g_pool->size() == n && g_pool_pid == getpid()) return;
+  if (g_pool && g_pool_pid != getpid()) (void)g_pool.release();
+  g_pool.reset();   // created with the new size on the next parallel_for
 }
 
 }  // namespace engine

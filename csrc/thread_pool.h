@@ -16,7 +16,8 @@ void parallel_for(int n_tasks, const std::function<void(int task, int thread)>& 
 
 // Threads used by parallel_for (caller included). Default: hardware concurrency.
 int get_num_threads();
-// Resize the pool (n >= 1); throws std::invalid_argument for n < 1 or n > 1024.
+// Resize the pool (n >= 1); throws std::invalid_argument for n < 1 or n > 1024 and
+// std::logic_error inside a task. A forked child process starts a fresh pool on first use.
 void set_num_threads(int n);
 
 }  // namespace engine

@@ -1,0 +1,328 @@
+// Attention driver: validation, RoPE + cache append, the naive scalar reference, and dispatch of
+// the blocked online-softmax kernels (attention_simd.inl, one build per ISA) across the pool.
+#include "attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+#include "attention_kernels.h"
+#include "cpu_features.h"
+#include "thread_pool.h"
+
+namespace engine {
+namespace {
+
+std::string str(long long v) { return std::to_string(v); }
+
+// Grow-only per-thread buffer: no allocation once it reached its working size.
+float* scratch(std::vector<float>& buf, size_t n) {
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+void check_common(const KVCache& cache, int layer, const std::vector<int>& slots, int T, const char* what) {
+  cache.check_layer(layer, what);
+  if (slots.empty()) throw std::invalid_argument(std::string(what) + ": slots is empty; pass at least one slot");
+  if (T < 1) throw std::invalid_argument(std::string(what) + ": tokens_per_slot must be >= 1, got " + str(T));
+  for (size_t i = 0; i < slots.size(); ++i) {
+    cache.check_slot(slots[i], what);
+    for (size_t k = 0; k < i; ++k)
+      if (slots[k] == slots[i])
+        throw std::invalid_argument(std::string(what) + ": slot " + str(slots[i]) +
+                                    " appears twice in one call; each slot may be written once per call");
+  }
+}
+
+void check_heads(const KVCache& cache, int H, const char* what) {
+  if (H < 1 || H % cache.num_kv_heads() != 0)
+    throw std::invalid_argument(std::string(what) + ": num_heads (" + str(H) + ") must be a positive multiple of the "
+                                "cache's num_kv_heads (" + str(cache.num_kv_heads()) + ")");
+}
+
+void check_params(const AttentionParams& p, const char* what) {
+  if (!(p.scale > 0.f) || !std::isfinite(p.scale))
+    throw std::invalid_argument(std::string(what) + ": scale must be a positive finite number (1/sqrt(head_dim) or "
+                                "1/sqrt(query_pre_attn_scalar)), got " + std::to_string(p.scale));
+  if (!std::isfinite(p.softcap) || !std::isfinite(p.rope_theta))
+    throw std::invalid_argument(std::string(what) + ": softcap and rope_theta must be finite (use 0 for off)");
+}
+
+void check_rope(int D, float theta, const char* what) {
+  if (theta > 0.f && D % 2 != 0)
+    throw std::invalid_argument(std::string(what) + ": RoPE needs an even head_dim, got " + str(D) +
+                                "; pass rope_theta=0 to skip RoPE");
+}
+
+// Visible key range [lo, hi) of the query at cache index j (PALIGEMMA.md prefix-LM mask).
+inline void key_range(int j, int P, int window, int* lo, int* hi) {
+  if (j < P) {
+    *lo = 0;
+    *hi = P;
+  } else {
+    *lo = window > 0 ? std::max(0, j - window + 1) : 0;
+    *hi = j + 1;
+  }
+}
+
+inline float load_elem(KVDtype dt, const void* base, size_t e) {
+  switch (dt) {
+    case KVDtype::F32: return static_cast<const float*>(base)[e];
+    case KVDtype::F16: return half_to_float(static_cast<const uint16_t*>(base)[e]);
+    case KVDtype::I8: return static_cast<const int8_t*>(base)[e];
+  }
+  return 0.f;
+}
+
+// ---- Naive scalar reference: one query row at a time, two passes, fp32 ----
+// q [M, H, D] rotated (not scaled); out [M, H*D].
+void attend_reference(const KVCache& cache, int layer, const float* q, int H, const std::vector<int>& slots,
+                      int T, const AttentionParams& p, float* out) {
+  const int KV = cache.num_kv_heads(), D = cache.head_dim(), B = cache.block_tokens(), G = H / KV;
+  const KVDtype dt = cache.dtype();
+  const int N = static_cast<int>(slots.size());
+  parallel_for(N * H, [&](int task, int) {
+    thread_local std::vector<float> buf;
+    float* s = scratch(buf, cache.capacity());   // [len] scores / probabilities
+    const int i = task / H, h = task % H, g = h / G, slot = slots[i];
+    const int len = cache.layer_length(layer, slot), P = cache.prefix_length(slot);
+    for (int t = 0; t < T; ++t) {
+      const int m = i * T + t, j = len - T + t;
+      const float* qr = q + (size_t(m) * H + h) * D;
+      int lo, hi;
+      key_range(j, P, p.window, &lo, &hi);
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int key = lo; key < hi; ++key) {
+        const KVBlockView bv = cache.block(layer, slot, g, key / B);
+        const size_t row = size_t(key % B) * D;
+        float dot = 0.f;
+        for (int d = 0; d < D; ++d) dot += qr[d] * load_elem(dt, bv.k, row + d);
+        if (bv.kscale) dot *= bv.kscale[key % B];
+        float sc = dot * p.scale;
+        if (p.softcap > 0.f) sc = p.softcap * std::tanh(sc / p.softcap);
+        s[key] = sc;
+        mx = std::max(mx, sc);
+      }
+      float sum = 0.f;
+      for (int key = lo; key < hi; ++key) {
+        s[key] = std::exp(s[key] - mx);
+        sum += s[key];
+      }
+      float* o = out + size_t(m) * H * D + size_t(h) * D;
+      for (int d = 0; d < D; ++d) o[d] = 0.f;
+      for (int key = lo; key < hi; ++key) {
+        const KVBlockView bv = cache.block(layer, slot, g, key / B);
+        const size_t row = size_t(key % B) * D;
+        const float w = s[key] / sum * (bv.vscale ? bv.vscale[key % B] : 1.f);
+        for (int d = 0; d < D; ++d) o[d] += w * load_elem(dt, bv.v, row + d);
+      }
+    }
+  });
+}
+
+// ---- Blocked kernels: tasks of (slot, kv head, group of heads, tile of tokens) ----
+void attend_blocked(attn::TaskFn fn, const KVCache& cache, int layer, const float* q, int H,
+                    const std::vector<int>& slots, int T, const AttentionParams& p, float* out) {
+  const int KV = cache.num_kv_heads(), D = cache.head_dim(), B = cache.block_tokens(), G = H / KV;
+  const int N = static_cast<int>(slots.size());
+  // Split a GQA group over several tasks when there are too few tasks for the threads (decode
+  // with one kv head) or the group exceeds kMaxRows; then tile tokens to ~32 rows per task.
+  int hsplit = (G + attn::kMaxRows - 1) / attn::kMaxRows;
+  const int threads = get_num_threads();
+  if (T == 1 && N * KV < threads) hsplit = std::max(hsplit, std::min(G, (threads + N * KV - 1) / (N * KV)));
+  const int gh = (G + hsplit - 1) / hsplit;          // heads per task
+  const int tq = std::max(1, std::min(T, 32 / gh));  // tokens per task
+  const int ntiles = (T + tq - 1) / tq;
+  const int ntasks = N * KV * hsplit * ntiles;
+
+  // Block views per (slot, kv head), built once per call.
+  const int nb_max = (cache.capacity() + B - 1) / B;
+  std::vector<KVBlockView> views(size_t(N) * KV * nb_max);
+  for (int i = 0; i < N; ++i) {
+    const int len = cache.layer_length(layer, slots[i]);
+    for (int g = 0; g < KV; ++g)
+      for (int b = 0; b * B < len; ++b) views[(size_t(i) * KV + g) * nb_max + b] = cache.block(layer, slots[i], g, b);
+  }
+  parallel_for(ntasks, [&](int task, int) {
+    int rest = task;
+    const int tile = rest % ntiles; rest /= ntiles;
+    const int part = rest % hsplit; rest /= hsplit;
+    const int g = rest % KV;
+    const int i = rest / KV;
+    const int slot = slots[i];
+    const int len = cache.layer_length(layer, slot), P = cache.prefix_length(slot);
+    const int h0 = g * G + part * gh, h1 = std::min(g * G + G, h0 + gh);
+    const int t0 = tile * tq, t1 = std::min(T, t0 + tq);
+    if (h0 >= h1) return;
+    const float* qrow[attn::kMaxRows];
+    float* orow[attn::kMaxRows];
+    int lo[attn::kMaxRows], hi[attn::kMaxRows];
+    int r = 0;
+    for (int t = t0; t < t1; ++t)
+      for (int h = h0; h < h1; ++h, ++r) {
+        const size_t m = size_t(i) * T + t;
+        qrow[r] = q + (m * H + h) * D;
+        orow[r] = out + m * H * D + size_t(h) * D;
+        key_range(len - T + t, P, p.window, &lo[r], &hi[r]);
+      }
+    thread_local std::vector<float> buf;
+    const int ld = attn::scores_ld(B);
+    float* base = scratch(buf, size_t(attn::kMaxRows) * (ld + D + 2));
+    attn::Scratch sc{ld, base, base + attn::kMaxRows * ld, base + attn::kMaxRows * (ld + D),
+                     base + attn::kMaxRows * (ld + D + 1)};
+    attn::Task tk{r, D, B, cache.dtype(), qrow, orow, lo, hi, &views[(size_t(i) * KV + g) * nb_max], p.softcap};
+    fn(tk, sc);
+  });
+}
+
+attn::TaskFn fast_kernel(SimdLevel level) {
+  switch (level) {
+#if defined(ENGINE_HAVE_AVX512)
+    case SimdLevel::Avx512: return attn::avx512_task();
+#endif
+#if defined(ENGINE_HAVE_AVX2)
+    case SimdLevel::Avx2: return attn::avx2_task();
+#endif
+#if defined(ENGINE_HAVE_NEON)
+    case SimdLevel::Neon: return attn::neon_task();
+#endif
+    default: return nullptr;
+  }
+}
+
+void rope_row_tables(int D, float theta, int32_t pos, float* cos_t, float* sin_t) {
+  for (int i = 0; i < D / 2; ++i) {
+    // As transformers: inv_freq and the angle in fp32, cos/sin of that fp32 angle.
+    const float e = static_cast<float>(2 * i) / static_cast<float>(D);
+    const float inv_freq = 1.0f / static_cast<float>(std::pow(static_cast<double>(theta), static_cast<double>(e)));
+    const float angle = static_cast<float>(pos) * inv_freq;
+    cos_t[i] = static_cast<float>(std::cos(static_cast<double>(angle)));
+    sin_t[i] = static_cast<float>(std::sin(static_cast<double>(angle)));
+  }
+}
+
+void rope_apply(float* x, int D, const float* cos_t, const float* sin_t) {
+  const int half = D / 2;
+  for (int i = 0; i < half; ++i) {
+    const float x1 = x[i], x2 = x[i + half];
+    x[i] = x1 * cos_t[i] - x2 * sin_t[i];
+    x[i + half] = x2 * cos_t[i] + x1 * sin_t[i];
+  }
+}
+
+// Copies q [M, H, D] into a per-thread buffer, rotated and multiplied by `mul`.
+const float* prepare_q(const float* q, int M, int H, int D, const int32_t* positions, float theta, float mul) {
+  thread_local std::vector<float> qbuf, tabs;
+  float* qr = scratch(qbuf, size_t(M) * H * D);
+  float* cs = scratch(tabs, size_t(D));
+  for (int m = 0; m < M; ++m) {
+    if (theta > 0.f) rope_row_tables(D, theta, positions[m], cs, cs + D / 2);
+    for (int h = 0; h < H; ++h) {
+      const float* src = q + (size_t(m) * H + h) * D;
+      float* dst = qr + (size_t(m) * H + h) * D;
+      for (int d = 0; d < D; ++d) dst[d] = src[d];
+      if (theta > 0.f) rope_apply(dst, D, cs, cs + D / 2);
+      if (mul != 1.f)
+        for (int d = 0; d < D; ++d) dst[d] *= mul;
+    }
+  }
+  return qr;
+}
+
+void attend_impl(const KVCache& cache, int layer, const float* q, int H, const std::vector<int>& slots, int T,
+                 const int32_t* positions, const AttentionParams& p, float* out) {
+  const int D = cache.head_dim();
+  const int M = static_cast<int>(slots.size()) * T;
+  attn::TaskFn fn = fast_kernel(active_simd());
+  if (fn == nullptr) {
+    const float* qr = prepare_q(q, M, H, D, positions, p.rope_theta, 1.f);
+    attend_reference(cache, layer, qr, H, slots, T, p, out);
+  } else {
+    const float* qr = prepare_q(q, M, H, D, positions, p.rope_theta, p.scale);   // scale folded into q
+    attend_blocked(fn, cache, layer, qr, H, slots, T, p, out);
+  }
+}
+
+void check_attend(const KVCache& cache, int layer, int H, const std::vector<int>& slots, int T,
+                  const AttentionParams& p, const char* what) {
+  check_common(cache, layer, slots, T, what);
+  check_heads(cache, H, what);
+  check_params(p, what);
+  check_rope(cache.head_dim(), p.rope_theta, what);
+}
+
+void check_prefix_whole(const KVCache& cache, int slot, int len_after, int T, const char* what) {
+  const int P = cache.prefix_length(slot), first = len_after - T;
+  if (first < P && len_after < P)
+    throw std::logic_error(std::string(what) + ": slot " + str(slot) + " has a bidirectional prefix of " + str(P) +
+                           " tokens but only " + str(len_after) + " would be cached after this call; append the "
+                           "whole prefix block in one call (queries in it attend to all of it)");
+}
+
+}  // namespace
+
+void rope_inplace(float* x, int rows, int heads, int D, const int32_t* positions, float theta) {
+  if (theta <= 0.f) return;
+  check_rope(D, theta, "rope");
+  thread_local std::vector<float> tabs;
+  float* cs = scratch(tabs, size_t(D));
+  for (int m = 0; m < rows; ++m) {
+    rope_row_tables(D, theta, positions[m], cs, cs + D / 2);
+    for (int h = 0; h < heads; ++h) rope_apply(x + (size_t(m) * heads + h) * D, D, cs, cs + D / 2);
+  }
+}
+
+void attention_append(KVCache& cache, int layer, const float* k, const float* v, const std::vector<int>& slots,
+                      int T, const int32_t* positions, float rope_theta) {
+  const char* what = "attention";
+  check_common(cache, layer, slots, T, what);
+  check_rope(cache.head_dim(), rope_theta, what);
+  for (int slot : slots) {
+    cache.check_append(layer, slot, T);
+    check_prefix_whole(cache, slot, cache.layer_length(layer, slot) + T, T, what);
+  }
+  const int KV = cache.num_kv_heads(), D = cache.head_dim();
+  thread_local std::vector<float> kbuf, tabs;
+  float* kr = scratch(kbuf, size_t(D));
+  float* cs = scratch(tabs, size_t(D));
+  for (size_t i = 0; i < slots.size(); ++i) {
+    const int slot = slots[i], len = cache.layer_length(layer, slot);
+    cache.prepare_append(layer, slot, T);
+    for (int t = 0; t < T; ++t) {
+      const size_t m = i * T + t;
+      if (rope_theta > 0.f) rope_row_tables(D, rope_theta, positions[m], cs, cs + D / 2);
+      for (int g = 0; g < KV; ++g) {
+        const float* ks = k + (m * KV + g) * D;
+        for (int d = 0; d < D; ++d) kr[d] = ks[d];
+        if (rope_theta > 0.f) rope_apply(kr, D, cs, cs + D / 2);
+        cache.store(layer, slot, len + t, g, kr, v + (m * KV + g) * D);
+      }
+    }
+    cache.advance(layer, slot, T);
+  }
+}
+
+void attention_attend(const KVCache& cache, int layer, const float* q, int H, const std::vector<int>& slots, int T,
+                      const int32_t* positions, const AttentionParams& p, float* out) {
+  const char* what = "attention";
+  check_attend(cache, layer, H, slots, T, p, what);
+  for (int slot : slots) {
+    const int len = cache.layer_length(layer, slot);
+    if (len < T)
+      throw std::out_of_range(std::string(what) + ": slot " + str(slot) + " holds " + str(len) +
+                              " tokens in layer " + str(layer) + ", fewer than the " + str(T) + " queries");
+    check_prefix_whole(cache, slot, len, T, what);
+  }
+  attend_impl(cache, layer, q, H, slots, T, positions, p, out);
+}
+
+void attention(KVCache& cache, int layer, const float* q, const float* k, const float* v, int H,
+               const std::vector<int>& slots, int T, const int32_t* positions, const AttentionParams& p, float* out) {
+  check_attend(cache, layer, H, slots, T, p, "attention");   // everything checked before any write
+  attention_append(cache, layer, k, v, slots, T, positions, p.rope_theta);
+  attend_impl(cache, layer, q, H, slots, T, positions, p, out);
+}
+
+}  // namespace engine
