@@ -20,17 +20,27 @@ from its own RNG seeded by (seed, crc32(canonical name), b). The bytes of a tens
 only on the seed, its name and its shape, never on write order, sharding or dtype (bf16 is the
 round-to-nearest-even of the fp32 values, done by ml_dtypes).
 
-Init scheme (std of a normal; keeps activations O(1) through every layer of the full-size
-models, so random benchmarks give finite numbers and non-degenerate logits):
-    linear weights [out, in]          N(0, 1/in)
-    residual outputs (vision out_proj / fc2, text o_proj / down_proj)
-                                      N(0, 1/in) / sqrt(2 * layers)
-    biases                            N(0, 0.02^2)
-    patch conv [D, 3, P, P]           N(0, 1/(3*P*P))
-    position embedding                N(0, 0.05^2)
-    text embedding (= tied LM head)   N(0, 1/hidden), so E * sqrt(hidden) is about unit
-    LayerNorm (SigLIP) weight / bias  1 + N(0, 0.1^2) / N(0, 0.1^2)   (y = x_hat * w + b)
-    RMSNorm (Gemma) weight            N(0, 0.1^2)                      (y = x_hat * (1 + w))
+Init scheme (normal distributions; keeps activations finite and O(1) after every norm through
+all layers of the full-size models, and gives non-degenerate logits):
+    linear weights [out, in]            N(0, 1/in)
+    vision residual outputs (out_proj, fc2)   N(0, 1/in) / sqrt(2 * vision layers)
+    biases                              N(0, 0.02^2)
+    patch conv [D, 3, P, P]             N(0, 1/(3*P*P))
+    position embedding                  N(0, 0.05^2)
+    text embedding (= tied LM head)     N(0, 1/hidden), so E * sqrt(hidden) is about unit
+    LayerNorm (SigLIP) weight / bias    1 + N(0, 0.1^2) / N(0, 0.1^2)   (y = x_hat * w + b)
+    RMSNorm (Gemma) weight              N(0, 0.1^2)                      (y = x_hat * (1 + w))
+  and three deliberate exceptions that make the logits of a random model look like a language
+  model's (measured with transformers on the full-size models; see the report in text_growth):
+    residual growth  Gemma 1 o_proj / down_proj N(0, 1/in) * g; Gemma 2 post-attention and
+                     post-feedforward norms w = g - 1 + N(0, 0.1^2); g = text_growth(config)
+                     (about 8.2 for PG1 3B, 3.3 for PG2 3B / 10B). Without it the model copies
+                     its input token (tied LM head).
+    sharp attention  q_proj / k_proj (vision and text) N(0, 1/in) * QK_GAIN, so scores spread
+                     about QK_GAIN^2 instead of 1. Near-uniform attention averages every value
+                     into one shared vector and all positions end up predicting the same token.
+    final norm       w = LOGIT_STD - 1 + N(0, 0.1^2): logits spread about LOGIT_STD (3), a
+                     softmax of ~8 nats over 257k tokens instead of a near-uniform one.
 Norm weights are random in every preset (0 would hide mistakes in the (1 + w) scaling).
 """
 from __future__ import annotations
@@ -64,6 +74,9 @@ PROGRESS_MIN_BYTES = 64 << 20         # show a progress bar only for checkpoints
 LINEAR_BIAS_STD = 0.02
 POSITION_STD = 0.05
 NORM_STD = 0.1
+QK_GAIN = 2.0                         # q_proj / k_proj gain: attention scores spread ~QK_GAIN^2
+LOGIT_STD = 3.0                       # spread of the logits at the output (final norm 1 + w)
+GELU_GATE_VAR = 0.4246                # E[(gelu_tanh(z) * u)^2] for z, u ~ N(0, 1)
 
 DTYPES = {"bf16": ("BF16", np.dtype(ml_dtypes.bfloat16)), "fp32": ("F32", np.dtype(np.float32))}
 # Files this module writes; --force deletes exactly these (and stale shards), nothing else.
@@ -162,15 +175,41 @@ def parameter_count(cfg: PaliGemmaConfig) -> int:
 
 
 # ================================================================================ weights
+def text_growth(cfg: PaliGemmaConfig) -> float:
+    """Gain of each decoder block's residual update (module docstring, "residual growth").
+
+    The LM head is the embedding (tied), so a token's own logit is sqrt(hidden) * share, where
+    `share` is the fraction of the input embedding left in the final hidden state. Trained
+    Gemmas bury it under a residual stream that grows through the layers; at the 1/sqrt(2L)
+    update scale of a fresh init it stays about 1, and the model just copies its input token
+    (measured: own logit 39 against a spread of 1 on PaliGemma 3B). The gain makes the final
+    residual variance about hidden / 4, so share ~ 2 / sqrt(hidden): the own token sits
+    ~2 standard deviations above the rest, below the maximum of the random logits.
+      Gemma 1: x += attn + mlp; an MLP update has variance GELU_GATE_VAR * gain^2 (attention
+               updates average many values and are smaller), so gain = sqrt((V - 1) / (L * 0.42)).
+      Gemma 2: x += post_norm(...) has variance (1 + w)^2 = gain^2 per update, 2 per layer.
+    """
+    t = cfg.text
+    target = t.hidden_size / 4 - 1
+    if t.is_gemma2:
+        return math.sqrt(max(target, 1.0) / (2 * t.num_hidden_layers))
+    return math.sqrt(max(target, 1.0) / (t.num_hidden_layers * GELU_GATE_VAR))
+
+
 def init_std(name: str, shape: tuple[int, ...], cfg: PaliGemmaConfig) -> tuple[float, float]:
     """(mean, std) of the normal that canonical tensor `name` is drawn from (module docstring)."""
+    t = cfg.text
     if name.endswith("embed_tokens.weight") or name == "lm_head.weight":
-        return 0.0, cfg.text.hidden_size ** -0.5
+        return 0.0, t.hidden_size ** -0.5
     if name.endswith("position_embedding.weight"):
         return 0.0, POSITION_STD
     if name.endswith("patch_embedding.weight"):
         return 0.0, math.prod(shape[1:]) ** -0.5
-    if "norm" in name:            # vision layer_norm1/2, post_layernorm; text *_layernorm, norm
+    if name == "text.norm.weight":
+        return LOGIT_STD - 1.0, NORM_STD     # (1 + w) sets the spread of the logits
+    if t.is_gemma2 and name.endswith(("post_attention_layernorm.weight", "post_feedforward_layernorm.weight")):
+        return text_growth(cfg) - 1.0, NORM_STD
+    if "norm" in name:            # vision layer_norm1/2, post_layernorm; text pre-norms
         if name.startswith("vision.") and name.endswith(".weight"):
             return 1.0, NORM_STD      # LayerNorm multiplies by w
         return 0.0, NORM_STD          # LayerNorm bias, RMSNorm w (multiplies by 1 + w)
@@ -179,10 +218,12 @@ def init_std(name: str, shape: tuple[int, ...], cfg: PaliGemmaConfig) -> tuple[f
     if len(shape) != 2:
         raise ValueError(f"no init rule for tensor {name!r} of shape {shape}")
     std = shape[1] ** -0.5        # [out, in]: fan-in
+    if name.endswith(("q_proj.weight", "k_proj.weight")):
+        std *= QK_GAIN
     if name.endswith(("out_proj.weight", "fc2.weight")):
         std /= math.sqrt(2 * cfg.vision.num_hidden_layers)
-    elif name.endswith(("o_proj.weight", "down_proj.weight")):
-        std /= math.sqrt(2 * cfg.text.num_hidden_layers)
+    elif name.endswith(("o_proj.weight", "down_proj.weight")) and not t.is_gemma2:
+        std *= text_growth(cfg)   # Gemma 2 normalizes these outputs: their scale is moot
     return 0.0, std
 
 
@@ -311,6 +352,10 @@ def _check_free_space(out: Path, need: int) -> None:
                          "free some space or choose another directory")
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 10**8 else f"{n / 1e6:.2f}M"
+
+
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.2f} MB"
 
@@ -384,7 +429,7 @@ def write_synthetic_checkpoint(preset_or_config: str | PaliGemmaConfig, out_dir:
     _write_json(out / "config.json", cfg.to_hf())   # last: marks the checkpoint complete
 
     if progress:
-        print(f"wrote {out}: {len(specs)} tensors, {parameter_count(cfg) / 1e9:.3f}B parameters, "
+        print(f"wrote {out}: {len(specs)} tensors, {_count(parameter_count(cfg))} parameters, "
               f"{_gb(total)} {dtype} in {len(shards)} file(s), {time.perf_counter() - t0:.1f} s",
               file=sys.stderr)
     return out
@@ -419,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.list:
         for name, cfg in PRESETS.items():
-            print(f"{name:20s} PaliGemma {cfg.version}, {parameter_count(cfg) / 1e9:.3f}B parameters, "
+            print(f"{name:20s} PaliGemma {cfg.version}, {_count(parameter_count(cfg))} parameters, "
                   f"{cfg.vision.image_size} px, {cfg.num_image_tokens} image tokens")
         return 0
     if not args.preset or not args.out:
