@@ -1,8 +1,8 @@
 """Command line: `python -m engine SUBCOMMAND ...` (also installed as `paligemma-engine`).
 
 Subcommands today:
-    demo    create a small synthetic checkpoint (random weights) if needed and run it on a
-            generated example image with the numpy reference model: proves the data path.
+    demo    create a small synthetic checkpoint (random weights) if needed, export it (cached)
+            and run the full engine on a generated example image: proves the data path.
 """
 from __future__ import annotations
 
@@ -23,39 +23,37 @@ def example_image():
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from . import default_cache_dir
-    from .processor import Processor
-    from .reference import ReferenceModel
+    from . import default_cache_dir, load
     from .synth import write_synthetic_checkpoint
 
     ckpt = Path(args.checkpoint) if args.checkpoint else default_cache_dir() / "synthetic" / args.preset
     if not (ckpt / "config.json").is_file():
         print(f"creating synthetic checkpoint {args.preset} (random weights) in {ckpt}", file=sys.stderr)
         write_synthetic_checkpoint(args.preset, ckpt, seed=0, dtype="fp32", progress=False)
-    processor = Processor.from_pretrained(ckpt)
-    model = ReferenceModel.from_pretrained(ckpt)
-    image = example_image()
-    batch = processor(image, args.prompt)
-    t0 = time.perf_counter()
-    tokens = model.generate(batch["input_ids"], batch["pixel_values"], args.max_new_tokens,
-                            token_type_ids=batch["token_type_ids"])
-    dt = time.perf_counter() - t0
-    print(f"checkpoint : {ckpt} (synthetic, random weights: the text is noise)")
+    model = load(ckpt, backend=args.backend, weights=args.weights, threads=args.threads)
+    result = model.generate(example_image(), args.prompt, max_new_tokens=args.max_new_tokens)
+    t = result.timings
+    print(f"checkpoint : {ckpt}" + ("" if args.checkpoint else " (synthetic, random weights: the text is noise)"))
+    print(f"artifact   : {model.artifact_dir} ({args.weights}, {args.backend})")
     print(f"prompt     : {args.prompt!r} + {model.config.num_image_tokens} image tokens")
-    print(f"tokens     : {tokens}")
-    print(f"text       : {processor.decode(tokens)!r}")
-    print(f"time       : {dt:.2f} s for {len(tokens)} tokens (numpy reference model)")
+    print(f"tokens     : {result.tokens} ({result.finish_reason})")
+    print(f"text       : {result.text!r}")
+    print(f"timings    : image {t['image_encode'] * 1e3:.1f} ms, first token {t['first_token'] * 1e3:.1f} ms, "
+          f"total {t['total'] * 1e3:.1f} ms")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine", description="PaliGemma CPU inference engine")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="run a synthetic checkpoint end to end with the numpy reference model")
+    d = sub.add_parser("demo", help="run a synthetic checkpoint end to end through the engine")
     d.add_argument("--preset", default="tiny-pg2", help="synthetic preset to create (default tiny-pg2)")
     d.add_argument("--checkpoint", help="an HF PaliGemma checkpoint directory instead of a synthetic one")
     d.add_argument("--prompt", default="caption en")
     d.add_argument("--max-new-tokens", type=int, default=12)
+    d.add_argument("--backend", default="openvino", choices=["openvino", "onnxruntime"])
+    d.add_argument("--weights", default="int8", help="weight format of the export (default int8)")
+    d.add_argument("--threads", type=int, default=None)
     d.set_defaults(func=_demo)
     return p
 
