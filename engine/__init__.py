@@ -51,10 +51,7 @@ def load(path=None, backend: str = "openvino", threads: int | None = None, *, we
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
-    if path is None:
-        raise ValueError("no model path given and no default model is bundled yet; pass an exported "
-                         "artifact or an HF PaliGemma checkpoint directory")
-    path = Path(path)
+    path = Path(path) if path is not None else default_model_path(progress=progress)
     if not (path / MANIFEST).is_file():
         if (path / "config.json").is_file():
             path = _export_cached(path, backend, weights, group_size, progress)
@@ -86,3 +83,22 @@ def _export_cached(checkpoint, backend: str, weights: str, group_size: int, prog
         export_checkpoint(checkpoint, out, formats=(fmt,), weights=weights, group_size=group_size,
                           progress=progress)
     return out
+
+
+def default_model_path(progress: bool = True):
+    """The model used when no path is given.
+
+    Until the project's trained default model is bundled, this is a small *synthetic*
+    checkpoint with random weights (preset tiny-pg2), created once in the cache directory:
+    its outputs are noise, but every code path runs.
+    """
+    from .synth import write_synthetic_checkpoint
+
+    path = default_cache_dir() / "synthetic" / "tiny-pg2"
+    if not (path / "config.json").is_file():
+        if progress:
+            import sys
+            print(f"no default model bundled yet: creating a synthetic random-weight checkpoint in {path}",
+                  file=sys.stderr)
+        write_synthetic_checkpoint("tiny-pg2", path, seed=0, dtype="fp32", progress=False, force=True)
+    return path

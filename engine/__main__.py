@@ -29,7 +29,7 @@ def _demo(args: argparse.Namespace) -> int:
     ckpt = Path(args.checkpoint) if args.checkpoint else default_cache_dir() / "synthetic" / args.preset
     if not (ckpt / "config.json").is_file():
         print(f"creating synthetic checkpoint {args.preset} (random weights) in {ckpt}", file=sys.stderr)
-        write_synthetic_checkpoint(args.preset, ckpt, seed=0, dtype="fp32", progress=False)
+        write_synthetic_checkpoint(args.preset, ckpt, seed=0, dtype="fp32", progress=False, force=True)
     model = load(ckpt, backend=args.backend, weights=args.weights, threads=args.threads)
     result = model.generate(example_image(), args.prompt, max_new_tokens=args.max_new_tokens)
     t = result.timings
