@@ -1,0 +1,121 @@
+"""onnxruntime backend: one InferenceSession per graph of the artifact's onnx/ directory.
+
+Session settings (the same for every graph):
+  - intra_op_num_threads = threads (None: onnxruntime's default, one per physical core),
+    inter_op_num_threads = 1, sequential execution: the engine calls ~30 graphs one after the
+    other, so parallelism lives inside each op.
+  - "session.intra_op.allow_spinning" = "0": idle worker threads sleep instead of spinning
+    between graphs (spinning burns the cores the C++ attention needs between two graph calls).
+  - "session.disable_quant_qdq" = "1": lets constant folding fold DequantizeLinear. This only
+    matters for fp8 artifacts (FLOAT8E4M3FN + DequantizeLinear): without it onnxruntime
+    dequantizes every fp8 matrix on every call, 10x slower than fp32. With it the fp8 weights
+    are expanded to fp32 once, at session creation (there is no fp8 GEMM on CPU).
+  - one CPU memory arena shared by all sessions (registered in the onnxruntime environment,
+    "session.use_env_allocators" = "1"), instead of one arena per session each keeping its own
+    peak activations.
+
+Weight formats in memory (see export/onnx_graphs.py): int8 and int4 stay compressed
+(MatMulNBits, prepacked by MLAS); fp32, fp16, bf16 and fp8 all end up fp32 in memory.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..artifact import ArtifactError
+
+_ENV_ARENA_REGISTERED = False
+
+
+def _register_env_arena(ort) -> None:
+    """One shared CPU arena for every session of the process (created once)."""
+    global _ENV_ARENA_REGISTERED
+    if _ENV_ARENA_REGISTERED:
+        return
+    mem_info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(mem_info, ort.OrtArenaCfg(0, -1, -1, -1))
+    _ENV_ARENA_REGISTERED = True
+
+
+class OrtRunner:
+    """GraphRunner for onnxruntime (CPU execution provider).
+
+    artifact_dir: the artifact directory; manifest: its validated manifest
+    (engine.artifact.load_manifest); threads: intra-op threads per session (None: default).
+    Every session is created here, with a progress bar when stderr is a terminal.
+    """
+
+    backend = "onnxruntime"
+
+    def __init__(self, artifact_dir: str | os.PathLike, manifest: dict, threads: int | None = None,
+                 *, progress: bool | None = None, spinning: bool = False):
+        import onnxruntime as ort
+
+        self.artifact_dir = Path(artifact_dir)
+        graphs = (manifest.get("graphs") or {}).get("onnx")
+        if not graphs:
+            raise ArtifactError(f"{self.artifact_dir}: the artifact has no ONNX graphs; re-export with "
+                                "`python -m export CHECKPOINT --out DIR --format onnx` (or both), or "
+                                "run it with the openvino backend")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+        self.threads = threads
+        self.graph_names = list(graphs)
+        _register_env_arena(ort)
+        opts = ort.SessionOptions()
+        if threads is not None:
+            opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
+        opts.add_session_config_entry("session.use_env_allocators", "1")
+        self._sessions = {}
+        self._inputs: dict[str, list[str]] = {}
+        self._outputs: dict[str, list[str]] = {}
+        from tqdm import tqdm
+        show = sys.stderr.isatty() if progress is None else progress
+        for name in tqdm(self.graph_names, desc="loading onnx graphs", disable=not show, file=sys.stderr,
+                         dynamic_ncols=True):
+            path = self.artifact_dir / graphs[name]
+            try:
+                sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            except Exception as e:  # onnxruntime raises its own exception types
+                raise ArtifactError(f"{path}: onnxruntime cannot load graph {name} ({e}); the artifact may "
+                                    "be corrupted or from an incompatible exporter: re-export it") from None
+            self._sessions[name] = sess
+            self._inputs[name] = [i.name for i in sess.get_inputs()]
+            self._outputs[name] = [o.name for o in sess.get_outputs()]
+
+    def input_names(self, graph: str) -> list[str]:
+        return list(self._inputs[self._check_graph(graph)])
+
+    def output_names(self, graph: str) -> list[str]:
+        return list(self._outputs[self._check_graph(graph)])
+
+    def _check_graph(self, graph: str) -> str:
+        if graph not in self._sessions:
+            raise ValueError(f"unknown graph {graph!r}; this artifact has {', '.join(self.graph_names)}")
+        return graph
+
+    def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one graph; inputs and outputs are float32 arrays keyed by tensor name."""
+        sess = self._sessions.get(graph) or self._sessions[self._check_graph(graph)]
+        names = self._inputs[graph]
+        if len(inputs) != len(names) or any(n not in inputs for n in names):
+            raise ValueError(f"graph {graph} takes inputs {names}, got {sorted(inputs)}")
+        feed = {n: np.ascontiguousarray(inputs[n], dtype=np.float32) for n in names}
+        try:
+            outs = sess.run(self._outputs[graph], feed)
+        except Exception as e:
+            shapes = {n: tuple(a.shape) for n, a in feed.items()}
+            raise ValueError(f"graph {graph} failed on inputs {shapes}: {e}") from None
+        return dict(zip(self._outputs[graph], outs))
+
+    def close(self) -> None:
+        self._sessions.clear()
