@@ -11,6 +11,8 @@ except ImportError as e:  # pragma: no cover - only on a broken install
         "engine._native (the compiled core) is missing: install the package with "
         "`pip install .` or `pip install -e .` so that CMake builds it") from e
 
+from .tasks import Detection, Segment, parse_detections, parse_segments  # noqa: E402
+
 __version__ = "0.1.0"
 
 

@@ -157,6 +157,11 @@ class PaliGemma:
         """
         batched = isinstance(prompt, (list, tuple))
         prompts = list(prompt) if batched else [prompt]
+        if batched and not prompts:
+            raise ValueError("the prompt list is empty; pass at least one prompt")
+        if batched and not isinstance(image, (list, tuple)):
+            raise ValueError(f"a batch of {len(prompts)} prompts needs a list of images (one image or list "
+                             f"of images per prompt), got a {type(image).__name__}")
         images = list(image) if batched else [image]
         if batched and len(images) != len(prompts):
             raise ValueError(f"a batch needs one image (or list of images) per prompt: got {len(images)} "
@@ -208,6 +213,8 @@ class PaliGemma:
             if stream is not None:      # one prompt, greedy/sampling: stream decoded text pieces
                 decoded.append(token)
                 text = self.tokenizer.decode(decoded)
+                if text.endswith("\ufffd"):    # maybe a UTF-8 sequence cut short: wait for its next byte
+                    return
                 if len(text) > len(emitted[0]) and text.startswith(emitted[0]):
                     stream(text[len(emitted[0]):])
                     emitted[0] = text
@@ -223,6 +230,10 @@ class PaliGemma:
             stop_token_ids=list(stop_token_ids) if stop_token_ids else None,
             stream=on_token if num_beams == 1 else None)
         t_end = time.perf_counter()
+        if stream is not None:          # text held back at the end (an unfinished UTF-8 sequence)
+            text = self.tokenizer.decode(results[0]["tokens"])
+            if len(text) > len(emitted[0]) and text.startswith(emitted[0]):
+                stream(text[len(emitted[0]):])
 
         # Beam search accepts tokens only at the end; its first token is known after prefill.
         first = first_token_time[0] if first_token_time else t_prefill
@@ -248,3 +259,47 @@ class PaliGemma:
         close = getattr(self.runner, "close", None)
         if close:
             close()
+
+    # ------------------------------------------------------------------ tasks (engine/tasks.py)
+    def caption(self, image, lang: str = "en", **gen) -> GenerationResult:
+        """Caption an image (`caption {lang}`); gen: generate() options."""
+        from . import tasks
+        return tasks.caption(self, image, lang, **gen)
+
+    def answer(self, image, question: str, lang: str = "en", **gen) -> GenerationResult:
+        """Answer a question about an image (`answer {lang} {question}`)."""
+        from . import tasks
+        return tasks.answer(self, image, question, lang, **gen)
+
+    def ocr(self, image, **gen) -> GenerationResult:
+        """Read the text in an image (`ocr`)."""
+        from . import tasks
+        return tasks.ocr(self, image, **gen)
+
+    def detect(self, image, labels, **gen):
+        """Detect objects: labels ["cat", "dog"] or "cat ; dog" -> list[engine.Detection]."""
+        from . import tasks
+        return tasks.detect(self, image, labels, **gen)
+
+    def segment(self, image, labels, **gen):
+        """Segment objects -> list[engine.Segment] (masks need a mask decoder, see seg_decoder)."""
+        from . import tasks
+        return tasks.segment(self, image, labels, **gen)
+
+    @property
+    def seg_decoder(self):
+        """The VQ-VAE mask decoder (engine.masks.SegDecoder) or None. Loaded on first use from the
+        artifact's seg_decoder.npz when the manifest lists one; `load_seg_decoder` sets another."""
+        if not hasattr(self, "_seg_decoder"):
+            rel = self.manifest.get("seg_decoder")
+            self._seg_decoder = None
+            if rel:
+                from .masks import SegDecoder
+                self._seg_decoder = SegDecoder.from_npz(self.artifact_dir / rel)
+        return self._seg_decoder
+
+    def load_seg_decoder(self, path):
+        """Use the mask decoder in `path` (big_vision's vae-oid.npz) for segment(); returns it."""
+        from .masks import SegDecoder
+        self._seg_decoder = SegDecoder.from_npz(path)
+        return self._seg_decoder
