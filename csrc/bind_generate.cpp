@@ -9,11 +9,13 @@
 #include <pybind11/stl.h>
 
 #include <chrono>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "generate.h"
+#include "kv_cache.h"
 
 namespace py = pybind11;
 
@@ -42,16 +44,21 @@ class PyStepModel final : public engine::StepModel {
     const auto t0 = Clock::now();
     py::object out = fn_(tok, pos, slot);
     fn_seconds += seconds_since(t0);
+    if (out.is_none())
+      throw py::type_error("step_fn must return a float32 array of logits [n, vocab]; it returned None");
     FloatArray logits = FloatArray::ensure(out);
     if (!logits)
       throw py::type_error("step_fn must return a float32 array of logits [n, vocab]; it returned a " +
                            type_name(out));
-    if (logits.ndim() != 2 || logits.shape(0) != n || logits.shape(1) != vocab_)
-      throw py::value_error("step_fn returned logits of shape " +
-                            py::str(py::tuple(out.attr("shape"))).cast<std::string>() +
-                            " for " + std::to_string(n) + " tokens; expected (" +
-                            std::to_string(n) + ", " + std::to_string(vocab_) +
-                            "): one row of the full vocabulary per token, in the order given");
+    if (logits.ndim() != 2 || logits.shape(0) != n || logits.shape(1) != vocab_) {
+      std::string shape = "(";
+      for (py::ssize_t d = 0; d < logits.ndim(); ++d)
+        shape += (d ? ", " : "") + std::to_string(logits.shape(d));
+      throw py::value_error("step_fn returned logits of shape " + shape + ") for " +
+                            std::to_string(n) + " tokens; expected (" + std::to_string(n) + ", " +
+                            std::to_string(vocab_) + "): one row of the full vocabulary per " +
+                            "token, in the order given");
+    }
     last_ = std::move(logits);   // keeps the data alive until the next call
     if (PyErr_CheckSignals() != 0) throw py::error_already_set();
     return last_.data();
@@ -65,7 +72,7 @@ class PyStepModel final : public engine::StepModel {
   FloatArray last_;
 };
 
-// Any Python object with capacity / num_slots (methods or attributes), copy_slot(src, dst) and
+// Any other Python object with capacity / num_slots (methods or attributes), copy_slot(src, dst) and
 // reorder(src_for_dst: list[int]), e.g. _native.KVCache or a test double.
 class PySlotOps final : public engine::SlotOps {
  public:
@@ -149,7 +156,13 @@ py::list generate_py(py::object step_fn, py::object cache, FloatArray first_logi
   if (seed < 0) throw py::value_error("seed must be >= 0, got " + std::to_string(seed));
   if (num_beams < 1) throw py::value_error("num_beams must be >= 1, got " + std::to_string(num_beams));
 
-  PySlotOps slot_ops(cache);
+  // _native.KVCache is used directly (no GIL needed); any other object through its methods.
+  std::unique_ptr<engine::SlotOps> slot_ops_ptr;
+  if (py::isinstance<engine::KVCache>(cache))
+    slot_ops_ptr = std::make_unique<engine::KVCacheSlots>(cache.cast<engine::KVCache&>());
+  else
+    slot_ops_ptr = std::make_unique<PySlotOps>(cache);
+  engine::SlotOps& slot_ops = *slot_ops_ptr;
   std::vector<std::vector<int>> beam_slots;
   if (slots.size() == batch * static_cast<size_t>(num_beams)) {
     for (size_t b = 0; b < batch; ++b)

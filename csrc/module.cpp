@@ -9,6 +9,7 @@ namespace py = pybind11;
 // Defined in bind_*.cpp; add one line here per area.
 void bind_attention(py::module_& m);
 void bind_generate(py::module_& m);
+void bind_bench(py::module_& m);
 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "PaliGemma engine native core";
@@ -34,4 +35,5 @@ PYBIND11_MODULE(_native, m) {
 
   bind_attention(m);
   bind_generate(m);
+  bind_bench(m);
 }

@@ -1,6 +1,10 @@
 """PaliGemma CPU / edge inference engine.
 
-Public API (more arrives with the pipeline): `cpu_features()`.
+Public API:
+    load(path=None, backend="openvino", threads=None, ...) -> PaliGemma session
+        .generate(image, prompt, ...), .caption, .answer, .ocr, .detect, .segment
+    parse_detections(text, width, height), parse_segments(text, width, height, decoder=None)
+    Detection, Segment, cpu_features()
 """
 from __future__ import annotations
 
@@ -36,7 +40,8 @@ def default_cache_dir():
 
 
 def load(path=None, backend: str = "openvino", threads: int | None = None, *, weights: str = "int8",
-         group_size: int = 128, verify: bool = True, kv_dtype: str = "f32", progress: bool = True):
+         group_size: int = 128, verify: bool = True, kv_dtype: str = "f32", progress: bool = True,
+         seg_decoder=None):
     """Load a model for inference.
 
     path: an exported artifact directory (made by `python -m export`), or an HF PaliGemma
@@ -44,6 +49,8 @@ def load(path=None, backend: str = "openvino", threads: int | None = None, *, we
       into the cache directory and reused on later calls.
     backend: "openvino" or "onnxruntime". threads: threads for graphs and native kernels.
     verify: check the artifact's file checksums (skip for faster loads of trusted artifacts).
+    kv_dtype: KV cache storage, "f32", "f16" or "int8". seg_decoder: a `vae-oid.npz`-style mask
+    decoder for segment() (an artifact exported with --seg-decoder carries its own).
     """
     from pathlib import Path
 
@@ -62,7 +69,10 @@ def load(path=None, backend: str = "openvino", threads: int | None = None, *, we
                              "checkpoint (no config.json)")
         else:
             raise FileNotFoundError(f"{path} does not exist")
-    return PaliGemma(path, backend, threads, verify=verify, kv_dtype=kv_dtype)
+    model = PaliGemma(path, backend, threads, verify=verify, kv_dtype=kv_dtype)
+    if seg_decoder is not None:
+        model.load_seg_decoder(seg_decoder)
+    return model
 
 
 def _export_cached(checkpoint, backend: str, weights: str, group_size: int, progress: bool):
