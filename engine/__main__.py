@@ -35,7 +35,12 @@ import json
 import sys
 from pathlib import Path
 
-TASKS = ("caption", "answer", "ocr", "detect", "segment")
+EXAMPLES = """examples:
+  python -m engine caption --image cat.jpg --model ARTIFACT_OR_CHECKPOINT
+  python -m engine answer  --image cat.jpg --question "what is the cat doing?"
+  python -m engine detect  --image cat.jpg --labels "cat ; dog" --draw boxes.png --json
+  cat cat.jpg | python -m engine run --image - --prompt "caption de" --num-beams 2
+Run `python -m engine COMMAND --help` for a command's options."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -237,7 +242,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m engine", description="PaliGemma CPU inference engine")
+    p = _Parser(prog="python -m engine", description="PaliGemma CPU inference engine",
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     r = sub.add_parser("run", help="generate for a free prompt")
