@@ -18,6 +18,8 @@ except ImportError as e:  # pragma: no cover - only on a broken install
 from .tasks import Detection, Segment, parse_detections, parse_segments  # noqa: E402
 
 __version__ = "0.1.0"
+__all__ = ["load", "default_model_path", "default_cache_dir", "cpu_features", "parse_detections",
+           "parse_segments", "Detection", "Segment", "__version__"]
 
 
 def cpu_features() -> dict:

@@ -131,6 +131,24 @@ def build_decoder_boundary(b: Builder, cfg: PaliGemmaConfig, i: int) -> None:
         b.output(b.reshape(b.linear(h, pre + "self_attn.v_proj.weight"), [0, t.num_key_value_heads, t.head_dim]), "v")
 
 
+def graph_names(cfg: PaliGemmaConfig) -> list[str]:
+    """Every graph of an artifact, in run order."""
+    return ["vision", *decoder_graph_names(cfg), "lm_head"]
+
+
+def build_graph(b: Builder, cfg: PaliGemmaConfig, name: str, weights) -> None:
+    """Run the graph definition `name` (vision, decoder_i, lm_head) on builder `b`."""
+    if name == "vision":
+        patch = weights["vision.embeddings.patch_embedding.weight"]
+        build_vision(b, cfg, patch.reshape(patch.shape[0], -1))
+    elif name == "lm_head":
+        build_lm_head(b, cfg)
+    elif name.startswith("decoder_"):
+        build_decoder_boundary(b, cfg, int(name.split("_")[1]))
+    else:
+        raise ValueError(f"unknown graph {name!r}; graphs are {', '.join(graph_names(cfg))}")
+
+
 def build_lm_head(b: Builder, cfg: PaliGemmaConfig) -> None:
     """hidden [n, D] -> logits [n, V]: final norm, tied (or separate) LM head, PG2 softcap."""
     t = cfg.text

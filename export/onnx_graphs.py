@@ -322,31 +322,18 @@ def _row_chunks(n_rows: int, K: int):
 
 
 # ---------------------------------------------------------------------------- whole model
-def graph_names(cfg: PaliGemmaConfig) -> list[str]:
-    return ["vision", *graph_def.decoder_graph_names(cfg), "lm_head"]
 
 
 def graph_param_counts(cfg: PaliGemmaConfig, weights: Mapping[str, np.ndarray]) -> dict[str, int]:
     """Parameters each graph reads (for progress bars)."""
     out = {}
-    for name in graph_names(cfg):
+    for name in graph_def.graph_names(cfg):
         b = _CountingBuilder(weights)
-        build_graph(b, cfg, name, weights)
+        graph_def.build_graph(b, cfg, name, weights)
         out[name] = b.count
     return out
 
 
-def build_graph(b, cfg: PaliGemmaConfig, name: str, weights: Mapping[str, np.ndarray]) -> None:
-    """Run the graph definition `name` (vision, decoder_i, lm_head) on builder `b`."""
-    if name == "vision":
-        patch = weights["vision.embeddings.patch_embedding.weight"]
-        graph_def.build_vision(b, cfg, patch.reshape(patch.shape[0], -1))
-    elif name == "lm_head":
-        graph_def.build_lm_head(b, cfg)
-    elif name.startswith("decoder_"):
-        graph_def.build_decoder_boundary(b, cfg, int(name.split("_")[1]))
-    else:
-        raise ValueError(f"unknown graph {name!r}; graphs are {', '.join(graph_names(cfg))}")
 
 
 def export_onnx_graphs(cfg: PaliGemmaConfig, weights: Mapping[str, np.ndarray], out_dir: str | os.PathLike,
@@ -363,12 +350,12 @@ def export_onnx_graphs(cfg: PaliGemmaConfig, weights: Mapping[str, np.ndarray], 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files, formats = {}, {}
-    for name in graph_names(cfg):
+    for name in graph_def.graph_names(cfg):
         if on_graph:
             on_graph(name)
         data = ExternalData(out_dir / f"{name}.data")
         b = OnnxBuilder(name, weights, data, weight_format, group_size, on_weight, accuracy_level)
-        build_graph(b, cfg, name, weights)
+        graph_def.build_graph(b, cfg, name, weights)
         onnx.save_model(b.model(), out_dir / f"{name}.onnx")
         files[name] = f"{name}.onnx"
         formats.update(b.formats_used)

@@ -242,26 +242,13 @@ def mark_decompression(xml_path: str | os.PathLike) -> int:
 
 
 # ---------------------------------------------------------------------------- whole model
-def graph_names(cfg: PaliGemmaConfig) -> list[str]:
-    return ["vision", *graph_def.decoder_graph_names(cfg), "lm_head"]
 
 
-def build_graph(b, cfg: PaliGemmaConfig, name: str, weights: Mapping[str, np.ndarray]) -> None:
-    """Run the graph definition `name` (vision, decoder_i, lm_head) on builder `b`."""
-    if name == "vision":
-        patch = weights["vision.embeddings.patch_embedding.weight"]
-        graph_def.build_vision(b, cfg, patch.reshape(patch.shape[0], -1))
-    elif name == "lm_head":
-        graph_def.build_lm_head(b, cfg)
-    elif name.startswith("decoder_"):
-        graph_def.build_decoder_boundary(b, cfg, int(name.split("_")[1]))
-    else:
-        raise ValueError(f"unknown graph {name!r}; graphs are {', '.join(graph_names(cfg))}")
 
 
 def _param_counts(cfg: PaliGemmaConfig, weights: Mapping[str, np.ndarray]) -> dict[str, int]:
     """Parameters each graph reads (for the progress bar), from the tensor shapes alone."""
-    counts = dict.fromkeys(graph_names(cfg), 0)
+    counts = dict.fromkeys(graph_def.graph_names(cfg), 0)
     t = cfg.text
     for name, arr in weights.items():
         if name.startswith(("vision.", "projector.")):
@@ -297,10 +284,10 @@ def export_openvino_graphs(cfg: PaliGemmaConfig, weights: Mapping[str, np.ndarra
                unit_scale=True, disable=not progress, file=sys.stderr, dynamic_ncols=True)
     files, formats = {}, {}
     try:
-        for name in graph_names(cfg):
+        for name in graph_def.graph_names(cfg):
             bar.set_postfix_str(name)
             b = OvBuilder(weights, weight_format, group_size, on_weight=bar.update)
-            build_graph(b, cfg, name, weights)
+            graph_def.build_graph(b, cfg, name, weights)
             xml = out_dir / f"{name}.xml"
             ov.save_model(b.model(name), xml, compress_to_fp16=False)
             mark_decompression(xml)

@@ -14,12 +14,13 @@ import numpy as np
 import onnx
 import pytest
 
+import graph_oracle
 from engine import artifact
 from engine.artifact import ArtifactError, load_manifest
 from engine.checkpoint import Checkpoint
 from engine.config import PaliGemmaConfig
 from engine.layout import expected_tensors, to_hf
-from engine.reference import ReferenceModel, attention, prefix_lm_mask, rope
+from engine.reference import ReferenceModel
 from engine.runtime import open_runner
 from engine.safetensors import write_safetensors
 from engine.synth import write_synthetic_checkpoint
@@ -125,7 +126,7 @@ def test_every_graph_matches_numpy_builder(checkpoints, tmp_path, version, fmt):
         inputs = _graph_inputs(cfg, graph, rng)
         got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, inputs)))
         twin = graph_def.NumpyBuilder(deq, inputs)
-        onnx_graphs.build_graph(twin, cfg, graph, deq)
+        graph_def.build_graph(twin, cfg, graph, deq)
         assert set(got) == set(twin.outputs), graph
         for name, want in twin.outputs.items():
             assert got[name].shape == want.shape, (graph, name)
@@ -147,7 +148,7 @@ def test_fast_int_kernels_stay_close(checkpoints, tmp_path, fmt):
         inputs = _graph_inputs(cfg, graph, rng)
         got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, inputs)))
         twin = graph_def.NumpyBuilder(deq, inputs)
-        onnx_graphs.build_graph(twin, cfg, graph, deq)
+        graph_def.build_graph(twin, cfg, graph, deq)
         for name, want in twin.outputs.items():
             assert _cosine(got[name], want) >= 0.999, (graph, name)
 
@@ -176,25 +177,9 @@ def _artifact_embedding(art, manifest, ids):
 def compose_logits(art, ids, pixel_values, token_type_ids):
     """Full-sequence logits from the artifact's ORT graphs + numpy attention between them."""
     manifest = load_manifest(art)
-    cfg, t = manifest["_config"], manifest["_config"].text
     runner = open_runner("onnxruntime", art, manifest, threads=1)
-    T = len(ids)
-    prefix = int((np.asarray(token_type_ids) == 0).sum())
-    h = _artifact_embedding(art, manifest, ids)
-    img = runner.run("vision", {"pixel_values": pixel_values})["image_features"]
-    h[ids == cfg.image_token_index] = img.reshape(-1, t.hidden_size)
-    pos = np.arange(T)
-    attn = None
-    for i in range(t.num_hidden_layers + 1):
-        out = runner.run(f"decoder_{i}", {"hidden": h} if i == 0 else {"hidden": h, "attn": attn})
-        if i > 0:
-            h = out["hidden_out"]
-        if i == t.num_hidden_layers:
-            break
-        q, k = rope(out["q"], pos, t.rope_theta), rope(out["k"], pos, t.rope_theta)
-        mask = prefix_lm_mask(pos, pos, prefix, t.layer_window(i))
-        attn = attention(q, k, out["v"], mask, t.attn_scale, t.attn_logit_softcapping).reshape(T, -1)
-    return runner.run("lm_head", {"hidden": h})["logits"]
+    return graph_oracle.compose_logits(runner, manifest["_config"], _artifact_embedding(art, manifest, ids),
+                                       ids, pixel_values, token_type_ids)
 
 
 def _prompt(cfg, rng, n_suffix=4):
@@ -319,13 +304,13 @@ def test_external_data_outside_directory_is_rejected(artifacts, tmp_path):
 
 @pytest.mark.parametrize("exc", [RuntimeError("disk full"), KeyboardInterrupt()])
 def test_interrupted_export_leaves_nothing_loadable(checkpoints, tmp_path, monkeypatch, exc):
-    real = onnx_graphs.build_graph
+    real = graph_def.build_graph
 
     def failing(b, cfg, name, weights):
         if name == "decoder_2" and isinstance(b, onnx_graphs.OnnxBuilder):
             raise exc
         return real(b, cfg, name, weights)
-    monkeypatch.setattr(onnx_graphs, "build_graph", failing)
+    monkeypatch.setattr(graph_def, "build_graph", failing)
     out = tmp_path / "art"
     with pytest.raises(type(exc)):
         export_checkpoint(checkpoints[1], out, weights="int8", progress=False)

@@ -26,10 +26,11 @@ import pytest
 
 from engine.artifact import ArtifactError, load_manifest
 from engine.checkpoint import Checkpoint
-from engine.reference import ReferenceModel, attention, prefix_lm_mask, rope
+from engine.reference import ReferenceModel
 from engine.runtime import open_runner
 from engine.runtime.ov_backend import OvRunner, release_file_pages
 from engine.synth import write_synthetic_checkpoint
+import graph_oracle
 from export import graph_def
 from export.openvino_graphs import export_openvino_graphs, mark_decompression, pack_int4
 from export.quantize import dequantize, quantize
@@ -146,24 +147,8 @@ def test_int4_fallback_is_recorded(exported):
 # ---------------------------------------------------------------------------- full logits
 def compose_logits(runner, cfg, embed, ids, pixel_values, token_type_ids):
     """Full-sequence logits from the OpenVINO graphs with the numpy attention in between."""
-    t = cfg.text
-    T = len(ids)
-    prefix = int((np.asarray(token_type_ids) == 0).sum())
     h = embed[ids] * np.float32(graph_def.embedding_scale(cfg, "fp32"))
-    img = runner.run("vision", {"pixel_values": pixel_values})["image_features"]
-    h[ids == cfg.image_token_index] = img.reshape(-1, t.hidden_size)
-    pos = np.arange(T)
-    attn = None
-    for i in range(t.num_hidden_layers + 1):
-        out = runner.run(f"decoder_{i}", {"hidden": h} if i == 0 else {"hidden": h, "attn": attn})
-        if i > 0:
-            h = out["hidden_out"]
-        if i == t.num_hidden_layers:
-            break
-        q, k = rope(out["q"], pos, t.rope_theta), rope(out["k"], pos, t.rope_theta)
-        mask = prefix_lm_mask(pos, pos, prefix, t.layer_window(i))
-        attn = attention(q, k, out["v"], mask, t.attn_scale, t.attn_logit_softcapping).reshape(T, -1)
-    return runner.run("lm_head", {"hidden": h})["logits"]
+    return graph_oracle.compose_logits(runner, cfg, h, ids, pixel_values, token_type_ids)
 
 
 def _prompt(cfg, rng, n_suffix=4):
