@@ -14,6 +14,7 @@ is created per call, so one `PaliGemma` may serve calls one after another.
 """
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,7 +149,7 @@ class PaliGemma:
         of images: the prompt is then `<image>`*P for each image in order, `<bos>`, prompt, "\\n".
         For a batch, pass a list of prompts and a list of the same length whose items are images
         (or lists of images); the result is then a list of results, each equal to running that
-        item alone. `stream(text_piece)` receives the decoded text of every accepted token (batch
+        item alone (with sampling, item b equals a lone run with seed `seed + b`). `stream(text_piece)` receives the decoded text of every accepted token (batch
         size 1, num_beams 1). With `ignore_eos` the sequence always runs to max_new_tokens.
 
         Timings (seconds) in `result.timings`: image_encode (preprocessing + vision graph), prefill,
@@ -166,7 +167,7 @@ class PaliGemma:
         if batched and len(images) != len(prompts):
             raise ValueError(f"a batch needs one image (or list of images) per prompt: got {len(images)} "
                              f"images for {len(prompts)} prompts")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {num_beams}")
@@ -190,6 +191,7 @@ class PaliGemma:
 
         capacity = min(self.max_context, max(len(b["input_ids"]) for b in batch) + max_new_tokens)
         cache = self.new_cache(len(batch) * num_beams, capacity)
+        max_new_tokens = int(max_new_tokens)
         first_logits, offset = [], 0
         for i, b in enumerate(batch):
             n = len(b["pixel_values"])
