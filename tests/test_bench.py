@@ -1,0 +1,228 @@
+"""engine.bench: the quick end-to-end run (subprocess), the statistics / limit math with
+hand-computed values, system parsing, and _native.memory_bandwidth."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from engine import _native
+from engine.bench import report
+from engine.bench.__main__ import parse_systems
+from engine.synth import preset_config
+
+HAVE_TRANSFORMERS = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
+
+
+# ---------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """`python -m engine.bench --quick --out OUT` with its own cache directory."""
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "out"
+    env = dict(os.environ, PALIGEMMA_EDGE_CACHE=str(tmp / "cache"))
+    proc = subprocess.run([sys.executable, "-m", "engine.bench", "--quick", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    return out, proc.stdout
+
+
+def test_quick_writes_all_outputs(quick_run):
+    out, stdout = quick_run
+    for name in ("results.json", "results.md", "chart.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "TTFT" in stdout and "openvino-int8" in stdout
+
+
+def test_quick_results_json_is_complete(quick_run):
+    out, _ = quick_run
+    r = json.loads((out / "results.json").read_text())
+    expected = {"openvino-int8", "onnxruntime-int8"} | ({"pytorch-bf16"} if HAVE_TRANSFORMERS else set())
+    assert {s["id"] for s in r["systems"]} == expected
+    assert r["machine"]["cores"] >= 1 and r["machine"]["cpu"]
+    assert r["versions"]["numpy"] and r["versions"]["openvino"] and r["versions"]["onnxruntime"]
+    assert r["bandwidth"]["best_gbs"] > 0
+    assert r["settings"]["new_tokens"] == 8 and r["model"]["prompt_tokens"] > 16
+    for fmt, lim in r["limits"]["formats"].items():
+        assert lim["bytes_per_token"] > 0 and lim["tokens_per_s"] > 0, fmt
+    for s in r["systems"]:
+        assert len(s["samples"]) == r["settings"]["repeats"]
+        for x in s["samples"]:                              # raw samples, as measured
+            assert "error" not in x, x
+            assert x["new_tokens"] == 8 and x["decode_steps"] == 7 and x["peak_rss_bytes"] > 0
+        for key in ("load_s", "image_encode_s", "ttft_s", "ms_per_token", "tokens_per_s", "pct_of_limit",
+                    "prefill_gflops", "peak_rss_gb", "rss_gb", "disk_gb"):
+            st = s["summary"][key]
+            assert st and st["min"] > 0 and st["min"] <= st["median"] <= st["max"], (s["id"], key)
+        if s["kind"] == "engine":
+            shares = {k: s["summary"][k]["median"] for k in ("graph_share", "attention_share", "overhead_share")}
+            assert all(0 <= v <= 1 for v in shares.values()), shares
+            assert sum(shares.values()) == pytest.approx(1.0, abs=1e-6)
+            assert s["samples"][0]["split"]["graph_calls"] > 0 and s["samples"][0]["split"]["attention_calls"] > 0
+        if HAVE_TRANSFORMERS:
+            assert r["baseline"] == report.BASELINE
+            for key, *_ in report.METRICS:
+                assert s["ratios"][key] is not None and s["ratios"][key] > 0, (s["id"], key)
+            if s["id"] == report.BASELINE:
+                assert s["ratios"]["ttft_s"] == pytest.approx(1.0)
+
+
+def test_quick_results_md_is_well_formed(quick_run):
+    out, _ = quick_run
+    md = (out / "results.md").read_text()
+    r = json.loads((out / "results.json").read_text())
+    assert md.startswith("# Benchmark: tiny-pg2")
+    for s in r["systems"]:
+        assert f"| {s['id']} |" in md
+    for block in md.split("\n\n"):                 # every table: same column count in each row
+        rows = [line for line in block.splitlines() if line.startswith("|")]
+        if rows:
+            assert len({row.count(" | ") for row in rows if not row.startswith("|---")}) == 1, block
+    assert "![" in md and "chart.png" in md
+
+
+# ---------------------------------------------------------------------------- statistics
+def test_summarize():
+    assert report.summarize([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert report.summarize([1, 2, 3, 10]) == {"median": 2.5, "min": 1.0, "max": 10.0, "n": 4}
+    assert report.summarize([None, 4.0]) == {"median": 4.0, "min": 4.0, "max": 4.0, "n": 1}
+    assert report.summarize([]) is None and report.summarize([None]) is None
+
+
+def test_ratio():
+    assert report.ratio(2.0, 4.0) == 0.5
+    assert report.ratio(None, 4.0) is None and report.ratio(1.0, None) is None and report.ratio(1.0, 0.0) is None
+
+
+# ---------------------------------------------------------------------------- limit math
+def test_matrix_bytes():
+    assert report.matrix_bytes("fp32", 4, 256) == 4096
+    assert report.matrix_bytes("bf16", 4, 256) == 2048
+    assert report.matrix_bytes("int8", 4, 256) == 1024 + 4 * 4          # + one fp32 scale per row
+    assert report.matrix_bytes("fp8", 4, 256) == 1040
+    assert report.matrix_bytes("int4", 4, 256, 128) == 512 + 4 * 4 * 2   # + one scale per group of 128
+    with pytest.raises(ValueError):
+        report.matrix_bytes("int3", 4, 256)
+
+
+def test_weight_bytes_per_token_paligemma_3b():
+    # Per layer: q, o 2048x2048; k, v 256x2048; gate, up 16384x2048; down 2048x16384
+    # = 110,100,480 params; 18 layers = 1,981,808,640; tied LM head 257216 x 2048 = 526,778,368.
+    cfg = preset_config("paligemma-3b-224")
+    assert report.decoder_params(cfg) == (1_981_808_640, 526_778_368)
+    params = 1_981_808_640 + 526_778_368
+    rows = 18 * (2048 + 256 + 256 + 2048 + 16384 + 16384 + 2048) + 257216       # 966,848 output rows
+    groups = 18 * (2048 * 16 * 2 + 256 * 16 * 2 + 16384 * 16 * 2 + 2048 * 128) + 257216 * 16
+    assert report.weight_bytes_per_token(cfg, "bf16") == 2 * params == 5_017_174_016
+    assert report.weight_bytes_per_token(cfg, "fp32") == 4 * params
+    assert report.weight_bytes_per_token(cfg, "int8") == params + 4 * rows == 2_512_454_400
+    assert report.weight_bytes_per_token(cfg, "int4", 128) == params // 2 + 4 * groups == 1_332_686_848
+
+
+def test_int4_falls_back_to_int8_when_the_group_does_not_divide():
+    cfg = preset_config("paligemma-3b-224")
+    # group 8192 divides only down_proj's K = 16384: every other matrix is int8.
+    layers, head = report.decode_matrices(cfg)
+    expected = sum(report.matrix_bytes("int4" if c % 8192 == 0 else "int8", r, c, 8192) for r, c in [*layers, head])
+    assert report.weight_bytes_per_token(cfg, "int4", 8192) == expected
+
+
+def test_limit_and_prefill_gflops():
+    assert report.limit_tokens_per_s(28.0, 2_800_000_000) == pytest.approx(10.0)
+    assert report.prefill_gflops(1_000_000_000, 0, 250, 5.0) == pytest.approx(100.0)
+    assert report.prefill_gflops(1_000_000_000, 500_000_000, 250, 5.0) == pytest.approx(100.2)
+    assert report.prefill_gflops(1, 1, 1, 0.0) is None
+
+
+def test_sample_figures_and_split():
+    sample = {"load_s": 2.0, "warmup_s": 1.0, "image_encode_s": 0.5, "ttft_s": 1.5, "prefill_s": 0.5,
+              "decode_s": 1.0, "new_tokens": 5, "decode_steps": 4, "prompt_tokens": 100,
+              "peak_rss_bytes": 3_000_000_000,
+              "split": {"graph_s": 0.6, "lm_head_s": 0.15, "attention_s": 0.3}}
+    f = report.sample_figures(sample, disk_bytes=2_500_000_000, limit_tps=8.0, layer_params=10**9, head_params=0)
+    assert f["tokens_per_s"] == 4.0 and f["ms_per_token"] == 250.0 and f["pct_of_limit"] == 50.0
+    assert f["prefill_gflops"] == pytest.approx(400.0)          # 2 * 1e9 * 100 / 0.5 s
+    assert f["peak_rss_gb"] == 3.0 and f["disk_gb"] == 2.5
+    assert f["graph_share"] == 0.6 and f["lm_head_share"] == 0.15 and f["attention_share"] == 0.3
+    assert f["overhead_share"] == pytest.approx(0.1)
+    no_split = report.sample_figures(dict(sample, split=None), disk_bytes=None, limit_tps=None,
+                                     layer_params=1, head_params=0)
+    assert "graph_share" not in no_split and no_split["pct_of_limit"] is None
+
+
+def _fake(sid, kind, weights, tps, ttft, rss_gb):
+    steps = 10
+    return {"id": sid, "kind": kind, "backend": sid.split("-")[0], "weights": weights, "disk_bytes": 10**9,
+            "samples": [{"decode_s": steps / (tps * k), "decode_steps": steps, "ttft_s": ttft * k,
+                         "peak_rss_bytes": rss_gb * 1e9, "load_s": 1.0, "prompt_tokens": 260, "prefill_s": 1.0}
+                        for k in (0.9, 1.0, 1.1)]}
+
+
+def test_analyze_ratios_limits_and_targets():
+    cfg = preset_config("paligemma-3b-224")
+    systems = [_fake("openvino-int8", "engine", "int8", 7.0, 0.7, 3.0),
+               _fake("pytorch-bf16", "transformers", "bf16", 2.0, 1.2, 6.6)]
+    limits = report.analyze(systems, cfg, 25.12454400, 128)
+    assert limits["formats"]["int8"]["tokens_per_s"] == pytest.approx(10.0)     # 25.12 GB/s / 2.512 GB
+    ours, base = systems
+    assert ours["summary"]["tokens_per_s"]["median"] == pytest.approx(7.0)
+    assert ours["summary"]["tokens_per_s"]["min"] == pytest.approx(6.3)
+    assert ours["summary"]["pct_of_limit"]["median"] == pytest.approx(70.0)
+    assert ours["ratios"]["tokens_per_s"] == pytest.approx(3.5)
+    assert ours["ratios"]["ttft_s"] == pytest.approx(0.7 / 1.2)
+    assert ours["ratios"]["peak_rss_gb"] == pytest.approx(3.0 / 6.6)
+    assert base["ratios"]["tokens_per_s"] == pytest.approx(1.0)
+    met = {(t["target"], t["system"]): t["met"] for t in report.check_targets(systems)}
+    assert met[("decode tok/s >= 3x PyTorch bf16", "openvino-int8")] is True
+    assert met[("decode >= 80% of the int8 bandwidth limit", "openvino-int8")] is False
+    assert met[("TTFT <= 0.7x PyTorch bf16", "openvino-int8")] is True
+    assert met[("peak RSS <= 0.5x PyTorch bf16", "openvino-int8")] is True
+    assert all(t["system"] != "pytorch-bf16" for t in report.check_targets(systems))
+    assert "openvino-int8" in report.main_table(systems) and "(3.50x)" in report.main_table(systems)
+
+
+def test_analyze_without_baseline_gives_no_ratios():
+    systems = [_fake("openvino-int8", "engine", "int8", 7.0, 0.7, 3.0)]
+    report.analyze(systems, preset_config("paligemma-3b-224"), None, 128)
+    assert all(v is None for v in systems[0]["ratios"].values())
+    assert systems[0]["limit_tokens_per_s"] is None and systems[0]["summary"]["pct_of_limit"] is None
+
+
+# ---------------------------------------------------------------------------- systems
+def test_parse_systems():
+    systems, notes = parse_systems("openvino,onnxruntime,pytorch", None, True)
+    assert [s["id"] for s in systems] == ["openvino-int8", "openvino-int4", "openvino-bf16", "onnxruntime-int8",
+                                          "pytorch-fp32", "pytorch-bf16"]
+    assert notes == []
+    systems, _ = parse_systems("ov,ort:int4,transformers:bf16,openvino-int8", "int8,fp8", True)
+    assert [s["id"] for s in systems] == ["openvino-int8", "openvino-fp8", "onnxruntime-int4", "pytorch-bf16"]
+    assert [s["kind"] for s in systems] == ["engine", "engine", "engine", "transformers"]
+    systems, notes = parse_systems("openvino:int8,pytorch", None, False)
+    assert [s["id"] for s in systems] == ["openvino-int8"] and "skipped" in notes[0]
+    for bad in ("tensorflow", "openvino:int3", "pytorch:int8", ""):
+        with pytest.raises(ValueError):
+            parse_systems(bad, None, True)
+
+
+# ---------------------------------------------------------------------------- memory bandwidth
+def test_memory_bandwidth_is_positive():
+    gbs = _native.memory_bandwidth(64 << 20, 1, 2)
+    assert isinstance(gbs, float) and 0 < gbs < 10_000
+    assert _native.memory_bandwidth((64 << 20) + 8, 3, 1) > 0     # shares that do not divide evenly
+
+
+@pytest.mark.parametrize("args", [(1000, 1, 1), (-1, 1, 1), (64 << 20, 0, 1), (64 << 20, 2000, 1),
+                                  (64 << 20, 1, 0), (64 << 20, 1, -3)])
+def test_memory_bandwidth_rejects_bad_arguments(args):
+    with pytest.raises(ValueError):
+        _native.memory_bandwidth(*args)
+
+
+def test_memory_bandwidth_rejects_non_integers():
+    with pytest.raises(TypeError):
+        _native.memory_bandwidth("1GiB", 1, 1)
