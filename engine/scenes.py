@@ -170,10 +170,13 @@ def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int], margin
     return not (a[2] + margin <= b[0] or b[2] + margin <= a[0] or a[3] + margin <= b[1] or b[3] + margin <= a[1])
 
 
-def make_scene(seed: int, size: int = SIZE) -> Scene:
-    """The scene of `seed` at `size` x `size` pixels; the same seed always gives the same scene."""
+def make_scene(seed: int, size: int = SIZE, max_shapes: int = MAX_SHAPES) -> Scene:
+    """The scene of `seed` at `size` x `size` pixels; the same seed always gives the same scene.
+    `max_shapes` < MAX_SHAPES gives simpler scenes (1..max_shapes shapes), for a curriculum."""
     if size < 56:
         raise ValueError(f"size {size} is too small for readable shapes; use 56 or more")
+    if not 1 <= max_shapes <= MAX_SHAPES:
+        raise ValueError(f"max_shapes must be 1..{MAX_SHAPES}, got {max_shapes}")
     rng = _rng(seed)
     bg = _background(rng, size)
 
@@ -181,7 +184,7 @@ def make_scene(seed: int, size: int = SIZE) -> Scene:
     if rng.random() < DIGITS_PROB:
         digits, digits_box, dh, dw, dgap = _digits_layout(rng, size)
 
-    n_shapes = int(rng.integers(1, MAX_SHAPES + 1))
+    n_shapes = int(rng.integers(1, max_shapes + 1))
     placed: list[tuple[str, str, np.ndarray]] = []          # (kind, colour, full mask)
     for _ in range(n_shapes):
         for _attempt in range(50 if placed else 10_000):    # the first shape always finds a place

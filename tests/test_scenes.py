@@ -234,3 +234,14 @@ def test_mask_tokenizer_shapes_and_crop():
                    and o.mask.sum() == (o.box[2] - o.box[0]) * (o.box[3] - o.box[1])), None)
     if square is not None:                     # an unoccluded square fills its crop
         assert scenes.mask_crop(square.mask, square.box).all()
+
+
+def test_max_shapes_curriculum():
+    for s in SEEDS[:10]:
+        assert len(scenes.make_scene(s, max_shapes=1).objects) == 1
+        assert 1 <= len(scenes.make_scene(s, max_shapes=2).objects) <= 2
+    # the default is the full scene, unchanged
+    a, b = scenes.make_scene(SEEDS[0]), scenes.make_scene(SEEDS[0], max_shapes=scenes.MAX_SHAPES)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    with pytest.raises(ValueError):
+        scenes.make_scene(0, max_shapes=0)
