@@ -109,12 +109,22 @@ def _cosine(a, b):
 
 
 # ---------------------------------------------------------------------------- graphs vs numpy twin
+def _run_with_twin(path, cfg, graph, weights, rng):
+    """Outputs of one exported graph in onnxruntime, and of its numpy twin, on the same inputs."""
+    import onnxruntime as ort
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs = _graph_inputs(cfg, graph, rng)
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, inputs)))
+    twin = graph_def.NumpyBuilder(weights, inputs)
+    graph_def.build_graph(twin, cfg, graph, weights)
+    return got, twin.outputs
+
+
 @pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_graph_matches_numpy_builder(checkpoints, tmp_path, version, fmt):
     """MatMulNBits at accuracy_level 0 computes in fp32, so every format must match the numpy
     twin on the dequantized weights to fp32 rounding: this checks the weight encoding itself."""
-    import onnxruntime as ort
     with Checkpoint.open(checkpoints[version]) as ckpt:
         cfg, weights = ckpt.config, dict(ckpt.tensors)
         files, formats = onnx_graphs.export_onnx_graphs(cfg, weights, tmp_path, fmt, GROUP, accuracy_level=0)
@@ -122,13 +132,9 @@ def test_every_graph_matches_numpy_builder(checkpoints, tmp_path, version, fmt):
     deq = _dequantized(weights, formats)
     rng = np.random.default_rng(0)
     for graph, rel in files.items():
-        sess = ort.InferenceSession(str(tmp_path / rel), providers=["CPUExecutionProvider"])
-        inputs = _graph_inputs(cfg, graph, rng)
-        got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, inputs)))
-        twin = graph_def.NumpyBuilder(deq, inputs)
-        graph_def.build_graph(twin, cfg, graph, deq)
-        assert set(got) == set(twin.outputs), graph
-        for name, want in twin.outputs.items():
+        got, wanted = _run_with_twin(tmp_path / rel, cfg, graph, deq, rng)
+        assert set(got) == set(wanted), graph
+        for name, want in wanted.items():
             assert got[name].shape == want.shape, (graph, name)
             diff = np.abs(got[name] - want).max()
             assert diff <= 1e-4, f"{fmt} {graph}/{name}: max abs diff {diff:.2e}"
@@ -137,19 +143,14 @@ def test_every_graph_matches_numpy_builder(checkpoints, tmp_path, version, fmt):
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_fast_int_kernels_stay_close(checkpoints, tmp_path, fmt):
     """Default accuracy_level 4 quantizes activations to int8 inside MatMulNBits: close, not exact."""
-    import onnxruntime as ort
     with Checkpoint.open(checkpoints[2]) as ckpt:
         cfg, weights = ckpt.config, dict(ckpt.tensors)
         files, formats = onnx_graphs.export_onnx_graphs(cfg, weights, tmp_path, fmt, GROUP)
     deq = _dequantized(weights, formats)
     rng = np.random.default_rng(1)
     for graph, rel in files.items():
-        sess = ort.InferenceSession(str(tmp_path / rel), providers=["CPUExecutionProvider"])
-        inputs = _graph_inputs(cfg, graph, rng)
-        got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, inputs)))
-        twin = graph_def.NumpyBuilder(deq, inputs)
-        graph_def.build_graph(twin, cfg, graph, deq)
-        for name, want in twin.outputs.items():
+        got, wanted = _run_with_twin(tmp_path / rel, cfg, graph, deq, rng)
+        for name, want in wanted.items():
             assert _cosine(got[name], want) >= 0.999, (graph, name)
 
 
