@@ -24,6 +24,38 @@ class GraphRunner(Protocol):
         """Run one graph; inputs and outputs are float32 numpy arrays keyed by tensor name."""
 
 
+class RunnerBase:
+    """What both backends share: graph and tensor names, input checks, error messages.
+    Subclasses fill `graph_names`, `_inputs` and `_outputs` (graph -> tensor names)."""
+
+    graph_names: list[str]
+    _inputs: dict[str, list[str]]
+    _outputs: dict[str, list[str]]
+
+    def input_names(self, graph: str) -> list[str]:
+        return list(self._inputs[self._check_graph(graph)])
+
+    def output_names(self, graph: str) -> list[str]:
+        return list(self._outputs[self._check_graph(graph)])
+
+    def _check_graph(self, graph: str) -> str:
+        if graph not in self._inputs:
+            raise ValueError(f"unknown graph {graph!r}; this artifact has {', '.join(self.graph_names)}")
+        return graph
+
+    def _feed(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The graph's inputs as contiguous float32 arrays, after checking their names."""
+        names = self._inputs[self._check_graph(graph)]
+        if len(inputs) != len(names) or any(n not in inputs for n in names):
+            raise ValueError(f"graph {graph} takes inputs {names}, got {sorted(inputs)}")
+        return {n: np.ascontiguousarray(inputs[n], dtype=np.float32) for n in names}
+
+    @staticmethod
+    def _failed(graph: str, feed: dict[str, np.ndarray], e: Exception) -> ValueError:
+        shapes = {n: tuple(a.shape) for n, a in feed.items()}
+        return ValueError(f"graph {graph} failed on inputs {shapes}: {e}")
+
+
 def open_runner(backend: str, artifact_dir: str | Path, manifest: dict, threads: int | None = None) -> GraphRunner:
     """The runner of `backend` for a loaded, validated artifact manifest."""
     if backend == "onnxruntime":

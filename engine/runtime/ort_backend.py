@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import ArtifactError
+from . import RunnerBase
 
 _ENV_ARENA_REGISTERED = False
 
@@ -40,7 +41,7 @@ def _register_env_arena(ort) -> None:
     _ENV_ARENA_REGISTERED = True
 
 
-class OrtRunner:
+class OrtRunner(RunnerBase):
     """GraphRunner for onnxruntime (CPU execution provider).
 
     artifact_dir: the artifact directory; manifest: its validated manifest
@@ -92,29 +93,13 @@ class OrtRunner:
             self._inputs[name] = [i.name for i in sess.get_inputs()]
             self._outputs[name] = [o.name for o in sess.get_outputs()]
 
-    def input_names(self, graph: str) -> list[str]:
-        return list(self._inputs[self._check_graph(graph)])
-
-    def output_names(self, graph: str) -> list[str]:
-        return list(self._outputs[self._check_graph(graph)])
-
-    def _check_graph(self, graph: str) -> str:
-        if graph not in self._sessions:
-            raise ValueError(f"unknown graph {graph!r}; this artifact has {', '.join(self.graph_names)}")
-        return graph
-
     def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one graph; inputs and outputs are float32 arrays keyed by tensor name."""
-        sess = self._sessions.get(graph) or self._sessions[self._check_graph(graph)]
-        names = self._inputs[graph]
-        if len(inputs) != len(names) or any(n not in inputs for n in names):
-            raise ValueError(f"graph {graph} takes inputs {names}, got {sorted(inputs)}")
-        feed = {n: np.ascontiguousarray(inputs[n], dtype=np.float32) for n in names}
+        feed = self._feed(graph, inputs)
         try:
-            outs = sess.run(self._outputs[graph], feed)
-        except Exception as e:
-            shapes = {n: tuple(a.shape) for n, a in feed.items()}
-            raise ValueError(f"graph {graph} failed on inputs {shapes}: {e}") from None
+            outs = self._sessions[graph].run(self._outputs[graph], feed)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise self._failed(graph, feed, e) from None
         return dict(zip(self._outputs[graph], outs))
 
     def close(self) -> None:

@@ -48,12 +48,13 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import ArtifactError
+from . import RunnerBase
 
 PRECISIONS = {"f32": "f32", "fp32": "f32", "bf16": "bf16"}
 _MADV_DONTNEED = 4
 
 
-class OvRunner:
+class OvRunner(RunnerBase):
     """GraphRunner for OpenVINO (CPU device).
 
     artifact_dir: the artifact directory; manifest: its validated manifest
@@ -122,29 +123,14 @@ class OvRunner:
             self._outputs[name] = [p.get_any_name() for p in compiled.outputs]
             self._bins[name] = xml.with_suffix(".bin")
 
-    def input_names(self, graph: str) -> list[str]:
-        return list(self._inputs[self._check_graph(graph)])
-
-    def output_names(self, graph: str) -> list[str]:
-        return list(self._outputs[self._check_graph(graph)])
-
-    def _check_graph(self, graph: str) -> str:
-        if graph not in self._requests:
-            raise ValueError(f"unknown graph {graph!r}; this artifact has {', '.join(self.graph_names)}")
-        return graph
-
     def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one graph; inputs and outputs are float32 arrays keyed by tensor name."""
-        req = self._requests.get(graph) or self._requests[self._check_graph(graph)]
-        names = self._inputs[graph]
-        if len(inputs) != len(names) or any(n not in inputs for n in names):
-            raise ValueError(f"graph {graph} takes inputs {names}, got {sorted(inputs)}")
-        feed = {n: np.ascontiguousarray(inputs[n], dtype=np.float32) for n in names}
+        feed = self._feed(graph, inputs)
+        req = self._requests[graph]
         try:
             req.infer(feed, share_inputs=True, share_outputs=False)
-        except Exception as e:
-            shapes = {n: tuple(a.shape) for n, a in feed.items()}
-            raise ValueError(f"graph {graph} failed on inputs {shapes}: {e}") from None
+        except Exception as e:  # OpenVINO raises RuntimeError with its own message
+            raise self._failed(graph, feed, e) from None
         out = {n: req.get_tensor(n).data.copy() for n in self._outputs[graph]}
         bin_path = self._bins.pop(graph, None)   # first run of this graph: weights are repacked now
         if bin_path is not None and self.release_weight_pages:
