@@ -22,8 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="onnx", choices=("onnx", "openvino", "both"),
                    help="graph format(s) to export (default onnx)")
     p.add_argument("--weights", default="fp32", choices=WEIGHT_FORMATS,
-                   help="weight format of the matrices (default fp32); int4 falls back to int8 for "
-                        "matrices whose input size is not a multiple of --group-size")
+                   help="weight format of the matrices (default fp32); int4 is mixed precision: decoder "
+                        "int4 except layer 0 and v_proj, LM head and vision tower int8 (see export/quantize.py), "
+                        "and falls back to int8 for matrices whose input size is not a multiple of --group-size")
     p.add_argument("--group-size", type=int, default=128, metavar="N",
                    help="int4 group size, a power of two >= 16 (default 128)")
     p.add_argument("--lora", metavar="ADAPTER_DIR", help="PEFT LoRA adapter to merge into the weights")

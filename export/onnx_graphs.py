@@ -16,7 +16,9 @@ What `linear` emits for each weight format, and what onnxruntime 1.32 (CPU) does
            point input: the default (128 for 8 bits) makes it symmetric. The weights stay int8 in
            memory (MLAS prepacks them into its own blocked int8 layout).
     int4   MatMulNBits bits=4, block_size=group_size, accuracy_level=4; codes packed two per
-           byte, low nibble first (quantize.pack_uint4), default zero point 8. Stays 4-bit.
+           byte, low nibble first (quantize.pack_uint4), default zero point 8, searched scales
+           (negative ones included, as MLAS's own blockwise quantizer writes). Stays 4-bit.
+           The matrices int4 keeps at int8 (quantize.matrix_format) use the int8 path above.
            accuracy_level=4 means the activations are quantized to int8 per block inside the
            kernel (as onnxruntime-genai does for CPU): ~6x faster than accuracy_level 0/1 for
            int4, and for 8 bits levels 0-3 have no fast kernel at all in 1.32 (the whole matrix
@@ -62,8 +64,7 @@ from onnx import TensorProto, helper
 from engine.config import PaliGemmaConfig
 
 from . import graph_def
-from .quantize import (check_format, check_group_size, effective_format, pack_uint4, quantize,
-                       ROW_CHUNK_ELEMENTS)
+from .quantize import check_format, check_group_size, matrix_format, pack_uint4, quantize, ROW_CHUNK_ELEMENTS
 
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
@@ -121,8 +122,8 @@ class OnnxBuilder:
 
     weights: canonical name -> array (any float dtype, may be memory-mapped).
     weight_format / group_size: see export/quantize.py; accuracy_level: see export_onnx_graphs.
-    `formats_used` records, per linear weight, the format it really got (int4 falls back to
-    int8 where K % group_size != 0).
+    `formats_used` records, per linear weight, the format it really got (quantize.matrix_format:
+    int4 keeps some matrices at int8, and falls back to int8 where K % group_size != 0).
     on_weight(n): called with the parameter count of each weight written (progress bars).
     """
 
@@ -253,7 +254,7 @@ class OnnxBuilder:
     def linear(self, x, weight, bias=None, *, weight_array=None):
         w = self.weights[weight] if weight_array is None else weight_array
         O, K = w.shape
-        fmt = effective_format(self.weight_format, K, self.group_size)
+        fmt = matrix_format(weight, self.weight_format, K, self.group_size)
         self.formats_used[weight] = fmt
         if fmt in ("int8", "int4"):
             y = self._matmul_nbits(x, weight, w, fmt, bias)

@@ -14,8 +14,9 @@ CPU plugin does with it (measured, INFERENCE_PRECISION_HINT f32 unless said othe
            precision "i8"): weights stay int8 in memory, decompressed inside the kernel.
     int4   Constant i4 [O, K/g, g] (two values per byte, element 2j in the low nibble) ->
            Convert f32 -> Multiply(scale [O, K/g, 1]) -> Reshape [O, K] -> MatMul. Symmetric, no
-           zero point. Fused into FullyConnected with i4 weights: stays 4-bit in memory. A matrix
-           whose K is not a multiple of g falls back to int8 (quantize.effective_format).
+           zero point, searched scales (some negative). Fused into FullyConnected with i4 weights:
+           stays 4-bit in memory. The matrices int4 keeps at int8, and those whose K is not a
+           multiple of g, use the int8 pattern (quantize.matrix_format).
     fp8    Constant f8e4m3 [O, K] -> Convert f32 (marked "decompression") -> Multiply(scale
            [O, 1]) -> MatMul. The CPU plugin has no fp8 FullyConnected: it constant-folds the
            pattern to f32 when the model is compiled (slowly without avx512_fp16: ~6 s per GB
@@ -52,7 +53,7 @@ import openvino.opset13 as ops
 from engine.config import PaliGemmaConfig
 
 from . import graph_def
-from .quantize import check_format, check_group_size, effective_format, quantize
+from .quantize import check_format, check_group_size, matrix_format, quantize, summarize_formats
 
 # Convert nodes fed by constants of these types get the "decompression" mark.
 MARKED_CONSTANT_TYPES = ("f16", "bf16", "f8e4m3")
@@ -139,7 +140,7 @@ class OvBuilder:
             if self.on_weight:
                 self.on_weight(int(w.size))
         O, K = w.shape
-        fmt = effective_format(self.weight_format, K, self.group_size)
+        fmt = matrix_format(weight, self.weight_format, K, self.group_size)
         self.formats_used[weight] = fmt
         q = quantize(w, fmt, self.group_size)
         if fmt == "fp32":
@@ -270,8 +271,8 @@ def export_openvino_graphs(cfg: PaliGemmaConfig, weights: Mapping[str, np.ndarra
 
     out_dir is the artifact's openvino/ directory. Returns ({graph name: path relative to the
     artifact directory, "openvino/<name>.xml"}, quantization info: "formats" (every linear
-    weight -> the format it got), "fallbacks" (int4 -> int8 and the like), "groups", the
-    OpenVINO pattern of each format used and the opset)."""
+    weight -> the format it got), "fallbacks" (int4 -> int8 where the group size does not divide
+    K), "groups" (quantize.summarize_formats), the OpenVINO pattern of each format used and the opset)."""
     from tqdm import tqdm
 
     check_format(weight_format)
@@ -296,15 +297,8 @@ def export_openvino_graphs(cfg: PaliGemmaConfig, weights: Mapping[str, np.ndarra
             del b          # frees this graph's constants before the next graph is built
     finally:
         bar.close()
-    fallbacks = {n: f for n, f in formats.items() if f != weight_format}
-    groups: dict[str, set] = {}
-    for n, f in formats.items():
-        g = "vision" if n.startswith(("vision.", "projector.")) else (
-            "lm_head" if n in ("text.embed_tokens.weight", "lm_head.weight") else "text")
-        groups.setdefault(g, set()).add(f)
     info = {"formats": formats,
-            "fallbacks": fallbacks,
-            "groups": {g: "+".join(sorted(f)) for g, f in groups.items()},
+            **summarize_formats(formats, weight_format),      # "groups", "fallbacks"
             "patterns": {f: PATTERNS[f] for f in sorted(set(formats.values()))},
             "int4_group_size": group_size if weight_format == "int4" else None,
             "opset": "opset13", "openvino_version": ov.get_version()}

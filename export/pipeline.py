@@ -14,8 +14,8 @@ interrupted or failed export leaves nothing loadable, and an existing artifact i
   4. copy tokenizer.model, preprocessor_config.json (if present) and the optional VQ-VAE
      segmentation decoder (seg_decoder.npz);
   5. write manifest.json (engine.artifact.new_manifest + write_manifest: every file with its
-     sha256, the model config, the quantization of every tensor group incl. int4 -> int8
-     fallbacks, the source checkpoint) and move the directory into place.
+     sha256, the model config, the quantization of every tensor group incl. int4's int8 matrices
+     and int4 -> int8 fallbacks, the source checkpoint) and move the directory into place.
 
 Embedding table formats: fp32 for "fp32"; fp16 for "fp16" and "bf16" (bf16 -> fp16 is exact in
 fp16's normal range; values under 6e-5 keep an absolute error below 3e-8, and a table with
@@ -42,7 +42,8 @@ from engine.errors import EngineError
 from engine.layout import expected_tensors
 
 from . import graph_def, onnx_graphs
-from .quantize import WEIGHT_FORMATS, check_group_size, effective_format, quantize
+from .quantize import (INT4_INT8_MATRICES, WEIGHT_FORMATS, check_group_size, int4_precision_group,
+                       matrix_format, quantize, summarize_formats)
 
 EXPORT_FORMATS = ("onnx", "openvino")
 TOOL_VERSION = "0.1.0"
@@ -237,43 +238,60 @@ def _copy_extras(staging: Path, ckpt: Checkpoint, seg_decoder) -> dict:
 
 # ---------------------------------------------------------------------------- manifest pieces
 def linear_weight_formats(cfg: PaliGemmaConfig, weights: str, group_size: int) -> dict[str, str]:
-    """Format every matrix gets (the same rule in every backend: quantize.effective_format)."""
+    """Format every matrix gets (the same rule in every backend: quantize.matrix_format)."""
+    return {name: matrix_format(name, weights, K, group_size) for name, (_, K) in _linear_shapes(cfg).items()}
+
+
+def _linear_shapes(cfg: PaliGemmaConfig) -> dict[str, tuple[int, int]]:
+    """Every matrix the graphs multiply by: canonical name -> (O, K)."""
     out = {}
     for name, shape in expected_tensors(cfg).items():
         if name.endswith(".weight") and (len(shape) == 2 and not name.endswith("position_embedding.weight")
                                          or name == "vision.embeddings.patch_embedding.weight"):
             if name == "text.embed_tokens.weight" and not cfg.text.tie_word_embeddings:
                 continue   # only a lookup table then; lm_head.weight is the matrix
-            K = int(np.prod(shape[1:]))
-            out[name] = effective_format(weights, K, group_size)
+            out[name] = (int(shape[0]), int(np.prod(shape[1:])))
     return out
 
 
-def _group(name: str) -> str:
-    if name.startswith("vision."):
-        return "vision"
-    if name.startswith("projector."):
-        return "projector"
-    if name in ("text.embed_tokens.weight", "lm_head.weight"):
-        return "lm_head"
-    return "text"
+def _compact_bytes(fmt: str, O: int, K: int, group_size: int) -> int:
+    """Bytes of an [O, K] matrix stored compactly (quantize.QuantizedWeight.nbytes)."""
+    if fmt == "int4":
+        return O * K // 2 + 4 * O * (K // group_size)
+    if fmt in ("int8", "fp8"):
+        return O * K + 4 * O
+    return O * K * (4 if fmt == "fp32" else 2)
+
+
+def int4_share(cfg: PaliGemmaConfig, formats: dict[str, str], group_size: int) -> dict:
+    """Share of the decoder layers' linear weights that are int4: of their parameters and of
+    their compact bytes (int4 packed + scales, int8 + one scale per row)."""
+    shapes = {n: s for n, s in _linear_shapes(cfg).items() if n.startswith("text.layers.")}
+    params = {n: O * K for n, (O, K) in shapes.items()}
+    nbytes = {n: _compact_bytes(formats[n], O, K, group_size) for n, (O, K) in shapes.items()}
+    int4 = [n for n in shapes if formats[n] == "int4"]
+    return {"decoder_params": round(sum(params[n] for n in int4) / sum(params.values()), 4),
+            "decoder_bytes": round(sum(nbytes[n] for n in int4) / sum(nbytes.values()), 4)}
 
 
 def quantization_info(cfg: PaliGemmaConfig, weights: str, group_size: int, backends: dict) -> dict:
     formats = linear_weight_formats(cfg, weights, group_size)
-    groups: dict[str, set] = {}
-    for name, fmt in formats.items():
-        groups.setdefault(_group(name), set()).add(fmt)
-    fallbacks = {n: f for n, f in formats.items() if f != weights}
     for backend, info in backends.items():
         got = info.pop("formats", None)
         if got is not None and got != formats:
             diff = sorted(n for n in formats if got.get(n) != formats[n])
             raise ExportError(f"internal error: the {backend} graphs quantized {diff[:3]} differently "
                               "from the declared rule; please report this")
+    mixed = None
+    if weights == "int4":   # the int8 part of int4 (quantize.INT4_INT8_MATRICES), by group
+        used = {int4_precision_group(n) for n in formats} - {None}
+        mixed = {"int8": [INT4_INT8_MATRICES[k] for k in INT4_INT8_MATRICES if k in used],
+                 "int8_matrices": sum(1 for n in formats if int4_precision_group(n) is not None),
+                 "int4_search": "per-group scale search (quantize.INT4_DIVISORS) + least-squares scale"}
     return {"format": weights, "group_size": group_size if weights == "int4" else None,
-            "groups": {g: "+".join(sorted(f)) for g, f in groups.items()},
-            "fallbacks": fallbacks,
+            **summarize_formats(formats, weights),       # "groups", "fallbacks"
+            "mixed_precision": mixed,
+            "int4_share": int4_share(cfg, formats, group_size) if weights == "int4" else None,
             "other_tensors": "fp32 (norms, biases, position embedding)",
             "embedding": "int8 per row" if weights in ("int8", "int4", "fp8") else None,
             "backends": backends}
@@ -287,7 +305,11 @@ def summary(out_dir: Path, manifest: dict, seconds: float) -> str:
     lines = [f"exported {out_dir} in {seconds:.1f} s ({manifest['weights']['format']} weights)"]
     lines += [f"  {part:10s} {_size(n):>10s}" for part, n in sorted(parts.items())]
     lines.append(f"  {'total':10s} {_size(sum(parts.values())):>10s}")
-    fb = manifest["weights"]["fallbacks"]
+    w = manifest["weights"]
+    if w.get("int4_share"):
+        lines.append(f"  int4 mixed precision: int8 for {', '.join(w['mixed_precision']['int8'])}; "
+                     f"{w['int4_share']['decoder_params']:.0%} of the decoder weights are int4")
+    fb = w["fallbacks"]
     if fb:
         lines.append(f"  {len(fb)} matrices fell back to {sorted(set(fb.values()))} (K not a multiple of "
                      f"the group size), e.g. {next(iter(fb))}")

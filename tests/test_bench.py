@@ -121,14 +121,22 @@ def test_weight_bytes_per_token_paligemma_3b():
     assert report.weight_bytes_per_token(cfg, "bf16") == 2 * params == 5_017_174_016
     assert report.weight_bytes_per_token(cfg, "fp32") == 4 * params
     assert report.weight_bytes_per_token(cfg, "int8") == params + 4 * rows == 2_512_454_400
-    assert report.weight_bytes_per_token(cfg, "int4", 128) == params // 2 + 4 * groups == 1_332_686_848
+    # int4 is mixed (export/quantize.py): layer 0, every v_proj (256 x 2048) and the LM head stay int8
+    int8_params = 110_100_480 + 17 * 256 * 2048 + 526_778_368
+    int8_rows = (2048 + 256 + 256 + 2048 + 16384 + 16384 + 2048) + 17 * 256 + 257216
+    int8_groups = (2048 * 16 * 2 + 256 * 16 * 2 + 16384 * 16 * 2 + 2048 * 128) + 17 * 256 * 16 + 257216 * 16
+    assert report.weight_bytes_per_token(cfg, "int4", 128) == (
+        (params - int8_params) // 2 + 4 * (groups - int8_groups) + int8_params + 4 * int8_rows) == 1_636_605_696
 
 
 def test_int4_falls_back_to_int8_when_the_group_does_not_divide():
     cfg = preset_config("paligemma-3b-224")
-    # group 8192 divides only down_proj's K = 16384: every other matrix is int8.
+    # group 8192 divides only down_proj's K = 16384: every other matrix is int8 (and layer 0's
+    # down_proj is int8 anyway).
     layers, head = report.decode_matrices(cfg)
-    expected = sum(report.matrix_bytes("int4" if c % 8192 == 0 else "int8", r, c, 8192) for r, c in [*layers, head])
+    int4_down = 17 * report.matrix_bytes("int4", 2048, 16384, 8192)
+    expected = sum(report.matrix_bytes("int8", r, c) for r, c in [*layers, head]) \
+        - 17 * report.matrix_bytes("int8", 2048, 16384) + int4_down
     assert report.weight_bytes_per_token(cfg, "int4", 8192) == expected
 
 

@@ -14,11 +14,19 @@ artifact's embedding table (int8 per row for int8 / int4 / fp8):
     fp16    cosine 0.999999 / 0.999999      same
     bf16    cosine 0.99996 / 0.99998        same
     int8    cosine 0.99943 / 0.99961        0.99875 / 0.99939
-    int4    cosine 0.933 / 0.949            0.933 / 0.949
-    fp8     cosine 0.9904 / 0.9943          same
+    int4    cosine 0.98937 / 0.99199        0.98892 / 0.99120
+    fp8     cosine 0.99036 / 0.99431        same
+int4 is export/quantize.py's mixed precision (searched group scales; LM head, vision tower,
+decoder layer 0 and v_proj at int8: 62% of these decoders' parameters are int4). With every
+matrix int4 and round-to-nearest max / 7 scales it measured 0.933 / 0.949 here. These 3-layer
+models, randomized at std 0.2 everywhere, amplify weight rounding: PG1 int4 at group 16 stays
+just under 0.99 and is held to 0.988 (FORMAT_BOUND_PG1); every other format and model meets
+FORMAT_BOUND. Groups 64 and 128 fall back to int8 on these models (K = 48, 80), so they are
+measured on test_export_onnx's wide models (256-wide decoder, 2 / 3 layers, 49% / 63% int4),
+dynamic quantization off / runner defaults:
+    group 64   PG1 0.99868 / 0.99864    PG2 0.99165 / 0.99154
+    group 128  PG1 0.99846 / 0.99843    PG2 0.99062 / 0.99055
 Against the reference model on the dequantized weights every format is within 1e-4 (max abs).
-Tiny random models amplify weight rounding: int4 at group 16 and fp8 fall below 0.99 cosine here
-(the ONNX export measures the same per-format numbers), so they are held to FORMAT_BOUND.
 """
 import numpy as np
 import openvino as ov
@@ -33,6 +41,7 @@ from engine.synth import write_synthetic_checkpoint
 import graph_oracle
 from export import graph_def
 from export.openvino_graphs import export_openvino_graphs, mark_decompression, pack_int4
+from export.pipeline import linear_weight_formats
 from export.quantize import dequantize, quantize
 
 from hf_tiny import tiny_model
@@ -135,13 +144,21 @@ def test_every_graph_matches_numpy_builder(tiny, exported, version, fmt):
                 assert diff <= 1e-4, (graph, name, diff)
 
 
-def test_int4_fallback_is_recorded(exported):
+def test_int4_mixed_precision_and_fallback_are_recorded(tiny, exported, tmp_path):
+    cfg, weights = tiny[2]
     _, _, info = exported(2, "int4")
-    assert info["formats"]["text.layers.0.mlp.up_proj.weight"] == "int4"          # K = 48
-    assert info["fallbacks"]["vision.embeddings.patch_embedding.weight"] == "int8"   # K = 588
-    assert info["fallbacks"]["vision.encoder.layers.0.mlp.fc2.weight"] == "int8"     # K = 72
-    assert "int4" not in info["fallbacks"].values()
-    assert info["groups"] == {"vision": "int8", "text": "int4", "lm_head": "int4"}   # vision K: 40, 72, 588
+    assert info["formats"] == linear_weight_formats(cfg, "int4", GROUP)
+    assert info["formats"]["text.layers.1.mlp.up_proj.weight"] == "int4"          # K = 48
+    assert info["formats"]["text.layers.0.mlp.up_proj.weight"] == "int8"          # layer 0: by design
+    assert info["formats"]["text.layers.2.self_attn.v_proj.weight"] == "int8"     # v_proj: by design
+    assert info["fallbacks"] == {}                   # every text K (48, 64, 80) divides by 16
+    assert info["groups"] == {"vision": "int8", "projector": "int8", "lm_head": "int8",
+                              "text.layers.0": "int8", "text.v_proj": "int8", "text": "int4"}
+    _, info = export_openvino_graphs(cfg, weights, tmp_path / "ov", "int4", 32, progress=False)
+    # group 32: K 48 (q, k, gate, up) and 80 (down) fall back in layers 1-2; o_proj (K 64) stays int4
+    assert sorted(info["fallbacks"]) == sorted(f"text.layers.{i}.{m}.weight" for i in (1, 2) for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+    assert info["formats"]["text.layers.1.self_attn.o_proj.weight"] == "int4"     # K = 64
 
 
 # ---------------------------------------------------------------------------- full logits
@@ -174,7 +191,9 @@ def _artifact_embedding(table, fmt):
 # format's own rounding (weights and the artifact's embedding table); measured values in the
 # module docstring. Against the dequantized weights every format is held to 1e-4 max abs diff.
 FORMAT_BOUND = {"fp32": ("maxabs", 1e-4), "fp16": ("cosine", 0.99999), "bf16": ("cosine", 0.9999),
-                "int8": ("cosine", 0.999), "fp8": ("cosine", 0.98), "int4": ("cosine", 0.9)}
+                "int8": ("cosine", 0.999), "fp8": ("cosine", 0.99), "int4": ("cosine", 0.99)}
+# int4 on the PG1 model at group 16 measures 0.98937 (module docstring): below 0.99
+FORMAT_BOUND_PG1 = {"int4": ("cosine", 0.988)}
 
 
 @pytest.mark.parametrize("version", [1, 2])
@@ -199,11 +218,48 @@ def test_full_logits_match_reference_model(tiny, exported, version, fmt):
     print(f"PG{version} {fmt}: vs original weights max abs diff {diff:.2e} cosine {cos:.6f}; "
           f"runner defaults: cosine {_cosine(default, original):.6f} (vs dynamic quantization off "
           f"{_cosine(default, got):.6f})")
-    kind, bound = FORMAT_BOUND[fmt]
+    kind, bound = (FORMAT_BOUND_PG1 if version == 1 else {}).get(fmt, FORMAT_BOUND[fmt])
     assert (diff <= bound) if kind == "maxabs" else (cos >= bound), (diff, cos)
     # int8 activations for int8 / int4 weights (the CPU plugin's dynamic quantization) change
     # the logits by a cosine of ~1e-3 at most; every other format is unaffected
     assert _cosine(default, got) >= (0.998 if fmt in ("int8", "int4") else 0.999999)
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """version -> (config, fp32 weights) of test_export_onnx's wide models (every decoder K a
+    multiple of 128, so int4 with group 64 / 128 is really int4)."""
+    from test_export_onnx import write_tiny_checkpoint
+    out = {}
+    for version in (1, 2):
+        d = write_tiny_checkpoint(version, tmp_path_factory.mktemp(f"wide{version}") / "ckpt", wide=True)
+        with Checkpoint.open(d) as ckpt:
+            out[version] = ckpt.config, {k: np.array(v, np.float32) for k, v in ckpt.tensors.items()}
+    return out
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("group", [64, 128])
+def test_int4_group_sizes_on_a_wider_model(wide, tmp_path, version, group):
+    """int4 with group 64 and 128 on the wide models, vs the reference model on the original fp32
+    weights (module docstring: measured values)."""
+    cfg, weights = wide[version]
+    files, info = export_openvino_graphs(cfg, weights, tmp_path / "openvino", "int4", group, progress=False)
+    assert info["fallbacks"] == {} and info["groups"]["text"] == "int4"
+    ids, pv, tt = _prompt(cfg, np.random.default_rng(version))
+    original = ReferenceModel(cfg, weights).logits(ids, pv, tt)
+    effective_weights = {n: (dequantize(quantize(w.reshape(w.shape[0], -1), info["formats"][n], group)).reshape(w.shape)
+                             if n in info["formats"] else w) for n, w in weights.items()}
+    effective = ReferenceModel(cfg, effective_weights).logits(ids, pv, tt)
+    embed = _artifact_embedding(weights["text.embed_tokens.weight"], "int4")
+    exact = compose_logits(_runner(tmp_path, files, dynamic_quantization=0), cfg,
+                           effective_weights["text.embed_tokens.weight"], ids, pv, tt)
+    assert float(np.abs(exact - effective).max()) <= 1e-4
+    got = compose_logits(_runner(tmp_path, files, dynamic_quantization=0), cfg, embed, ids, pv, tt)
+    default = compose_logits(_runner(tmp_path, files), cfg, embed, ids, pv, tt)
+    cos, cos_default = _cosine(got, original), _cosine(default, original)
+    print(f"wide PG{version} int4 group {group}: cosine vs original {cos:.6f}, runner defaults {cos_default:.6f}")
+    assert cos >= 0.99 and cos_default >= 0.99
 
 
 # ---------------------------------------------------------------------------- compressed weights
@@ -221,20 +277,32 @@ def _linear_weight_constants(model: ov.Model) -> list[ov.Node]:
     return roots
 
 
-@pytest.mark.parametrize("fmt, ir_type, runtime", [("int8", "i8", "i8"), ("int4", "i4", "i4"),
-                                                   ("bf16", "bf16", None), ("fp16", "f16", None)])
-def test_compressed_weights_stay_compressed(exported, tiny, fmt, ir_type, runtime):
+# graph -> {weight constant type: count} per format. int4 keeps decoder layer 0, every v_proj and
+# the LM head at int8: decoder_1 = layer 0's o/gate/up/down (i8) + layer 1's q/k (i4) and v (i8);
+# decoder_2 = layer 1's o/gate/up/down + layer 2's q/k (i4) and v (i8).
+COMPRESSED = {
+    "int8": {"decoder_1": {"i8": 7}, "lm_head": {"i8": 1}},
+    "int4": {"decoder_1": {"i8": 5, "i4": 2}, "decoder_2": {"i4": 6, "i8": 1}, "lm_head": {"i8": 1}},
+    "bf16": {"decoder_1": {"bf16": 7}, "lm_head": {"bf16": 1}},
+    "fp16": {"decoder_1": {"f16": 7}, "lm_head": {"f16": 1}},
+}
+
+
+@pytest.mark.parametrize("fmt", list(COMPRESSED))
+def test_compressed_weights_stay_compressed(exported, tiny, fmt):
     """The saved IR holds int8 / int4 / 16-bit constants (no f32 copy of any matrix), and the CPU
     plugin compiles int8 / int4 matrices into FullyConnected layers with i8 / i4 weights (in
     PG2's lm_head too, whose softcap multiply would otherwise defeat the pattern)."""
     cfg, _ = tiny[2]
     art, files, _ = exported(2, fmt)
     core = ov.Core()
-    for graph in ("decoder_1", "lm_head"):
+    for graph, types in COMPRESSED[fmt].items():
         model = core.read_model(art / files[graph])
         roots = _linear_weight_constants(model)
-        assert len(roots) == (7 if graph == "decoder_1" else 1)
-        assert {r.get_element_type().to_string() for r in roots} == {ir_type}
+        got: dict[str, int] = {}
+        for r in roots:
+            got[r.get_element_type().to_string()] = got.get(r.get_element_type().to_string(), 0) + 1
+        assert got == types, (graph, got)
         biggest = max(int(np.prod(r.get_output_shape(0))) for r in roots)
         f32_sizes = [int(np.prod(op.get_output_shape(0))) for op in model.get_ordered_ops()
                      if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.f32]
@@ -243,11 +311,11 @@ def test_compressed_weights_stay_compressed(exported, tiny, fmt, ir_type, runtim
             converts = [op for op in model.get_ordered_ops() if op.get_type_name() == "Convert"]
             assert converts and all(any(k.startswith("decompression") for k in op.get_rt_info().keys())
                                     for op in converts)
-    if runtime:
+    if fmt in ("int8", "int4"):
         runner = _runner(art, files)
-        for graph in ("decoder_1", "lm_head"):
+        for graph, types in COMPRESSED[fmt].items():
             runner.run(graph, _graph_inputs(cfg, graph, np.random.default_rng(0)))
-            assert runner.runtime_weight_precisions(graph) == {runtime: 7 if graph == "decoder_1" else 1}
+            assert runner.runtime_weight_precisions(graph) == types, graph
 
 
 def test_int4_packing_matches_openvino_layout():

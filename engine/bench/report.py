@@ -7,8 +7,9 @@ from memory per token (batch 1), so
     limit tokens/s = memory read bandwidth / weight bytes read per token
 
 with the bytes of the weight format as stored (int8: 1 byte + one fp32 scale per output row;
-int4: half a byte + one fp32 scale per group; fp8: 1 byte + a scale per row; bf16 / fp16: 2
-bytes; fp32: 4 bytes). Embedding lookups (one row), norms, the KV cache and activations are
+int4: half a byte + one fp32 scale per group, for the matrices the exporter makes int4 - the LM
+head, decoder layer 0 and v_proj are int8 in an int4 artifact; fp8: 1 byte + a scale per row;
+bf16 / fp16: 2 bytes; fp32: 4 bytes). Embedding lookups (one row), norms, the KV cache and activations are
 left out: they are small at these context lengths. The limit is the format's; a runtime that
 widens weights in memory (OpenVINO's f32 inference hint turns bf16 weights into fp32) reads more
 than that and cannot reach it.
@@ -87,13 +88,18 @@ def decode_matrices(cfg: PaliGemmaConfig) -> tuple[list[tuple[int, int]], tuple[
 
 
 def weight_bytes_per_token(cfg: PaliGemmaConfig, fmt: str, group_size: int = 128) -> int:
-    """Weight bytes read per decoded token in format `fmt`. int4 matrices whose input size is not
-    a multiple of group_size fall back to int8, as the exporter does (quantize.effective_format)."""
-    layers, head = decode_matrices(cfg)
+    """Weight bytes read per decoded token in format `fmt`, each matrix in the format the exporter
+    gives it (export.quantize.matrix_format): int4 keeps decoder layer 0, every v_proj and the LM
+    head at int8, and falls back to int8 where group_size does not divide the input size."""
+    from export.quantize import matrix_format   # the exporter's rule (numpy + ml_dtypes only)
+    shapes = expected_tensors(cfg)
+    head = "text.embed_tokens.weight" if cfg.text.tie_word_embeddings else "lm_head.weight"
+    names = [name for name, s in shapes.items()
+             if name.startswith("text.layers.") and name.endswith(".weight") and len(s) == 2] + [head]
     total = 0
-    for rows, cols in [*layers, head]:
-        f = "int8" if fmt == "int4" and cols % group_size else fmt
-        total += matrix_bytes(f, rows, cols, group_size)
+    for name in names:
+        rows, cols = shapes[name]
+        total += matrix_bytes(matrix_format(name, fmt, cols, group_size), rows, cols, group_size)
     return total
 
 
