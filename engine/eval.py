@@ -108,10 +108,10 @@ def _evaluate_segment(model, scene, colour: str, kind: str, scores: Scores) -> N
 
 
 def evaluate(model, n_scenes: int, seed: int = 0, size: int | None = None, progress: bool = True) -> dict:
-    """Scores of `model` on `n_scenes` held-out scenes at the model's resolution (or `size`)."""
+    """Scores of `model` on `n_scenes` held-out scenes, drawn at `size` (default: the training scenes' 224 px)."""
     from tqdm import tqdm
 
-    size = size or model.config.vision.image_size
+    size = size or scenes.SIZE
     scores = Scores()
     seeds = scenes.eval_seeds(n_scenes, seed)
     for s in tqdm(seeds, desc="eval scenes", disable=not progress, file=sys.stderr, dynamic_ncols=True):

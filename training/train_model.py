@@ -53,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -62,7 +63,8 @@ from engine.processor import Processor  # noqa: E402
 from engine.tokenizer import Tokenizer, build_tokenizer  # noqa: E402
 import train_vqvae  # noqa: E402
 
-TASK_WEIGHTS = {"caption": 0.15, "answer": 0.20, "detect": 0.30, "segment": 0.20, "ocr": 0.15}
+TASK_WEIGHTS = {"caption": 0.20, "answer": 0.20, "detect": 0.30, "segment": 0.25, "ocr": 0.05}
+EXAMPLE_SEED = scenes.eval_seeds(7, seed=7)[6]     # engine/default_model/example.png
 MAX_NEW_TOKENS = 80                     # 3 segment instances are ~75 tokens
 
 
@@ -127,6 +129,116 @@ def init_vision_embeddings(model) -> None:
         pos[:, :table.shape[1]] = 0.5 * table
 
 
+# ================================================================================ patch supervision
+AUX_OUT = 1 + len(scenes.COLOUR_NAMES) + 1 + len(scenes.KINDS) + 1 + 1 + 4   # colour, kind, centre, digits, box
+N_PAIRS = len(scenes.COLOUR_NAMES) * len(scenes.KINDS)
+MAX_COUNT = scenes.MAX_SHAPES
+
+
+class AuxHeads(torch.nn.Module):
+    """Training-only heads on the vision tower's output (not part of the checkpoint):
+    `patch` reads each patch, `scene` reads the mean of all patches."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.patch = torch.nn.Linear(width, AUX_OUT)
+        self.scene = torch.nn.Linear(width, N_PAIRS * (MAX_COUNT + 1))
+
+
+def patch_targets(scene: scenes.Scene, grid: int) -> dict[str, np.ndarray]:
+    """Dense per-patch targets of a scene on the model's grid x grid patches: the object that
+    covers most of each patch (>= 1/4 of it; else background), its colour and kind (0 =
+    background), its box (y0, x0, y1, x1) / size, whether the patch holds the box centre, and
+    whether it holds digit ink (the digit box). Coverage = area average of the visible masks."""
+    size = scene.size
+    def cover(mask: np.ndarray) -> np.ndarray:
+        im = Image.fromarray(mask.astype(np.uint8) * 255, "L").resize((grid, grid), Image.Resampling.BOX)
+        return np.asarray(im, dtype=np.float32) / 255.0
+    objs = scene.objects
+    cov = np.stack([cover(o.mask) for o in objs])                       # [n, g, g]
+    best, best_v = cov.argmax(0), cov.max(0)
+    on = best_v >= 0.25
+    colour = np.where(on, np.array([scenes.COLOUR_NAMES.index(o.colour) + 1 for o in objs])[best], 0)
+    kind = np.where(on, np.array([scenes.KINDS.index(o.kind) + 1 for o in objs])[best], 0)
+    boxes = np.array([(o.box[1], o.box[0], o.box[3], o.box[2]) for o in objs], dtype=np.float32) / size
+    centre = np.zeros((grid, grid), dtype=np.float32)
+    for o in objs:
+        cy, cx = (o.box[1] + o.box[3]) / 2 / size, (o.box[0] + o.box[2]) / 2 / size
+        centre[min(int(cy * grid), grid - 1), min(int(cx * grid), grid - 1)] = 1.0
+    digits = np.zeros((size, size), dtype=bool)
+    if scene.digits_box is not None:
+        x0, y0, x1, y1 = scene.digits_box
+        digits[y0:y1, x0:x1] = True
+    pairs = np.zeros(N_PAIRS, dtype=np.int64)
+    for o in objs:
+        pairs[scenes.COLOUR_NAMES.index(o.colour) * len(scenes.KINDS) + scenes.KINDS.index(o.kind)] += 1
+    return dict(pairs=np.minimum(pairs, MAX_COUNT), colour=colour.reshape(-1), kind=kind.reshape(-1), on=on.reshape(-1).astype(np.float32),
+                box=boxes[best].reshape(-1, 4), centre=centre.reshape(-1),
+                digits=(cover(digits) >= 0.25).reshape(-1).astype(np.float32))
+
+
+def patch_loss(heads: AuxHeads, feats: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Auxiliary loss of the vision tower's output [B, N, D] against patch_targets: it teaches
+    the patches what and where their object is long before the language loss can, and makes
+    the mean over patches (what a still-uniform attention of the decoder reads) hold the count
+    of every (colour, kind) pair."""
+    feats = feats.float()
+    out = heads.patch(feats)                                            # [B, N, AUX_OUT]
+    counts = heads.scene(feats.mean(1)).view(-1, N_PAIRS, MAX_COUNT + 1)  # [B, pairs, 0..MAX_COUNT]
+    scene_loss = F.cross_entropy(counts.reshape(-1, MAX_COUNT + 1), t["pairs"].reshape(-1))
+    nc, nk = 1 + len(scenes.COLOUR_NAMES), 1 + len(scenes.KINDS)
+    colour, kind = out[..., :nc], out[..., nc:nc + nk]
+    centre, digits, box = out[..., nc + nk], out[..., nc + nk + 1], out[..., nc + nk + 2:]
+    loss = F.cross_entropy(colour.reshape(-1, nc), t["colour"].reshape(-1))
+    loss = loss + F.cross_entropy(kind.reshape(-1, nk), t["kind"].reshape(-1))
+    loss = loss + F.binary_cross_entropy_with_logits(centre, t["centre"])
+    loss = loss + F.binary_cross_entropy_with_logits(digits, t["digits"])
+    l1 = ((box.sigmoid() - t["box"]).abs().sum(-1) * t["on"]).sum() / t["on"].sum().clamp(min=1)
+    return loss + 10.0 * l1 + 3.0 * scene_loss
+
+
+def pretrain_vision(model, head: torch.nn.Linear, proc: Processor, args, log=print) -> int:
+    """Stage 1: the vision tower alone on the patch targets (PaliGemma starts from a pretrained
+    SigLIP; this is ours). Vision-only steps are ~5x cheaper than full steps, and the decoder
+    then learns to read features that already say what and where each object is."""
+    vt = model.model.vision_tower
+    params = list(vt.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=args.vision_lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
+    grid = int(round(proc.num_image_tokens ** 0.5))
+    budget, spent, step, acc = args.vision_minutes * 60.0, 0.0, 0, 0.0
+    while spent < budget:
+        t0 = time.time()
+        progress = spent / budget
+        rng_base = 10**9 - 1 - step * args.vision_batch        # seeds disjoint from stage 2's stream
+        scs = [scenes.make_scene(scenes.train_seed(rng_base - i), max_shapes=scenes.MAX_SHAPES)
+               for i in range(args.vision_batch)]
+        pix = torch.from_numpy(np.stack([proc.preprocess(sc.image) for sc in scs]))
+        tg = [patch_targets(sc, grid) for sc in scs]
+        t = {k: torch.from_numpy(np.stack([x[k] for x in tg])) for k in tg[0]}
+        lr = args.vision_lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            feats = vt(pixel_values=pix).last_hidden_state
+        loss = patch_loss(head, feats, t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        acc += loss.item()
+        spent += time.time() - t0
+        if step % args.log_every == 0:
+            with torch.no_grad():
+                out = head.patch(feats.float())
+                nc = 1 + len(scenes.COLOUR_NAMES)
+                col_acc = (out[..., :nc].argmax(-1) == t["colour"]).float().mean().item()
+            log(f"vision step {step} t {spent / 60:.1f}min patch loss {acc / args.log_every:.3f} "
+                f"colour acc {col_acc:.3f} {spent / step:.2f}s/step")
+            acc = 0.0
+    return step
+
+
 # ================================================================================ data
 class TorchMaskEncoder:
     """engine.scenes.MaskTokenizer's `encode` with the torch VQ-VAE: the same tokens (checked by
@@ -143,8 +255,9 @@ class Batches:
     """Deterministic stream of training batches: sample k of the run uses scene
     train_seed(seed * 10**8 + k) and an rng seeded by (seed, k)."""
 
-    def __init__(self, proc: Processor, encoder, seed: int, tasks=tuple(TASK_WEIGHTS)):
-        self.proc, self.encoder, self.seed = proc, encoder, seed
+    def __init__(self, proc: Processor, encoder, seed: int, tasks=tuple(TASK_WEIGHTS), absent_rate: float = 0.1):
+        self.proc, self.encoder, self.seed, self.absent_rate = proc, encoder, seed, absent_rate
+        self.grid = int(round(proc.num_image_tokens ** 0.5))
         self.k = 0
         self.tasks = list(tasks)
         w = np.array([TASK_WEIGHTS[t] for t in self.tasks])
@@ -157,9 +270,13 @@ class Batches:
         task = self.tasks[rng.choice(len(self.tasks), p=self.p)]
         examples = scenes.task_examples(scene, rng, self.encoder if task == "segment" else None)
         pool = [e for e in examples if scenes.task_of(e[0]) == task]
+        if task in ("detect", "segment"):     # the last one is the absent pair (empty target)
+            use_absent = rng.random() < self.absent_rate
+            pool = pool[-1:] if use_absent else pool[:-1]
         prefix, suffix = pool[rng.integers(len(pool))]
         enc = self.proc(scene.image, prefix, suffix)
         enc["task"] = task
+        enc["patch"] = patch_targets(scene, self.grid)
         return enc
 
     def batch(self, n: int, max_shapes: int = scenes.MAX_SHAPES) -> dict:
@@ -193,7 +310,8 @@ def collate(samples: list[dict]) -> dict:
         labels[i, :n] = torch.where(suffix, ids[i, :n], torch.tensor(-100))
     return dict(input_ids=ids, token_type_ids=types, attention_mask=attn, labels=labels,
                 pixel_values=torch.from_numpy(np.concatenate([s["pixel_values"] for s in samples])),
-                tasks=[s["task"] for s in samples])
+                tasks=[s["task"] for s in samples],
+                patch={k: torch.from_numpy(np.stack([s["patch"][k] for s in samples])) for k in samples[0]["patch"]})
 
 
 def loss_per_sample(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,7 +414,11 @@ def save_checkpoint(model, out: Path, tok_path: Path, vae_path: Path, dtype: str
     if tok_path.resolve() != (out / "tokenizer.model").resolve():
         shutil.copyfile(tok_path, out / "tokenizer.model")
     if vae_path.resolve() != (out / "vae-oid.npz").resolve():
-        shutil.copyfile(vae_path, out / "vae-oid.npz")
+        with np.load(vae_path) as z:        # fp16 halves it (3.7 MB); the engine reads it as float32
+            arrays = {k: z[k].astype(np.float16) if z[k].dtype == np.float32 else z[k] for k in z.files}
+        np.savez(out / "vae-oid.npz", **arrays)
+    # The demo's example: a held-out scene (3 shapes and digits) that training never sees.
+    scenes.make_scene(EXAMPLE_SEED).image.save(out / "example.png")
 
 
 def verify_checkpoint(out: Path) -> None:
@@ -337,6 +459,14 @@ def main(argv=None) -> int:
                    help="fp32 forward pass (default: bf16 autocast, 1.6x faster on AVX512-BF16 CPUs)")
     p.add_argument("--curriculum", type=float, default=0.15,
                    help="fraction of the run on 1-shape scenes, then the same on <= 2 shapes (0: off)")
+    p.add_argument("--aux-weight", type=float, default=1.0,
+                   help="weight of the per-patch vision loss (patch_targets; 0: off)")
+    p.add_argument("--vision-minutes", type=float, default=6.0,
+                   help="stage 1: vision tower alone on the patch targets for this long (counted in --minutes)")
+    p.add_argument("--vision-batch", type=int, default=64)
+    p.add_argument("--vision-lr", type=float, default=2e-3)
+    p.add_argument("--absent-rate", type=float, default=0.05,
+                   help="share of detect / segment samples asking for an absent object (empty target)")
     p.add_argument("--tasks", default=",".join(TASK_WEIGHTS), help="train on these tasks only (experiments)")
     p.add_argument("--plain-init", action="store_true",
                    help="transformers' random init only (no loc / colour / position embedding init)")
@@ -379,17 +509,27 @@ def main(argv=None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters, {(args.image_size // 14) ** 2} image tokens, "
           f"vocab {model.config.text_config.vocab_size}", flush=True)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    # Patch supervision: a linear head on the vision tower's output, used in training only
+    # (not part of the checkpoint); a forward hook hands it the features of the main forward.
+    aux_head = AuxHeads(args.vision_width)
+    captured = {}
+    model.model.vision_tower.register_forward_hook(lambda mod, inp, out: captured.__setitem__("feats", out.last_hidden_state))
+    if args.vision_minutes > 0:
+        n = pretrain_vision(model, aux_head, proc, args, log=lambda m: print(m, flush=True))
+        print(f"vision pretraining: {n} steps in {args.vision_minutes:.1f} min", flush=True)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n] + \
+        [aux_head.patch.weight, aux_head.scene.weight]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)] + \
+        [aux_head.patch.bias, aux_head.scene.bias]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
-    batches = Batches(proc, encoder, args.seed, args.tasks.split(","))
+    batches = Batches(proc, encoder, args.seed, args.tasks.split(","), args.absent_rate)
     eval_scenes = scenes.eval_set(args.eval_scenes, seed=0)
 
-    budget = args.minutes * 60.0
+    budget = (args.minutes - args.vision_minutes) * 60.0        # stage 2
     train_time, data_time, last_eval = 0.0, 0.0, 0.0
     sums = {t: [0.0, 0] for t in TASK_WEIGHTS}
-    log_loss, log_n = 0.0, 0
+    log_loss, log_n, aux_sum = 0.0, 0, 0.0
     step = 0
     model.train()
     while True:
@@ -405,7 +545,10 @@ def main(argv=None) -> int:
             logits = model(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"],
                            attention_mask=b["attention_mask"], pixel_values=b["pixel_values"]).logits
         sample_loss, counts = loss_per_sample(logits, b["labels"])
-        loss = sample_loss.sum() / counts.sum()
+        text_loss = sample_loss.sum() / counts.sum()
+        aux = patch_loss(aux_head, captured.pop("feats"), b["patch"]) if args.aux_weight > 0 else torch.zeros(())
+        aux_sum += aux.item()
+        loss = text_loss + args.aux_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -414,16 +557,16 @@ def main(argv=None) -> int:
         dt = time.time() - t0
         train_time += dt
         data_time += t1 - t0
-        log_loss, log_n = log_loss + loss.item(), log_n + 1
+        log_loss, log_n = log_loss + text_loss.item(), log_n + 1
         for task, sl, c in zip(b["tasks"], sample_loss.tolist(), counts.tolist()):
             sums[task][0] += sl
             sums[task][1] += c
         if step % args.log_every == 0:
             per_task = " ".join(f"{t} {s / max(c, 1):.3f}" for t, (s, c) in sums.items())
-            print(f"step {step} t {train_time / 60:.1f}min loss {log_loss / log_n:.4f} lr {lr_at(step, progress, args):.2e} "
+            print(f"step {step} t {train_time / 60:.1f}min loss {log_loss / log_n:.4f} patch {aux_sum / log_n:.3f} lr {lr_at(step, progress, args):.2e} "
                   f"{train_time / step:.2f}s/step ({data_time / train_time:.0%} data) | {per_task}", flush=True)
             sums = {t: [0.0, 0] for t in TASK_WEIGHTS}
-            log_loss, log_n = 0.0, 0
+            log_loss, log_n, aux_sum = 0.0, 0, 0.0
         if train_time - last_eval >= args.eval_minutes * 60:
             last_eval = train_time
             te = time.time()
