@@ -145,6 +145,10 @@ class AuxHeads(torch.nn.Module):
         self.scene = torch.nn.Linear(width, N_PAIRS * (MAX_COUNT + 1))
 
 
+class QueryHead(torch.nn.Linear):
+    """Training-only: decoder hidden state of an image position -> "holds the queried object"."""
+
+
 def patch_targets(scene: scenes.Scene, grid: int) -> dict[str, np.ndarray]:
     """Dense per-patch targets of a scene on the model's grid x grid patches: the object that
     covers most of each patch (>= 1/4 of it; else background), its colour and kind (0 =
@@ -175,6 +179,31 @@ def patch_targets(scene: scenes.Scene, grid: int) -> dict[str, np.ndarray]:
     return dict(pairs=np.minimum(pairs, MAX_COUNT), colour=colour.reshape(-1), kind=kind.reshape(-1), on=on.reshape(-1).astype(np.float32),
                 box=boxes[best].reshape(-1, 4), centre=centre.reshape(-1),
                 digits=(cover(digits) >= 0.25).reshape(-1).astype(np.float32))
+
+
+def query_patches(scene: scenes.Scene, prefix: str, grid: int) -> tuple[np.ndarray, np.float32]:
+    """For a detect / segment prompt: float [grid * grid], 1 on the patches >= 1/4 covered by an
+    object of the queried (colour, kind), and 1.0 as "has a query"; zeros and 0.0 otherwise."""
+    words = prefix.split(" ")
+    if words[0] not in ("detect", "segment") or len(words) != 3:
+        return np.zeros(grid * grid, dtype=np.float32), np.float32(0.0)
+    objs = scenes.instances(scene, words[1], words[2])
+    if not objs:
+        return np.zeros(grid * grid, dtype=np.float32), np.float32(1.0)
+    union = np.any([o.mask for o in objs], axis=0).astype(np.uint8) * 255
+    cov = np.asarray(Image.fromarray(union, "L").resize((grid, grid), Image.Resampling.BOX), dtype=np.float32) / 255
+    return (cov >= 0.25).reshape(-1).astype(np.float32), np.float32(1.0)
+
+
+def query_loss(head: torch.nn.Linear, hidden: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Routing supervision: the decoder's image positions after layer `--query-layer` [B, N, D]
+    say whether their patch holds the object the prompt asks for. In the prefix-LM mask image
+    tokens see the prompt, so they can compute this; the loc tokens then only need to find
+    the flagged patches instead of matching words to patches themselves."""
+    n = t["query"].shape[1]
+    logit = head(hidden[:, :n].float()).squeeze(-1)                      # [B, N]
+    bce = F.binary_cross_entropy_with_logits(logit, t["query"], reduction="none").mean(1)
+    return (bce * t["has_query"]).sum() / t["has_query"].sum().clamp(min=1)
 
 
 def patch_loss(heads: AuxHeads, feats: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -277,6 +306,7 @@ class Batches:
         enc = self.proc(scene.image, prefix, suffix)
         enc["task"] = task
         enc["patch"] = patch_targets(scene, self.grid)
+        enc["patch"]["query"], enc["patch"]["has_query"] = query_patches(scene, prefix, self.grid)
         return enc
 
     def batch(self, n: int, max_shapes: int = scenes.MAX_SHAPES) -> dict:
@@ -465,6 +495,10 @@ def main(argv=None) -> int:
                    help="stage 1: vision tower alone on the patch targets for this long (counted in --minutes)")
     p.add_argument("--vision-batch", type=int, default=64)
     p.add_argument("--vision-lr", type=float, default=2e-3)
+    p.add_argument("--query-weight", type=float, default=1.0,
+                   help="weight of the routing loss (query_loss) on detect / segment samples (0: off)")
+    p.add_argument("--query-layer", type=int, default=1,
+                   help="decoder layer whose output at the image positions flags the queried object")
     p.add_argument("--absent-rate", type=float, default=0.05,
                    help="share of detect / segment samples asking for an absent object (empty target)")
     p.add_argument("--tasks", default=",".join(TASK_WEIGHTS), help="train on these tasks only (experiments)")
@@ -481,7 +515,7 @@ def main(argv=None) -> int:
     from transformers import PaliGemmaForConditionalGeneration
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    out = Path(args.out)
+    out_dir = Path(args.out)
     work = Path(tempfile.mkdtemp(prefix="pg_train_"))
     t_start = time.time()
 
@@ -512,15 +546,16 @@ def main(argv=None) -> int:
     # Patch supervision: a linear head on the vision tower's output, used in training only
     # (not part of the checkpoint); a forward hook hands it the features of the main forward.
     aux_head = AuxHeads(args.vision_width)
+    query_head = QueryHead(args.text_width, 1)
     captured = {}
     model.model.vision_tower.register_forward_hook(lambda mod, inp, out: captured.__setitem__("feats", out.last_hidden_state))
     if args.vision_minutes > 0:
         n = pretrain_vision(model, aux_head, proc, args, log=lambda m: print(m, flush=True))
         print(f"vision pretraining: {n} steps in {args.vision_minutes:.1f} min", flush=True)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n] + \
-        [aux_head.patch.weight, aux_head.scene.weight]
+        [aux_head.patch.weight, aux_head.scene.weight, query_head.weight]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)] + \
-        [aux_head.patch.bias, aux_head.scene.bias]
+        [aux_head.patch.bias, aux_head.scene.bias, query_head.bias]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
     batches = Batches(proc, encoder, args.seed, args.tasks.split(","), args.absent_rate)
@@ -542,11 +577,14 @@ def main(argv=None) -> int:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, progress, args)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            logits = model(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"],
-                           attention_mask=b["attention_mask"], pixel_values=b["pixel_values"]).logits
-        sample_loss, counts = loss_per_sample(logits, b["labels"])
+            out = model(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"],
+                        attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
+                        output_hidden_states=args.query_weight > 0)
+        sample_loss, counts = loss_per_sample(out.logits, b["labels"])
         text_loss = sample_loss.sum() / counts.sum()
         aux = patch_loss(aux_head, captured.pop("feats"), b["patch"]) if args.aux_weight > 0 else torch.zeros(())
+        if args.query_weight > 0:      # hidden_states[0] is the embedding output, [i] after layer i
+            aux = aux + args.query_weight * query_loss(query_head, out.hidden_states[args.query_layer], b["patch"])
         aux_sum += aux.item()
         loss = text_loss + args.aux_weight * aux
         opt.zero_grad(set_to_none=True)
@@ -580,10 +618,10 @@ def main(argv=None) -> int:
     info = dict(args=vars(args), steps=step, samples=step * args.batch, train_minutes=train_time / 60,
                 wall_minutes=(time.time() - t_start) / 60, parameters=n_params, task_weights=TASK_WEIGHTS,
                 final_eval={k: v for k, v in final.items() if k != "examples"})
-    save_checkpoint(model, out, tok_path, vae_path, args.save_dtype, info)
-    verify_checkpoint(out)
+    save_checkpoint(model, out_dir, tok_path, vae_path, args.save_dtype, info)
+    verify_checkpoint(out_dir)
     shutil.rmtree(work, ignore_errors=True)
-    print(f"wrote {out} in {(time.time() - t_start) / 60:.1f} min total", flush=True)
+    print(f"wrote {out_dir} in {(time.time() - t_start) / 60:.1f} min total", flush=True)
     return 0
 
 
