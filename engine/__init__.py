@@ -94,25 +94,20 @@ def _export_cached(checkpoint, backend: str, weights: str, group_size: int, prog
         from export.pipeline import export_checkpoint
         if progress:
             print(f"exporting {checkpoint} ({weights}, {fmt}) once into {out}", file=sys.stderr)
+        seg = checkpoint / "vae-oid.npz"      # a mask decoder next to the weights ships with the export
         export_checkpoint(checkpoint, out, formats=(fmt,), weights=weights, group_size=group_size,
-                          progress=progress)
+                          progress=progress, seg_decoder=seg if seg.is_file() else None)
     return out
 
 
 def default_model_path(progress: bool = True):
-    """The model used when no path is given.
+    """The model used when no path is given: the project's small PaliGemma 2 trained on generated
+    shape scenes (training/train_model.py), bundled as an HF checkpoint in engine/default_model
+    (with its VQ-VAE mask decoder, vae-oid.npz). `load()` exports it once into the cache."""
+    from pathlib import Path
 
-    Until the project's trained default model is bundled, this is a small *synthetic*
-    checkpoint with random weights (preset tiny-pg2), created once in the cache directory:
-    its outputs are noise, but every code path runs.
-    """
-    from .synth import write_synthetic_checkpoint
-
-    path = default_cache_dir() / "synthetic" / "tiny-pg2"
+    path = Path(__file__).resolve().parent / "default_model"
     if not (path / "config.json").is_file():
-        if progress:
-            import sys
-            print(f"no default model bundled yet: creating a synthetic random-weight checkpoint in {path}",
-                  file=sys.stderr)
-        write_synthetic_checkpoint("tiny-pg2", path, seed=0, dtype="fp32", progress=False, force=True)
+        raise FileNotFoundError(f"the bundled default model is missing from {path}: the installation is "
+                                "incomplete; reinstall the package, or pass a model path")
     return path

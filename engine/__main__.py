@@ -6,7 +6,7 @@
     python -m engine detect  --image cat.jpg --labels "cat ; dog" [--draw boxes.png]
     python -m engine segment --image cat.jpg --labels cat [--seg-decoder vae-oid.npz] [--draw masks.png]
     python -m engine run     --image cat.jpg --prompt "caption de"      (any prompt, sent as is)
-    python -m engine demo                                               (synthetic model end to end)
+    python -m engine demo [--image scene.png] [--out demo.png]          (default model: caption, detect, segment)
 
 Common options: --model (an exported artifact dir, or an HF checkpoint dir exported once into
 the cache with --weights; default: the default model), --image PATH (`-` reads the image bytes
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -51,7 +52,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def example_image():
-    """A simple scene: a red circle and a blue square on a light background."""
+    """A simple scene for benchmarks: a red circle and a blue square on a light background."""
     from PIL import Image, ImageDraw
     img = Image.new("RGB", (320, 240), (235, 230, 220))
     d = ImageDraw.Draw(img)
@@ -60,25 +61,63 @@ def example_image():
     return img
 
 
+def example_image_path() -> Path:
+    """The bundled example scene (a held-out scene of engine.scenes, never seen in training)."""
+    return Path(__file__).parent / "default_model" / "example.png"
+
+
+_COUNT_WORDS = ("a", "an", "one", "two", "three", "four", "five")
+
+
+def caption_objects(caption: str) -> list[str]:
+    """The object labels of a caption in the default model's grammar: "a red circle, two blue
+    squares and a green triangle" -> ["red circle", "blue square", "green triangle"]."""
+    labels = []
+    for part in re.split(r",\s*|\s+and\s+", caption.strip()):
+        words = part.split()
+        if words and words[0] in _COUNT_WORDS:
+            words = words[1:]
+        if not words:
+            continue
+        if part.split()[0] not in ("a", "an", "one") and words[-1].endswith("s"):
+            words[-1] = words[-1][:-1]                      # "two blue squares" -> "blue square"
+        label = " ".join(words)
+        if label not in labels:
+            labels.append(label)
+    return labels
+
+
 # --------------------------------------------------------------------------- demo
 def _demo(args: argparse.Namespace) -> int:
-    from . import default_cache_dir, load
-    from .synth import write_synthetic_checkpoint
+    """Caption the image, detect and segment what the caption names, draw the result."""
+    from . import draw, load
+    from .processor import load_image
 
-    ckpt = Path(args.checkpoint) if args.checkpoint else default_cache_dir() / "synthetic" / args.preset
-    if not (ckpt / "config.json").is_file():
-        print(f"creating synthetic checkpoint {args.preset} (random weights) in {ckpt}", file=sys.stderr)
-        write_synthetic_checkpoint(args.preset, ckpt, seed=0, dtype="fp32", progress=False, force=True)
-    model = load(ckpt, backend=args.backend, weights=args.weights, threads=args.threads)
-    result = model.generate(example_image(), args.prompt, max_new_tokens=args.max_new_tokens)
-    t = result.timings
-    print(f"checkpoint : {ckpt}" + ("" if args.checkpoint else " (synthetic, random weights: the text is noise)"))
-    print(f"artifact   : {model.artifact_dir} ({args.weights}, {args.backend})")
-    print(f"prompt     : {args.prompt!r} + {model.config.num_image_tokens} image tokens")
-    print(f"tokens     : {result.tokens} ({result.finish_reason})")
-    print(f"text       : {result.text!r}")
-    print(f"timings    : image {t['image_encode'] * 1e3:.1f} ms, first token {t['first_token'] * 1e3:.1f} ms, "
-          f"total {t['total'] * 1e3:.1f} ms")
+    model = load(args.model, backend=args.backend, weights=args.weights, threads=args.threads)
+    image_path = Path(args.image) if args.image else example_image_path()
+    image = load_image(image_path)
+    cap = model.caption(image)
+    print(f"model    : {model.artifact_dir} ({args.weights}, {args.backend})")
+    print(f"image    : {image_path} ({image.size[0]}x{image.size[1]})")
+    print(f"caption  : {cap.text.strip()}")
+    labels = [x.strip() for x in args.labels.split(";")] if args.labels else caption_objects(cap.text)
+    found = []
+    for label in labels:
+        if model.seg_decoder is not None:
+            found += model.segment(image, label)
+        else:
+            found += model.detect(image, label)
+    kind = "segments" if model.seg_decoder is not None else "detections"
+    print(f"{kind:9s}: {len(found)} for {labels}")
+    for item in found:
+        x0, y0, x1, y1 = item.box
+        mask = "" if getattr(item, "mask", None) is None else f", mask {int(item.mask.sum())} px"
+        print(f"  {item.label or '(no label)'}: box ({x0:.0f}, {y0:.0f}, {x1:.0f}, {y1:.0f}){mask}")
+    draw.draw_segments(image, found, args.out)
+    t = cap.timings
+    print(f"overlay  : {args.out}")
+    print(f"timings  : caption first token {t['first_token'] * 1e3:.1f} ms, total {t['total'] * 1e3:.1f} ms "
+          f"({t['new_tokens']} tokens)")
     return 0
 
 
@@ -264,11 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     for q in (r, c, a, o, d, s):
         _common(q)
 
-    dm = sub.add_parser("demo", help="run a synthetic checkpoint end to end through the engine")
-    dm.add_argument("--preset", default="tiny-pg2", help="synthetic preset to create (default tiny-pg2)")
-    dm.add_argument("--checkpoint", help="an HF PaliGemma checkpoint directory instead of a synthetic one")
-    dm.add_argument("--prompt", default="caption en")
-    dm.add_argument("--max-new-tokens", type=_positive_int, default=12)
+    dm = sub.add_parser("demo", help="caption, detect and segment the bundled example scene with the "
+                                      "default model; draws the result")
+    dm.add_argument("--model", help="artifact or HF checkpoint dir (default: the bundled default model)")
+    dm.add_argument("--image", help="image file (default: the bundled example scene)")
+    dm.add_argument("--labels", help='objects to find, e.g. "red circle ; blue square" (default: the ones '
+                                     "the caption names)")
+    dm.add_argument("--out", default="demo.png", help="overlay image to write (default demo.png)")
     dm.add_argument("--backend", default="openvino", choices=["openvino", "onnxruntime"])
     dm.add_argument("--weights", default="int8", help="weight format of the export (default int8)")
     dm.add_argument("--threads", type=_positive_int, default=None)

@@ -7,7 +7,8 @@ Every sample goes through the real pipeline: export (cached) -> runtime graphs -
     vqa         exact match of the answer, over every question engine.scenes asks of the scene
     detect      for each (colour, kind) present: predicted boxes matched one-to-one to the true
                 boxes by IoU (greedy, best first); mean IoU over true boxes (a missed box counts 0)
-                and the share of true boxes with IoU > 0.5
+                and the share of true boxes with IoU > 0.5; detect_absent: the share of queries
+                for an absent (colour, kind) that find nothing
     segment     for each (colour, kind) present: mean mask IoU over true instances, matched as
                 for detect, each predicted mask against the object's true visible mask
     ocr         exact match on scenes with digits
@@ -29,7 +30,7 @@ import numpy as np
 from . import scenes
 from .tasks import parse_detections, parse_segments
 
-TASK_METRICS = ("caption", "vqa", "detect_iou", "detect_hit50", "segment_iou", "ocr")
+TASK_METRICS = ("caption", "vqa", "detect_iou", "detect_hit50", "detect_absent", "segment_iou", "ocr")
 
 
 def box_iou(a, b) -> float:
@@ -87,10 +88,11 @@ def evaluate_scene(model, scene: scenes.Scene, rng: np.random.Generator, scores:
         elif task == "detect":
             colour, kind = prefix.split(" ", 1)[1].split(" ")
             truth = [o.box for o in scenes.instances(scene, colour, kind)]
-            if not truth:
-                continue
             text = model.generate(scene.image, prefix, max_new_tokens=48).text
             pred = [d.box for d in parse_detections(text, size, size)]
+            if not truth:                       # the absent pair: right when nothing is found
+                scores.add("detect_absent", not pred)
+                continue
             for _, _, v in match(truth, pred, box_iou):
                 scores.add("detect_iou", v)
                 scores.add("detect_hit50", v > 0.5)
@@ -101,7 +103,7 @@ def evaluate_scene(model, scene: scenes.Scene, rng: np.random.Generator, scores:
 def _evaluate_segment(model, scene, colour: str, kind: str, scores: Scores) -> None:
     size = scene.image.size[0]
     objs = scenes.instances(scene, colour, kind)
-    text = model.generate(scene.image, f"segment {colour} {kind}", max_new_tokens=64).text
+    text = model.generate(scene.image, f"segment {colour} {kind}", max_new_tokens=96).text
     segs = [s for s in parse_segments(text, size, size, decoder=model.seg_decoder) if s.mask is not None]
     for i, j, _ in match([o.box for o in objs], [s.box for s in segs], box_iou):
         scores.add("segment_iou", mask_iou(objs[i].mask, segs[j].mask) if j is not None else 0.0)

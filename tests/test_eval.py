@@ -69,7 +69,7 @@ def _score(model, n=12, size=112):
 
 def test_perfect_answers_score_100_percent():
     res = _score(Oracle(112))
-    for m in ("caption", "vqa", "detect_hit50", "ocr"):
+    for m in ("caption", "vqa", "detect_hit50", "detect_absent", "ocr"):
         assert res[m]["mean"] == 1.0 and res[m]["n"] > 0, m
     assert res["detect_iou"]["mean"] > 0.95       # loc tokens round boxes to 1/1024 of the image
     assert res["segment_iou"]["n"] == 0            # no mask decoder: segmentation not scored
