@@ -59,6 +59,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import scenes  # noqa: E402
+from engine.eval import box_iou  # noqa: E402
 from engine.processor import Processor  # noqa: E402
 from engine.tokenizer import Tokenizer, build_tokenizer  # noqa: E402
 import train_vqvae  # noqa: E402
@@ -363,14 +364,6 @@ def parse_instances(text: str, size: int) -> list[tuple[tuple[float, float, floa
         y0, x0, y1, x1 = (int(v) / 1024 * size for v in re.findall(r"<loc(\d{4})>", m.group(1)))
         out.append(((x0, y0, x1, y1), [int(v) for v in re.findall(r"<seg(\d{3})>", m.group(2))], m.group(3).strip()))
     return out
-
-
-def box_iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 @torch.no_grad()
