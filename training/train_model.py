@@ -422,7 +422,7 @@ def format_eval(res: dict) -> str:
 # ================================================================================ save
 def save_checkpoint(model, out: Path, tok_path: Path, vae_path: Path, dtype: str, info: dict) -> None:
     from engine.config import PaliGemmaConfig as EngineConfig
-    from engine.synth import generation_config, preprocessor_config, tokenizer_configs
+    from engine.synth import preprocessor_config, tokenizer_configs
     out.mkdir(parents=True, exist_ok=True)
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     to_save = copy.deepcopy(model).to(torch_dtype)
