@@ -62,7 +62,7 @@ def load(path=None, backend: str = "openvino", threads: int | None = None, *, we
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
-    path = Path(path) if path is not None else default_model_path(progress=progress)
+    path = Path(path) if path is not None else default_model_path()
     if not (path / MANIFEST).is_file():
         if (path / "config.json").is_file():
             path = _export_cached(path, backend, weights, group_size, progress)
@@ -100,7 +100,7 @@ def _export_cached(checkpoint, backend: str, weights: str, group_size: int, prog
     return out
 
 
-def default_model_path(progress: bool = True):
+def default_model_path():
     """The model used when no path is given: the project's small PaliGemma 2 trained on generated
     shape scenes (training/train_model.py), bundled as an HF checkpoint in engine/default_model
     (with its VQ-VAE mask decoder, vae-oid.npz). `load()` exports it once into the cache."""

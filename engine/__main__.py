@@ -63,7 +63,8 @@ def example_image():
 
 def example_image_path() -> Path:
     """The bundled example scene (a held-out scene of engine.scenes, never seen in training)."""
-    return Path(__file__).parent / "default_model" / "example.png"
+    from . import default_model_path
+    return default_model_path() / "example.png"
 
 
 _COUNT_WORDS = ("a", "an", "one", "two", "three", "four", "five")
@@ -92,6 +93,7 @@ def _demo(args: argparse.Namespace) -> int:
     """Caption the image, detect and segment what the caption names, draw the result."""
     from . import draw, load
     from .processor import load_image
+    from .tasks import normalize_labels
 
     model = load(args.model, backend=args.backend, weights=args.weights, threads=args.threads)
     image_path = Path(args.image) if args.image else example_image_path()
@@ -100,7 +102,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"model    : {model.artifact_dir} ({args.weights}, {args.backend})")
     print(f"image    : {image_path} ({image.size[0]}x{image.size[1]})")
     print(f"caption  : {cap.text.strip()}")
-    labels = [x.strip() for x in args.labels.split(";")] if args.labels else caption_objects(cap.text)
+    labels = normalize_labels(args.labels) if args.labels else caption_objects(cap.text)
     found = []
     for label in labels:
         if model.seg_decoder is not None:
