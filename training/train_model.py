@@ -64,7 +64,7 @@ from engine.processor import Processor  # noqa: E402
 from engine.tokenizer import Tokenizer, build_tokenizer  # noqa: E402
 import train_vqvae  # noqa: E402
 
-TASK_WEIGHTS = {"caption": 0.20, "answer": 0.20, "detect": 0.30, "segment": 0.25, "ocr": 0.05}
+TASK_WEIGHTS = {"caption": 0.25, "answer": 0.20, "detect": 0.30, "segment": 0.20, "ocr": 0.05}
 EXAMPLE_SEED = scenes.eval_seeds(7, seed=7)[6]     # engine/default_model/example.png
 MAX_NEW_TOKENS = 80                     # 3 segment instances are ~75 tokens
 
@@ -182,13 +182,38 @@ def patch_targets(scene: scenes.Scene, grid: int) -> dict[str, np.ndarray]:
                 digits=(cover(digits) >= 0.25).reshape(-1).astype(np.float32))
 
 
-def query_patches(scene: scenes.Scene, prefix: str, grid: int) -> tuple[np.ndarray, np.float32]:
-    """For a detect / segment prompt: float [grid * grid], 1 on the patches >= 1/4 covered by an
-    object of the queried (colour, kind), and 1.0 as "has a query"; zeros and 0.0 otherwise."""
+def prompt_objects(scene: scenes.Scene, prefix: str) -> list[scenes.SceneObject] | None:
+    """The objects a prompt is about: the queried (colour, kind) of detect / segment, the
+    objects a question counts or names (all of them, one kind, one colour, one pair), every
+    object for a caption; None when the prompt is not about objects (ocr)."""
     words = prefix.split(" ")
-    if words[0] not in ("detect", "segment") or len(words) != 3:
+    objs = scene.objects
+    if words[0] in ("detect", "segment") and len(words) == 3:
+        return scenes.instances(scene, words[1], words[2])
+    if words[0] == "caption":
+        return list(objs)
+    if words[0] != "answer":
+        return None
+    q = " ".join(words[2:])
+    if q == "how many shapes are there":
+        return list(objs)
+    for pattern, field in ((r"how many (\w+)s are there", "kind"), (r"what colour is the (\w+)", "kind"),
+                           (r"how many (\w+) shapes are there", "colour"), (r"which shape is (\w+)", "colour")):
+        m = re.fullmatch(pattern, q)
+        if m:
+            return [o for o in objs if getattr(o, field) == m.group(1)]
+    m = re.fullmatch(r"is there an? (\w+) (\w+)", q)
+    if m:
+        return scenes.instances(scene, m.group(1), m.group(2))
+    raise ValueError(f"prompt_objects: unknown prompt {prefix!r}")
+
+
+def query_patches(scene: scenes.Scene, prefix: str, grid: int) -> tuple[np.ndarray, np.float32]:
+    """float [grid * grid], 1 on the patches >= 1/4 covered by an object the prompt is about
+    (prompt_objects), and 1.0 as "has a query"; zeros and 0.0 for prompts about no object."""
+    objs = prompt_objects(scene, prefix)
+    if objs is None:
         return np.zeros(grid * grid, dtype=np.float32), np.float32(0.0)
-    objs = scenes.instances(scene, words[1], words[2])
     if not objs:
         return np.zeros(grid * grid, dtype=np.float32), np.float32(1.0)
     union = np.any([o.mask for o in objs], axis=0).astype(np.uint8) * 255
@@ -205,6 +230,20 @@ def query_loss(head: torch.nn.Linear, hidden: torch.Tensor, t: dict[str, torch.T
     logit = head(hidden[:, :n].float()).squeeze(-1)                      # [B, N]
     bce = F.binary_cross_entropy_with_logits(logit, t["query"], reduction="none").mean(1)
     return (bce * t["has_query"]).sum() / t["has_query"].sum().clamp(min=1)
+
+
+def count_loss(head: torch.nn.Linear, hidden: torch.Tensor, token_type_ids: torch.Tensor,
+               pairs: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
+    """Scene summary in the decoder: its state at the last prefix token (the "\\n" from which the
+    answer starts), after layer `--count-layer`, predicts the count of every (colour, kind)
+    pair [B, N_PAIRS]. Captions and answers are functions of these counts; without this the
+    decoder read them less reliably than a linear probe of the vision features does.
+    `use` [B] (0 / 1) picks the samples it applies to."""
+    last = (token_type_ids == 0).sum(1) - 1                             # [B]; image + prefix are type 0
+    h = hidden[torch.arange(hidden.shape[0]), last].float()              # [B, D]
+    logits = head(h).view(-1, N_PAIRS, MAX_COUNT + 1)
+    ce = F.cross_entropy(logits.reshape(-1, MAX_COUNT + 1), pairs.reshape(-1), reduction="none")
+    return (ce.view(-1, N_PAIRS).mean(1) * use).sum() / use.sum().clamp(min=1)
 
 
 def patch_loss(heads: AuxHeads, feats: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -285,8 +324,10 @@ class Batches:
     """Deterministic stream of training batches: sample k of the run uses scene
     train_seed(seed * 10**8 + k) and an rng seeded by (seed, k)."""
 
-    def __init__(self, proc: Processor, encoder, seed: int, tasks=tuple(TASK_WEIGHTS), absent_rate: float = 0.1):
+    def __init__(self, proc: Processor, encoder, seed: int, tasks=tuple(TASK_WEIGHTS), absent_rate: float = 0.1,
+                 query_tasks=("detect", "segment")):
         self.proc, self.encoder, self.seed, self.absent_rate = proc, encoder, seed, absent_rate
+        self.query_tasks = tuple(query_tasks)
         self.grid = int(round(proc.num_image_tokens ** 0.5))
         self.k = 0
         self.tasks = list(tasks)
@@ -307,7 +348,10 @@ class Batches:
         enc = self.proc(scene.image, prefix, suffix)
         enc["task"] = task
         enc["patch"] = patch_targets(scene, self.grid)
-        enc["patch"]["query"], enc["patch"]["has_query"] = query_patches(scene, prefix, self.grid)
+        if task in self.query_tasks:
+            enc["patch"]["query"], enc["patch"]["has_query"] = query_patches(scene, prefix, self.grid)
+        else:
+            enc["patch"]["query"], enc["patch"]["has_query"] = np.zeros(self.grid ** 2, np.float32), np.float32(0.0)
         return enc
 
     def batch(self, n: int, max_shapes: int = scenes.MAX_SHAPES) -> dict:
@@ -489,7 +533,13 @@ def main(argv=None) -> int:
     p.add_argument("--vision-batch", type=int, default=64)
     p.add_argument("--vision-lr", type=float, default=2e-3)
     p.add_argument("--query-weight", type=float, default=1.0,
-                   help="weight of the routing loss (query_loss) on detect / segment samples (0: off)")
+                   help="weight of the routing loss (query_loss) on prompts about objects (0: off)")
+    p.add_argument("--query-tasks", default="detect,segment",
+                   help="tasks whose samples get the routing loss (all: caption,answer,detect,segment)")
+    p.add_argument("--count-weight", type=float, default=0.0,
+                   help="weight of the decoder's scene-count loss at the last prefix token (count_loss; 0: off)")
+    p.add_argument("--count-layer", type=int, default=2, help="decoder layer whose output count_loss reads")
+    p.add_argument("--count-tasks", default="caption,answer", help="tasks whose samples get count_loss")
     p.add_argument("--query-layer", type=int, default=1,
                    help="decoder layer whose output at the image positions flags the queried object")
     p.add_argument("--absent-rate", type=float, default=0.05,
@@ -540,18 +590,21 @@ def main(argv=None) -> int:
     # (not part of the checkpoint); a forward hook hands it the features of the main forward.
     aux_head = AuxHeads(args.vision_width)
     query_head = QueryHead(args.text_width, 1)
+    count_head = torch.nn.Linear(args.text_width, N_PAIRS * (MAX_COUNT + 1))
     captured = {}
     model.model.vision_tower.register_forward_hook(lambda mod, inp, out: captured.__setitem__("feats", out.last_hidden_state))
     if args.vision_minutes > 0:
         n = pretrain_vision(model, aux_head, proc, args, log=lambda m: print(m, flush=True))
         print(f"vision pretraining: {n} steps in {args.vision_minutes:.1f} min", flush=True)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n] + \
-        [aux_head.patch.weight, aux_head.scene.weight, query_head.weight]
+        [aux_head.patch.weight, aux_head.scene.weight, query_head.weight, count_head.weight]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)] + \
-        [aux_head.patch.bias, aux_head.scene.bias, query_head.bias]
+        [aux_head.patch.bias, aux_head.scene.bias, query_head.bias, count_head.bias]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
-    batches = Batches(proc, encoder, args.seed, args.tasks.split(","), args.absent_rate)
+    count_tasks = set(args.count_tasks.split(","))
+    count_use = lambda b: torch.tensor([float(t in count_tasks) for t in b["tasks"]])
+    batches = Batches(proc, encoder, args.seed, args.tasks.split(","), args.absent_rate, args.query_tasks.split(","))
     eval_scenes = scenes.eval_set(args.eval_scenes, seed=0)
 
     budget = (args.minutes - args.vision_minutes) * 60.0        # stage 2
@@ -572,12 +625,15 @@ def main(argv=None) -> int:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             out = model(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"],
                         attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
-                        output_hidden_states=args.query_weight > 0)
+                        output_hidden_states=args.query_weight > 0 or args.count_weight > 0)
         sample_loss, counts = loss_per_sample(out.logits, b["labels"])
         text_loss = sample_loss.sum() / counts.sum()
         aux = patch_loss(aux_head, captured.pop("feats"), b["patch"]) if args.aux_weight > 0 else torch.zeros(())
         if args.query_weight > 0:      # hidden_states[0] is the embedding output, [i] after layer i
             aux = aux + args.query_weight * query_loss(query_head, out.hidden_states[args.query_layer], b["patch"])
+        if args.count_weight > 0:
+            aux = aux + args.count_weight * count_loss(count_head, out.hidden_states[args.count_layer],
+                                                       b["token_type_ids"], b["patch"]["pairs"], count_use(b))
         aux_sum += aux.item()
         loss = text_loss + args.aux_weight * aux
         opt.zero_grad(set_to_none=True)
