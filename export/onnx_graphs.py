@@ -69,6 +69,16 @@ from .quantize import check_format, check_group_size, matrix_format, pack_uint4,
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
 INT8_BLOCK = 128               # MatMulNBits block size used for per-channel int8
+# The matrices of an int8 artifact: per-row DynamicQuantizeMatMul ("dq", ~2x faster prefill than
+# MatMulNBits on AVX2 and on VNNI) or MatMulNBits bits=8 ("nbits", 8-bit codes). The int8 matrices
+# of an int4 artifact (quantize.matrix_format) always use MatMulNBits.
+INT8_KERNELS = ("dq", "nbits")
+INT8_KERNEL = "dq"
+# 7-bit weight codes for "dq": on x86 without VNNI, MLAS multiplies u8 x s8 with vpmaddubsw, whose
+# int16 sum of two products saturates above 32767 (255 * 127 * 2 = 64770). With |code| <= 63 it
+# cannot (255 * 63 * 2 = 32130). Measured on the tiny test models (AVX2 Zen 3), cosine vs the
+# fp32 graph: vision 0.9909 with 8-bit codes, 0.9996 with 7-bit; lm_head 0.9972 / 0.9999.
+DYNAMIC_INT8_MAX = 63
 ACCURACY_LEVEL = 4             # MatMulNBits: int8 activations inside the kernel (fast path on CPU)
 ALIGN = 4096                   # external data offsets (page aligned, so they can be mapped)
 
@@ -129,9 +139,13 @@ class OnnxBuilder:
 
     def __init__(self, name: str, weights: Mapping[str, np.ndarray], data: ExternalData,
                  weight_format: str = "fp32", group_size: int = 128,
-                 on_weight: Callable[[int], None] | None = None, accuracy_level: int = ACCURACY_LEVEL):
+                 on_weight: Callable[[int], None] | None = None, accuracy_level: int = ACCURACY_LEVEL,
+                 int8_kernel: str = INT8_KERNEL):
         self.name = name
         self.accuracy_level = accuracy_level
+        if int8_kernel not in INT8_KERNELS:
+            raise ValueError(f"int8_kernel must be one of {', '.join(INT8_KERNELS)}, got {int8_kernel!r}")
+        self.int8_kernel = int8_kernel
         self.weights = weights
         self.data = data
         self.weight_format = check_format(weight_format)
@@ -256,7 +270,9 @@ class OnnxBuilder:
         O, K = w.shape
         fmt = matrix_format(weight, self.weight_format, K, self.group_size)
         self.formats_used[weight] = fmt
-        if fmt in ("int8", "int4"):
+        if fmt == "int8" and self.weight_format == "int8" and self.int8_kernel == "dq":
+            y = self._matmul_dynamic_int8(x, weight, w, bias)
+        elif fmt in ("int8", "int4"):
             y = self._matmul_nbits(x, weight, w, fmt, bias)
         else:
             y = self._node("MatMul", [x, self._float_weight(weight, w, fmt)], self._rank[x], hint="linear")
@@ -287,6 +303,35 @@ class OnnxBuilder:
             s = self._external(name + ".scales", scales)
             return self._node("DequantizeLinear", [name, s], 2, hint="dequant", axis=1)
         return self._node("Cast", [name], 2, hint="cast", to=TensorProto.FLOAT)
+
+    def _matmul_dynamic_int8(self, x: str, name: str, w: np.ndarray, bias: str | None) -> str:
+        """Per-row dynamic int8: r = max|x| per row, y = DynamicQuantizeMatMul(x / r, Wq, s) * r.
+
+        DynamicQuantizeMatMul quantizes its input to uint8 with one scale per tensor, then runs
+        MLAS's u8 x s8 GEMM (VNNI, or vpmaddubsw on AVX2, ~2x fp32 there). Dividing each row by
+        its own max first gives every row (prefill token or decode sequence) the full 8-bit
+        range, as per-row quantization would. Wq is int8 W^T [K, O] with 7-bit codes
+        (DYNAMIC_INT8_MAX), s the per-channel scales."""
+        O, K = w.shape
+        Wt, view = self.data.tensor(name, np.int8, (K, O))
+        scales = np.empty(O, np.float32)
+        for rows in _row_chunks(O, K):
+            q = quantize(w[rows], "int8", int8_max=DYNAMIC_INT8_MAX)
+            view[:, rows] = q.data.T
+            scales[rows] = q.scales
+        _flush(view)
+        del view
+        self.initializers.append(Wt)
+        self._rank[name] = 2
+        r = self._rank[x]
+        row_max = self._node("ReduceMax", [self._node("Abs", [x], r), self._const(np.array([-1], np.int64), "axes")],
+                             r, keepdims=1)
+        row_max = self._node("Max", [row_max, self.constant(np.float32(1e-30))], r)   # all-zero rows
+        y = self._node("DynamicQuantizeMatMul", [self._node("Div", [x, row_max], r), name,
+                                                 self._external(name + ".scales", scales)],
+                       r, hint="linear", domain=MS_DOMAIN)
+        y = self.mul(y, row_max)
+        return self.add(y, self.weight(bias)) if bias is not None else y
 
     def _matmul_nbits(self, x: str, name: str, w: np.ndarray, fmt: str, bias: str | None) -> str:
         """com.microsoft MatMulNBits: B uint8 [O, k_blocks, block * bits / 8], scales [O, k_blocks]."""
@@ -341,7 +386,7 @@ def export_onnx_graphs(cfg: PaliGemmaConfig, weights: Mapping[str, np.ndarray], 
                        weight_format: str = "fp32", group_size: int = 128,
                        on_weight: Callable[[int], None] | None = None,
                        on_graph: Callable[[str], None] | None = None,
-                       accuracy_level: int = ACCURACY_LEVEL) -> tuple[dict[str, str], dict[str, str]]:
+                       accuracy_level: int = ACCURACY_LEVEL, int8_kernel: str = INT8_KERNEL) -> tuple[dict[str, str], dict[str, str]]:
     """Build and save every graph into out_dir (one graph at a time: build, save, free).
 
     accuracy_level: MatMulNBits' compute type for int8 / int4 (4: int8 activations, the fast
@@ -355,7 +400,7 @@ def export_onnx_graphs(cfg: PaliGemmaConfig, weights: Mapping[str, np.ndarray], 
         if on_graph:
             on_graph(name)
         data = ExternalData(out_dir / f"{name}.data")
-        b = OnnxBuilder(name, weights, data, weight_format, group_size, on_weight, accuracy_level)
+        b = OnnxBuilder(name, weights, data, weight_format, group_size, on_weight, accuracy_level, int8_kernel)
         graph_def.build_graph(b, cfg, name, weights)
         onnx.save_model(b.model(), out_dir / f"{name}.onnx")
         files[name] = f"{name}.onnx"

@@ -230,10 +230,12 @@ def _int4_groups(groups: np.ndarray, data: np.ndarray, scales: np.ndarray) -> No
         scales[start:start + k] = np.where(zero, one, s)
 
 
-def quantize(w: np.ndarray, fmt: str, group_size: int = 128) -> QuantizedWeight:
+def quantize(w: np.ndarray, fmt: str, group_size: int = 128, *, int8_max: int = 127) -> QuantizedWeight:
     """Quantize a weight matrix W [O, K] (any float dtype, may be memory-mapped) to `fmt`.
 
-    For int4 the caller must pass a K that group_size divides (see `effective_format`)."""
+    For int4 the caller must pass a K that group_size divides (see `effective_format`).
+    int8_max: the largest int8 code (127; 63 gives the 7-bit codes of onnx_graphs' dynamic
+    int8 kernel, whose u8 x s8 products must not saturate vpmaddubsw's int16 pair sums)."""
     check_format(fmt)
     if w.ndim != 2:
         raise ValueError(f"quantize expects a 2-D weight [O, K], got shape {w.shape}")
@@ -260,7 +262,9 @@ def quantize(w: np.ndarray, fmt: str, group_size: int = 128) -> QuantizedWeight:
         return QuantizedWeight("int4", data, scales, group_size)
 
     # int8 and fp8: one scale per output channel
-    qmax = INT8_MAX if fmt == "int8" else FP8_MAX
+    if not 1 <= int8_max <= 127:
+        raise ValueError(f"int8_max must be in 1..127, got {int8_max}")
+    qmax = float(int8_max) if fmt == "int8" else FP8_MAX
     data = np.empty((O, K), np.int8 if fmt == "int8" else ml_dtypes.float8_e4m3fn)
     scales = np.empty((O,), np.float32)
     for rows in _row_chunks(O, K):
@@ -268,7 +272,7 @@ def quantize(w: np.ndarray, fmt: str, group_size: int = 128) -> QuantizedWeight:
         s = _safe_scale(np.abs(c).max(axis=-1) if K else np.zeros(c.shape[0], np.float32), qmax)
         c /= s[:, None]
         if fmt == "int8":
-            data[rows] = np.clip(np.rint(c), -127, 127).astype(np.int8)
+            data[rows] = np.clip(np.rint(c), -int8_max, int8_max).astype(np.int8)
         else:
             data[rows] = np.clip(c, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
         scales[rows] = s
