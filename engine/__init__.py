@@ -77,6 +77,11 @@ def load(path=None, backend: str = "openvino", threads: int | None = None, *, we
     return model
 
 
+# Part of the export cache key: bump it whenever the exporter writes different graphs or weights
+# for the same options, so that cached artifacts of an older exporter are not reused.
+EXPORT_REVISION = 2    # 2: ONNX int8 as per-row DynamicQuantizeMatMul with 7-bit codes
+
+
 def _export_cached(checkpoint, backend: str, weights: str, group_size: int, progress: bool):
     """Export an HF checkpoint once into the cache; the key covers its files and the options."""
     import hashlib
@@ -84,7 +89,7 @@ def _export_cached(checkpoint, backend: str, weights: str, group_size: int, prog
 
     fmt = "onnx" if backend == "onnxruntime" else "openvino"
     h = hashlib.sha256()
-    h.update(f"{checkpoint.resolve()}|{fmt}|{weights}|{group_size}|{__version__}".encode())
+    h.update(f"{checkpoint.resolve()}|{fmt}|{weights}|{group_size}|{__version__}|{EXPORT_REVISION}".encode())
     for f in sorted(checkpoint.iterdir()):
         if f.is_file():
             st = f.stat()
