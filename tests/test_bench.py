@@ -1,5 +1,6 @@
-"""engine.bench: the quick end-to-end run (subprocess), the statistics / limit math with
-hand-computed values, system parsing, and _native.memory_bandwidth."""
+"""engine.bench: the quick end-to-end run with both workloads (subprocess), the statistics / limit
+math with hand-computed values, the prefill / decode splits, system and workload parsing, and
+_native.memory_bandwidth."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,9 +11,11 @@ import sys
 
 import pytest
 
-from engine import _native
-from engine.bench import report
-from engine.bench.__main__ import parse_systems
+from types import SimpleNamespace
+
+from engine import _native, tasks
+from engine.bench import report, workers
+from engine.bench.__main__ import parse_systems, parse_workloads, split_workloads
 from engine.synth import preset_config
 
 HAVE_TRANSFORMERS = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
@@ -21,12 +24,12 @@ HAVE_TRANSFORMERS = all(importlib.util.find_spec(m) for m in ("torch", "transfor
 # ---------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """`python -m engine.bench --quick --out OUT` with its own cache directory."""
+    """`python -m engine.bench --quick --workload caption,detect3 --out OUT` with its own cache directory."""
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "out"
     env = dict(os.environ, PALIGEMMA_EDGE_CACHE=str(tmp / "cache"))
-    proc = subprocess.run([sys.executable, "-m", "engine.bench", "--quick", "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "engine.bench", "--quick", "--workload", "caption,detect3",
+                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
     return out, proc.stdout
 
@@ -37,6 +40,8 @@ def test_quick_writes_all_outputs(quick_run):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "TTFT" in stdout and "openvino-int8" in stdout
+    for title in ("first-call TTFT / warm TTFT", "prefill split", "decode step split", "detect3 call s"):
+        assert title in stdout, title
 
 
 def test_quick_results_json_is_complete(quick_run):
@@ -59,11 +64,27 @@ def test_quick_results_json_is_complete(quick_run):
                     "prefill_gflops", "peak_rss_gb", "rss_gb", "disk_gb"):
             st = s["summary"][key]
             assert st and st["min"] > 0 and st["min"] <= st["median"] <= st["max"], (s["id"], key)
+        for x in s["samples"]:                              # first call: its own TTFT
+            assert x["workload"] == "caption" and 0 < x["first_call_ttft_s"] <= x["warmup_s"], x
+        st = s["summary"]["first_call_ttft_ratio"]
+        assert st and st["median"] == pytest.approx(s["samples"][0]["first_call_ttft_s"] / s["samples"][0]["ttft_s"])
         if s["kind"] == "engine":
             shares = {k: s["summary"][k]["median"] for k in ("graph_share", "attention_share", "overhead_share")}
             assert all(0 <= v <= 1 for v in shares.values()), shares
             assert sum(shares.values()) == pytest.approx(1.0, abs=1e-6)
             assert s["samples"][0]["split"]["graph_calls"] > 0 and s["samples"][0]["split"]["attention_calls"] > 0
+            layers = preset_config("tiny-pg2").text.num_hidden_layers
+            for x in s["samples"]:                          # prefill split: parts within the TTFT
+                p = x["prefill_split"]
+                parts = p["vision_s"] + p["decoder_s"] + p["attention_s"] + p["lm_head_s"]
+                assert all(p[k] > 0 for k in ("vision_s", "decoder_s", "attention_s", "lm_head_s")), p
+                assert parts <= x["ttft_s"], (parts, x["ttft_s"])
+                assert (p["vision_calls"], p["decoder_calls"], p["attention_calls"], p["lm_head_calls"]) == \
+                    (1, layers + 1, layers, 1)              # graphs decoder_0 .. decoder_L; lm_head apart
+            pre = {k: s["summary"][k]["median"] for k, _ in report.PREFILL_SPLIT}
+            assert all(0 <= v <= 1 for v in pre.values()) and sum(pre.values()) == pytest.approx(1.0, abs=1e-6)
+        else:
+            assert "prefill_split" not in s["samples"][0] and s["summary"]["prefill_vision_share"] is None
         if HAVE_TRANSFORMERS:
             assert r["baseline"] == report.BASELINE
             for key, *_ in report.METRICS:
@@ -72,13 +93,47 @@ def test_quick_results_json_is_complete(quick_run):
                 assert s["ratios"]["ttft_s"] == pytest.approx(1.0)
 
 
+def test_quick_detect3(quick_run):
+    out, _ = quick_run
+    r = json.loads((out / "results.json").read_text())
+    labels = list(workers.DETECT_LABELS)
+    assert r["settings"]["workloads"] == ["caption", "detect3"] and r["settings"]["detect_labels"] == labels
+    assert r["settings"]["detect_prompt"] == tasks.detect_prompt(labels) == "detect " + " ; ".join(labels)
+    assert r["settings"]["detect_max_new_tokens"] == [8]             # --quick caps detect3 at 8 tokens
+    prompt_tokens = set()
+    for s in r["systems"]:
+        d = s["detect3"]
+        assert len(d["samples"]) == r["settings"]["repeats"]
+        for x in d["samples"]:
+            assert "error" not in x, x
+            assert x["workload"] == "detect3" and x["prompt"] == r["settings"]["detect_prompt"]
+            assert x["max_new_tokens"] == 8 and 0 < x["new_tokens"] <= 8 and len(x["tokens"]) == x["new_tokens"]
+            assert 0 < x["ttft_s"] < x["e2e_s"] and x["first_call_s"] > 0 and x["detections"] >= 0
+            assert x["finish_reason"] in ("eos", "length")
+            prompt_tokens.add(x["prompt_tokens"])
+        for key in ("e2e_s", "ttft_s", "new_tokens", "ms_per_token", "first_call_s"):
+            st = d["summary"][key]
+            assert st and st["min"] > 0 and st["min"] <= st["median"] <= st["max"], (s["id"], key)
+        if HAVE_TRANSFORMERS:
+            assert all(d["ratios"][k] > 0 for k in report.DETECT_RATIOS), d["ratios"]
+    caption_prompt = r["model"]["prompt_tokens"]
+    assert len(prompt_tokens) == 1 and prompt_tokens.pop() > caption_prompt    # same prompt for every system
+
+
 def test_quick_results_md_is_well_formed(quick_run):
     out, _ = quick_run
     md = (out / "results.md").read_text()
     r = json.loads((out / "results.json").read_text())
     assert md.startswith("# Benchmark: tiny-pg2")
+    top = md.split("## Setup")[0]                   # the machine first: CPU, SIMD flags, cpu_features()
+    assert f"- CPU: {r['machine']['cpu']}" in top and "- SIMD flags" in top
+    assert "- engine.cpu_features(): " in top and f"simd={r['machine']['engine_cpu_features']['simd']}" in top
+    for section in ("## Caption", "### First call vs warm", "### Where the time goes", "## detect3",
+                    "first-call TTFT / warm TTFT", "| vision graph % |", "detect3 call s"):
+        assert section in md, section
+    detect_md = md.split("## detect3")[1].split("## ")[0]
     for s in r["systems"]:
-        assert f"| {s['id']} |" in md
+        assert f"| {s['id']} |" in md and f"| {s['id']} |" in detect_md
     for block in md.split("\n\n"):                 # every table: same column count in each row
         rows = [line for line in block.splitlines() if line.startswith("|")]
         if rows:
@@ -163,6 +218,47 @@ def test_sample_figures_and_split():
     assert "graph_share" not in no_split and no_split["pct_of_limit"] is None
 
 
+def test_prefill_split_and_first_call_figures():
+    sample = {"ttft_s": 2.0, "first_call_ttft_s": 3.0, "decode_s": 1.0, "decode_steps": 4,
+              "prefill_split": {"vision_s": 0.5, "decoder_s": 0.8, "attention_s": 0.2, "lm_head_s": 0.1}}
+    f = report.sample_figures(sample, disk_bytes=None, limit_tps=None, layer_params=1, head_params=0)
+    assert f["prefill_vision_share"] == 0.25 and f["prefill_decoder_share"] == 0.4
+    assert f["prefill_attention_share"] == 0.1 and f["prefill_lm_head_share"] == 0.05
+    assert f["prefill_overhead_share"] == pytest.approx(0.2)        # 2.0 - 1.6 s of 2.0 s
+    assert f["first_call_ttft_s"] == 3.0 and f["first_call_ttft_ratio"] == 1.5
+    bare = report.sample_figures({"ttft_s": 2.0}, disk_bytes=None, limit_tps=None, layer_params=1, head_params=0)
+    assert "prefill_vision_share" not in bare and bare["first_call_ttft_ratio"] is None
+
+
+def test_detect_figures_and_ratios():
+    def system(sid, kind, e2e, tokens):
+        return {"id": sid, "kind": kind, "weights": "int8" if kind == "engine" else "bf16", "samples": [],
+                "detect3": {"samples": [{"e2e_s": e2e * k, "ttft_s": 0.1 * k, "new_tokens": tokens,
+                                         "first_call_s": 2 * e2e, "detections": 3} for k in (0.9, 1.0, 1.1)]}}
+    systems = [system("openvino-int8", "engine", 1.0, 20), system("pytorch-bf16", "transformers", 4.0, 25)]
+    report.analyze(systems, preset_config("tiny-pg2"), None, 128)
+    ours, base = systems[0]["detect3"], systems[1]["detect3"]
+    assert ours["summary"]["e2e_s"]["median"] == pytest.approx(1.0)
+    assert ours["summary"]["ms_per_token"]["median"] == pytest.approx(50.0)
+    assert ours["ratios"]["e2e_s"] == pytest.approx(0.25) and ours["ratios"]["ttft_s"] == pytest.approx(1.0)
+    assert ours["ratios"]["ms_per_token"] == pytest.approx(50.0 / 160.0) and "new_tokens" not in ours["ratios"]
+    assert base["ratios"]["e2e_s"] == pytest.approx(1.0)
+    table = report.detect_table(systems)
+    assert "(0.25x)" in table and "generated tokens" in table
+    assert systems[0]["figures"] == [] and report.check_targets(systems) == []     # no caption: no targets
+
+
+def test_detect_max_new_tokens_mirrors_engine_tasks():
+    # engine.tasks.detect's default: 128, capped so the prompt plus the answer fit the context.
+    for max_context, text_tokens in ((8192, 9), (300, 9), (40, 30)):
+        model = SimpleNamespace(config=SimpleNamespace(num_image_tokens=256), max_context=max_context + 256,
+                                tokenizer=SimpleNamespace(encode=lambda s, n=text_tokens: list(range(n))))
+        prompt_tokens = 256 + 1 + text_tokens
+        assert workers.detect_max_new_tokens(prompt_tokens, max_context + 256, None) == \
+            tasks._default_max_new_tokens(model, "detect a ; b ; c", "detect")
+    assert workers.detect_max_new_tokens(266, 8192, 8) == 8
+
+
 def _fake(sid, kind, weights, tps, ttft, rss_gb):
     steps = 10
     return {"id": sid, "kind": kind, "backend": sid.split("-")[0], "weights": weights, "disk_bytes": 10**9,
@@ -215,6 +311,26 @@ def test_parse_systems():
     for bad in ("tensorflow", "openvino:int3", "pytorch:int8", ""):
         with pytest.raises(ValueError):
             parse_systems(bad, None, True)
+
+
+def test_parse_workloads():
+    assert parse_workloads("caption") == ["caption"]
+    assert parse_workloads("detect3, caption") == ["caption", "detect3"]      # caption runs first
+    for bad in ("", "detect", "caption,foo"):
+        with pytest.raises(ValueError):
+            parse_workloads(bad)
+
+
+def test_split_workloads():
+    res = {"import_s": 1.0, "load_s": 2.0, "peak_rss_bytes": 9, "pid": 7,
+           "workloads": {"caption": {"ttft_s": 0.5, "peak_rss_bytes": 5},
+                         "detect3": {"e2e_s": 3.0, "peak_rss_bytes": 9}}}
+    out = split_workloads(res, ["caption", "detect3"], {"repeat": 0})
+    assert out["caption"] == {"workload": "caption", "import_s": 1.0, "load_s": 2.0, "pid": 7, "ttft_s": 0.5,
+                              "peak_rss_bytes": 5, "repeat": 0}
+    assert out["detect3"]["e2e_s"] == 3.0 and out["detect3"]["peak_rss_bytes"] == 9
+    failed = split_workloads({"error": "boom"}, ["caption", "detect3"], {"repeat": 1})
+    assert failed == {"caption": {"error": "boom", "repeat": 1}, "detect3": {"error": "boom", "repeat": 1}}
 
 
 # ---------------------------------------------------------------------------- memory bandwidth

@@ -1,8 +1,8 @@
 """python -m engine.bench: our engine against transformers (PyTorch) on one model, one machine.
 
     python -m engine.bench [--preset paligemma-3b-224 | --checkpoint DIR] [--systems ...]
-                           [--weights ...] [--new-tokens 32] [--repeats N] [--threads N]
-                           [--out DIR] [--quick]
+                           [--weights ...] [--workload caption,detect3] [--new-tokens 32]
+                           [--detect-tokens N] [--repeats N] [--threads N] [--out DIR] [--quick]
 
 Steps:
   1. the checkpoint: --checkpoint DIR (an HF PaliGemma directory), or a synthetic random-weight
@@ -11,9 +11,24 @@ Steps:
      engine's export cache (<cache>/artifacts/..., the same entries engine.load reuses);
   3. memory read bandwidth (C++ streaming sum, _native.memory_bandwidth) before and after;
   4. every sample in a fresh worker process (engine/bench/workers.py), the same thread count
-     for all, systems interleaved across repeats (A B C A B C ...), exactly --new-tokens tokens;
+     for all, systems interleaved across repeats (A B C A B C ...); one process loads the model
+     once and runs the workloads in order, each with its own warm-up call;
   5. results.json (machine, versions, settings, every raw sample, summaries), results.md,
-     chart.png and a table on stdout (report.py).
+     chart.png and the tables on stdout (report.py).
+
+Workloads (--workload, comma separated, default caption):
+  caption   one prompt ("caption en"), exactly --new-tokens tokens (EOS ignored): load, first
+            call (a 2-token generate, with its own TTFT: first-call TTFT / warm TTFT), TTFT,
+            decode speed against the bandwidth limit, peak RSS, and for our engine where the
+            time goes: the prefill split (share of the TTFT: vision graph, decoder graphs,
+            attention, LM head, overhead) and the decode-step split;
+  detect3   three labels on one image, end to end as users run it: ours `model.detect(image,
+            [a, b, c])` (engine.tasks.detect: one prompt "detect a ; b ; c", greedy, EOS allowed,
+            its default max_new_tokens or --detect-tokens), transformers the same prompt, EOS id
+            and max_new_tokens through processor -> generate -> decode -> parse. Reported: the
+            seconds of the whole call (after one warm-up call), its TTFT and the generated tokens.
+Each workload has its own table in results.md and on stdout; ratios are against pytorch-bf16.
+results.md starts with the CPU model, its SIMD flags and engine.cpu_features().
 
 Systems (--systems, comma separated): `openvino`, `onnxruntime`, `pytorch` (alias
 `transformers`), each optionally with a format: `openvino:int4`, `pytorch:bf16`. A bare engine
@@ -21,8 +36,9 @@ backend takes the --weights list (default: openvino int8,int4,bf16; onnxruntime 
 `pytorch` means fp32 and bf16. PyTorch systems are skipped, with a note, when torch or
 transformers is not installed.
 
---quick: the whole path on the tiny-pg2 preset (8 new tokens, 1 repeat, openvino and onnxruntime
-int8 and PyTorch bf16 if installed) in well under a minute; its timings mean nothing.
+--quick: the whole path on the tiny-pg2 preset (8 new tokens, detect3 capped at 8 tokens, 1
+repeat, openvino and onnxruntime int8 and PyTorch bf16 if installed) in well under a minute;
+its timings mean nothing. `--quick --workload caption,detect3` runs both workloads.
 --prepare-only: write the checkpoint and the exports into the cache, then stop.
 """
 from __future__ import annotations
@@ -41,7 +57,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import report
+from . import report, workers
+from ..tasks import detect_prompt
 
 ENGINE_BACKENDS = ("openvino", "onnxruntime")
 DEFAULT_WEIGHTS = {"openvino": ("int8", "int4", "bf16"), "onnxruntime": ("int8",), "pytorch": ("fp32", "bf16")}
@@ -51,9 +68,12 @@ LIBRARIES = ("paligemma-edge", "numpy", "onnxruntime", "openvino", "onnx", "torc
 SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile",
               "amx_bf16", "amx_int8", "asimd", "asimddp", "sve")
 QUICK = {"preset": "tiny-pg2", "new_tokens": 8, "repeats": 1, "systems": "openvino:int8,onnxruntime:int8,pytorch:bf16",
-         "bandwidth_bytes": 256 << 20}
+         "bandwidth_bytes": 256 << 20, "detect_tokens": 8}
 FULL = {"preset": "paligemma-3b-224", "new_tokens": 32, "repeats": 3, "systems": "openvino,onnxruntime,pytorch",
-        "bandwidth_bytes": 1 << 30}
+        "bandwidth_bytes": 1 << 30, "detect_tokens": None}
+# Fields of a worker result that belong to the process, copied into each workload's sample.
+PROCESS_FIELDS = ("import_s", "load_s", "rss_after_load_bytes", "peak_rss_after_load_bytes", "attn_implementation",
+                  "torch_threads", "pid", "process_wall_s", "rss_bytes", "ru_maxrss_bytes")
 
 
 def log(msg: str) -> None:
@@ -101,6 +121,18 @@ def parse_systems(systems: str, weights: str | None, transformers_ok: bool) -> t
     if not out:
         raise ValueError("no system to measure")
     return out, sorted(set(notes))
+
+
+def parse_workloads(text: str) -> list[str]:
+    """"caption,detect3" -> ["caption", "detect3"] (caption first: its warm-up is the process's
+    first call)."""
+    names = [w.strip() for w in text.split(",") if w.strip()]
+    for w in names:
+        if w not in workers.WORKLOADS:
+            raise ValueError(f"unknown workload {w!r}; use {' or '.join(workers.WORKLOADS)} (or both, comma separated)")
+    if not names:
+        raise ValueError("no workload; use caption, detect3 or caption,detect3")
+    return [w for w in workers.WORKLOADS if w in names]
 
 
 # ---------------------------------------------------------------------------- machine
@@ -223,26 +255,48 @@ def measure_bandwidth(nbytes: int, threads: int, repeats: int = 5) -> float | No
         return None
 
 
+def split_workloads(res: dict, workloads: list[str], extra: dict) -> dict[str, dict]:
+    """One sample per workload from one worker result: the workload's own figures plus the
+    process fields (import, load, ...); every workload gets the error of a failed worker."""
+    if "error" in res:
+        return {w: {"error": res["error"], **extra} for w in workloads}
+    common = {k: res[k] for k in PROCESS_FIELDS if k in res}
+    return {w: {"workload": w, **common, **res["workloads"][w], **extra} for w in workloads}
+
+
+def sample_list(system: dict, workload: str) -> list[dict]:
+    """Where a system keeps its samples: caption in system["samples"] (as before workloads
+    existed), the others in system[workload]["samples"]."""
+    return system["samples"] if workload == "caption" else system.setdefault(workload, {"samples": []})["samples"]
+
+
 def run_samples(systems: list[dict], checkpoint: Path, args) -> None:
     total, k = args.repeats * len(systems), 0
     for r in range(args.repeats):
-        for s in systems:      # interleaved: A B C A B C ...
+        for s in systems:      # interleaved: A B C A B C ...; one process runs every workload
             k += 1
             spec = {"kind": s["kind"], "backend": s["backend"], "weights": s["weights"],
                     "checkpoint": str(checkpoint), "artifact": s.get("artifact"), "threads": args.threads,
-                    "new_tokens": args.new_tokens}
+                    "new_tokens": args.new_tokens, "workloads": args.workloads, "detect_tokens": args.detect_tokens}
             load = loadavg()
             res = run_worker(spec, args.threads, args.timeout)
-            res.update({"repeat": r, "loadavg_before": load})
-            s["samples"].append(res)
+            for w, sample in split_workloads(res, args.workloads, {"repeat": r, "loadavg_before": load}).items():
+                sample_list(s, w).append(sample)
+            head = f"[{k}/{total}] {s['id']} repeat {r + 1}:"
             if "error" in res:
-                log(f"[{k}/{total}] {s['id']} repeat {r + 1}: FAILED {res['error']}")
-            else:
-                steps = res.get("decode_steps") or 0
-                tps = steps / res["decode_s"] if steps and res["decode_s"] else 0.0
-                log(f"[{k}/{total}] {s['id']} repeat {r + 1}: load {res['load_s']:.2f} s, TTFT {res['ttft_s']:.3f} s, "
-                    f"{tps:.2f} tok/s, peak RSS {res['peak_rss_bytes'] / 1e9:.2f} GB "
-                    f"({res['process_wall_s']:.0f} s, load avg {load[0] if load else '?'})")
+                log(f"{head} FAILED {res['error']}")
+                continue
+            parts = [f"load {res['load_s']:.2f} s"]
+            cap = res["workloads"].get("caption")
+            if cap:
+                steps = cap.get("decode_steps") or 0
+                tps = steps / cap["decode_s"] if steps and cap["decode_s"] else 0.0
+                parts.append(f"caption TTFT {cap['ttft_s']:.3f} s, {tps:.2f} tok/s")
+            det = res["workloads"].get("detect3")
+            if det:
+                parts.append(f"detect3 {det['e2e_s']:.3f} s for {det['new_tokens']} tokens")
+            log(f"{head} {', '.join(parts)}, peak RSS {res['peak_rss_bytes'] / 1e9:.2f} GB "
+                f"({res['process_wall_s']:.0f} s, load avg {load[0] if load else '?'})")
 
 
 # ---------------------------------------------------------------------------- main
@@ -255,7 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--systems", help=f"comma separated (default {FULL['systems']}), e.g. openvino:int4,pytorch:bf16")
     p.add_argument("--weights", help="weight formats of bare engine backends, comma separated "
                                      "(default openvino int8,int4,bf16; onnxruntime int8); fp8 on request")
-    p.add_argument("--new-tokens", type=int, help=f"tokens generated per sample, EOS ignored (default {FULL['new_tokens']})")
+    p.add_argument("--workload", default="caption",
+                   help="comma separated, run in this order in each worker: caption (one prompt, exactly "
+                        "--new-tokens tokens) and/or detect3 (model.detect with three labels, end to end); "
+                        "default caption")
+    p.add_argument("--new-tokens", type=int,
+                   help=f"caption tokens per sample, EOS ignored (default {FULL['new_tokens']})")
+    p.add_argument("--detect-tokens", type=int,
+                   help="detect3's max_new_tokens, EOS allowed (default: engine.tasks.detect's own, 128 "
+                        "capped to the context; --quick: 8)")
     p.add_argument("--repeats", type=int, help=f"samples per system, interleaved (default {FULL['repeats']})")
     p.add_argument("--threads", type=int, default=None, help="threads for every system (default: all cores)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
@@ -274,6 +336,11 @@ def resolve_args(args) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
     args.bandwidth_bytes = defaults["bandwidth_bytes"]
+    if args.detect_tokens is None:
+        args.detect_tokens = defaults["detect_tokens"]
+    elif args.detect_tokens < 1:
+        raise ValueError(f"--detect-tokens must be >= 1, got {args.detect_tokens}")
+    args.workloads = parse_workloads(args.workload)
     if args.threads is None:
         args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     for key in ("new_tokens", "repeats", "threads"):
@@ -331,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     bw_ok = [x for x in bw if x]
 
     prompt_tokens = next((x["prompt_tokens"] for s in systems for x in s["samples"] if x.get("prompt_tokens")), None)
+    detect = [x for s in systems for x in s.get("detect3", {}).get("samples", []) if not x.get("error")]
     limits = report.analyze(systems, cfg, max(bw_ok) if bw_ok else None, args.group_size)
     results = {
         "schema": "paligemma-edge-bench/1",
@@ -339,7 +407,11 @@ def main(argv: list[str] | None = None) -> int:
         "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "settings": {"preset": args.preset, "checkpoint": str(checkpoint), "new_tokens": args.new_tokens,
                      "repeats": args.repeats, "threads": args.threads, "group_size": args.group_size,
-                     "prompt": "caption en", "image": "engine.__main__.example_image() (320x240)",
+                     "prompt": workers.PROMPT, "image": "engine.__main__.example_image() (320x240)",
+                     "workloads": args.workloads, "detect_labels": list(workers.DETECT_LABELS),
+                     "detect_prompt": detect_prompt(list(workers.DETECT_LABELS)),
+                     "detect_tokens": args.detect_tokens,
+                     "detect_max_new_tokens": sorted({x["max_new_tokens"] for x in detect}),
                      "quick": args.quick, "order": "interleaved", "engine_load": "engine.load(verify=False)"},
         "machine": machine,
         "versions": versions(),
@@ -361,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.md").write_text(report.markdown_report(results, chart.name if chart else None))
     print(report.text_report(results))
     log(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}" + (f", {chart}" if chart else ""))
-    failed = any(x.get("error") for s in systems for x in s["samples"])
+    failed = bool(report.failed_samples(systems))
     return 1 if failed else 0
 
 

@@ -16,6 +16,12 @@ than that and cannot reach it.
 
 Prefill GFLOP/s counts the matrix work only: 2 * decoder linear params * prompt tokens, plus the
 LM head once (for the last position), over the prefill time.
+
+Workloads: `caption` fills system["samples"], "figures", "summary" and "ratios" (METRICS, the
+splits, FIRST_CALL); `detect3` fills system["detect3"] with the same keys (DETECT_METRICS).
+Time splits of our engine: the prefill split is a share of the caption TTFT (vision graph,
+decoder graphs, attention, LM head, and the rest: preprocessing, embedding, KV cache set-up,
+first-token selection); the decode split a share of the decode time.
 """
 from __future__ import annotations
 
@@ -44,6 +50,16 @@ METRICS = (
 )
 SPLIT = (("graph_share", "graphs"), ("lm_head_share", "of which LM head"),
          ("attention_share", "attention"), ("overhead_share", "overhead"))
+PREFILL_SPLIT = (("prefill_vision_share", "vision graph"), ("prefill_decoder_share", "decoder graphs"),
+                 ("prefill_attention_share", "attention"), ("prefill_lm_head_share", "LM head"),
+                 ("prefill_overhead_share", "overhead"))
+FIRST_CALL = (("warmup_s", "1st call", "s"), ("first_call_ttft_s", "first-call TTFT", "s"),
+              ("ttft_s", "warm TTFT", "s"), ("first_call_ttft_ratio", "first-call TTFT / warm TTFT", ""))
+DETECT_METRICS = (("e2e_s", "detect3 call", "s"), ("ttft_s", "TTFT", "s"), ("new_tokens", "generated tokens", ""),
+                  ("ms_per_token", "call / token", "ms"), ("first_call_s", "1st call", "s"),
+                  ("detections", "detections", ""))
+DETECT_RATIOS = ("e2e_s", "ttft_s", "ms_per_token", "first_call_s")     # the rest are counts
+COUNTS = ("new_tokens", "detections")
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -143,7 +159,32 @@ def sample_figures(sample: dict, *, disk_bytes: int | None, limit_tps: float | N
         "disk_gb": disk_bytes / 1e9 if disk_bytes else None,
     }
     fig.update(split_shares(sample.get("split"), decode_s))
+    fig.update(prefill_split_shares(sample.get("prefill_split"), sample.get("ttft_s")))
+    first, warm = sample.get("first_call_ttft_s"), sample.get("ttft_s")
+    fig["first_call_ttft_s"] = first
+    fig["first_call_ttft_ratio"] = first / warm if first and warm else None
     return fig
+
+
+def prefill_split_shares(split: dict | None, ttft_s: float | None) -> dict:
+    """Shares of the TTFT (image in -> first token out): the vision graph, the decoder graphs
+    and native attention on the prompt rows, the LM head, and the rest (overhead). Empty for
+    systems without a split."""
+    if not split or not ttft_s:
+        return {}
+    parts = {"prefill_vision_share": split["vision_s"], "prefill_decoder_share": split["decoder_s"],
+             "prefill_attention_share": split["attention_s"], "prefill_lm_head_share": split["lm_head_s"]}
+    shares = {k: v / ttft_s for k, v in parts.items()}
+    shares["prefill_overhead_share"] = max(0.0, ttft_s - sum(parts.values())) / ttft_s
+    return shares
+
+
+def detect_figures(sample: dict) -> dict:
+    """DETECT_METRICS of one detect3 sample."""
+    e2e, n = sample.get("e2e_s"), sample.get("new_tokens")
+    return {"e2e_s": e2e, "ttft_s": sample.get("ttft_s"), "new_tokens": n,
+            "ms_per_token": 1e3 * e2e / n if e2e and n else None, "first_call_s": sample.get("first_call_s"),
+            "detections": sample.get("detections")}
 
 
 def split_shares(split: dict | None, decode_s: float | None) -> dict:
@@ -174,15 +215,25 @@ def analyze(systems: list[dict], cfg: PaliGemmaConfig, bandwidth_gbs: float | No
         ok = [x for x in s["samples"] if not x.get("error")]
         s["figures"] = [sample_figures(x, disk_bytes=s.get("disk_bytes"), limit_tps=s["limit_tokens_per_s"],
                                        layer_params=layer_params, head_params=head_params) for x in ok]
-        keys = [k for k, *_ in METRICS] + [k for k, _ in SPLIT]
+        keys = [k for k, *_ in (*METRICS, *FIRST_CALL)] + [k for k, _ in (*SPLIT, *PREFILL_SPLIT)]
         s["summary"] = {k: summarize(f.get(k) for f in s["figures"]) for k in keys}
+        if "detect3" in s:
+            d = s["detect3"]
+            d["figures"] = [detect_figures(x) for x in d["samples"] if not x.get("error")]
+            d["summary"] = {k: summarize(f.get(k) for f in d["figures"]) for k, *_ in DETECT_METRICS}
     base = next((s for s in systems if s["id"] == BASELINE and s["figures"]), None)
     for s in systems:
         s["ratios"] = {k: ratio(_median(s, k), _median(base, k)) if base else None for k, *_ in METRICS}
+    base = next((s["detect3"] for s in systems if s["id"] == BASELINE and "detect3" in s), None)
+    for s in systems:
+        if "detect3" in s:
+            d = s["detect3"]
+            d["ratios"] = {k: ratio(_median(d, k), _median(base, k)) if base else None for k in DETECT_RATIOS}
     return {"layer_params": layer_params, "head_params": head_params, "formats": limits}
 
 
 def _median(system: dict | None, key: str) -> float | None:
+    """The median of `key` in a system (or a system's workload dict: system["detect3"])."""
     st = (system or {}).get("summary", {}).get(key)
     return st["median"] if st else None
 
@@ -201,7 +252,7 @@ def check_targets(systems: list[dict]) -> list[dict]:
     rows = []
     for label, key, kind, op, threshold, formats in TARGETS:
         for s in systems:
-            if s["kind"] != "engine" or (formats and s["weights"] not in formats):
+            if s["kind"] != "engine" or (formats and s["weights"] not in formats) or not s["figures"]:
                 continue
             value = s["ratios"].get(key) if kind == "ratio" else _median(s, key)
             met = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
@@ -229,14 +280,17 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.3f} B" if n >= 10**8 else f"{n / 1e6:.3f} M"
 
 
-def cell(system: dict, key: str, *, spread: bool) -> str:
-    st = system["summary"].get(key)
+def cell(system: dict, key: str, *, spread: bool, workload: str = "caption") -> str:
+    """Median [min–max] (ratio vs BASELINE) of `key` in a system's caption or detect3 figures."""
+    figures = system if workload == "caption" else system[workload]
+    st = figures["summary"].get(key)
     if not st:
         return "-"
-    text = _num(st["median"])
+    num = _num if key not in COUNTS else (lambda v: f"{v:g}")   # counts: 8, 7.5
+    text = num(st["median"])
     if spread and st["n"] > 1:
-        text += f" [{_num(st['min'])}–{_num(st['max'])}]"
-    r = system["ratios"].get(key)
+        text += f" [{num(st['min'])}–{num(st['max'])}]"
+    r = figures["ratios"].get(key)
     if r is not None and system["id"] != BASELINE:
         text += f" ({r:.2f}x)"
     return text
@@ -257,14 +311,46 @@ def main_table(systems: list[dict], *, markdown: bool = False) -> str:
     return _table(header, rows, markdown)
 
 
-def split_table(systems: list[dict], *, markdown: bool = False) -> str:
-    header = ["system", "step ms"] + [f"{label} %" for _, label in SPLIT]
+def _header(label: str, unit: str) -> str:
+    return f"{label} {unit}".strip()
+
+
+def _split_table(systems: list[dict], total: tuple[str, str, float], parts, markdown: bool) -> str:
+    """One row per engine system: the total (key, header, scale) and each part's share in %."""
+    key, title, scale = total
+    header = ["system", title] + [f"{label} %" for _, label in parts]
     rows = []
     for s in systems:
-        if s["kind"] != "engine":
+        if s["kind"] != "engine" or all(_median(s, k) is None for k, _ in parts):
             continue
         pct = lambda k: _num(100 * _median(s, k)) if _median(s, k) is not None else "-"  # noqa: E731
-        rows.append([s["id"], _num(_median(s, "ms_per_token"))] + [pct(k) for k, _ in SPLIT])
+        t = _median(s, key)
+        rows.append([s["id"], _num(t * scale if t is not None else None)] + [pct(k) for k, _ in parts])
+    return _table(header, rows, markdown) if rows else ""
+
+
+def split_table(systems: list[dict], *, markdown: bool = False) -> str:
+    """Decode step split: shares of the decode time."""
+    return _split_table(systems, ("ms_per_token", "step ms", 1.0), SPLIT, markdown)
+
+
+def prefill_split_table(systems: list[dict], *, markdown: bool = False) -> str:
+    """Prefill split: shares of the TTFT."""
+    return _split_table(systems, ("ttft_s", "TTFT ms", 1e3), PREFILL_SPLIT, markdown)
+
+
+def first_call_table(systems: list[dict], *, markdown: bool = False) -> str:
+    """First generate in a fresh process against the warm one, per system."""
+    header = ["system"] + [_header(label, unit) for _, label, unit in FIRST_CALL]
+    rows = [[s["id"]] + [_num(_median(s, k)) for k, *_ in FIRST_CALL] for s in systems if s["figures"]]
+    return _table(header, rows, markdown) if rows else ""
+
+
+def detect_table(systems: list[dict], *, markdown: bool = False) -> str:
+    """The detect3 workload: one row per system that ran it."""
+    header = ["system"] + [_header(label, unit) for _, label, unit in DETECT_METRICS]
+    rows = [[s["id"]] + [cell(s, k, spread=markdown, workload="detect3") for k, *_ in DETECT_METRICS]
+            for s in systems if s.get("detect3", {}).get("figures")]
     return _table(header, rows, markdown) if rows else ""
 
 
@@ -283,58 +369,110 @@ def targets_table(targets: list[dict], *, markdown: bool = False) -> str:
     return _table(["target", "system", "value", "status"], rows, markdown) if rows else ""
 
 
+def failed_samples(systems: list[dict]) -> list[str]:
+    """"system (workload): error" for every failed sample."""
+    return [f"{s['id']} ({x.get('workload', w)}): {x['error']}" for s in systems
+            for w, samples in (("caption", s["samples"]), ("detect3", s.get("detect3", {}).get("samples", [])))
+            for x in samples if x.get("error")]
+
+
+def detect_setup(results: dict) -> str:
+    """One line on what detect3 runs."""
+    st = results["settings"]
+    sample = next((x for s in results["systems"] for x in s.get("detect3", {}).get("samples", [])
+                   if not x.get("error")), {})
+    return (f"detect3: `model.detect(image, {st['detect_labels']})` = one prompt {st['detect_prompt']!r} + the "
+            f"image = {sample.get('prompt_tokens', '?')} tokens, greedy, EOS allowed, max_new_tokens "
+            f"{', '.join(map(str, st['detect_max_new_tokens'])) or '?'}; one warm-up call, then the measured call")
+
+
 def text_report(results: dict) -> str:
-    """The stdout report: figures (median, ratio vs PyTorch bf16), split, limits, targets."""
-    systems = results["systems"]
+    """The stdout report: one table per workload (median, ratio vs PyTorch bf16), the first-call
+    and split tables, limits, targets."""
+    systems, st = results["systems"], results["settings"]
     bw = results["bandwidth"]["best_gbs"]
-    parts = [f"{results['model']['name']}: {results['settings']['new_tokens']} new tokens, "
-             f"{results['settings']['repeats']} repeat(s), {results['settings']['threads']} thread(s); "
-             f"medians, (ratio vs {BASELINE})", main_table(systems)]
-    split = split_table(systems)
-    if split:
-        parts += ["decode step split (share of the decode time)", split]
+    parts = [f"{results['model']['name']}: {st['repeats']} repeat(s), {st['threads']} thread(s); "
+             f"medians, (ratio vs {BASELINE})"]
+    if "caption" in st["workloads"]:
+        parts += [f"caption: {st['new_tokens']} new tokens", main_table(systems),
+                  "first call (fresh process) vs warm", first_call_table(systems)]
+        prefill = prefill_split_table(systems)
+        if prefill:
+            parts += ["prefill split (share of the TTFT)", prefill]
+        split = split_table(systems)
+        if split:
+            parts += ["decode step split (share of the decode time)", split]
+    if "detect3" in st["workloads"]:
+        parts += [detect_setup(results), detect_table(systems)]
     parts += [f"bandwidth-bound decode limit (memory read {_num(bw)} GB/s)",
               limits_table(results["limits"]["formats"], bw)]
     targets = targets_table(results["targets"])
     if targets:
         parts += ["targets", targets]
-    failed = [f"{s['id']}: {x['error']}" for s in systems for x in s["samples"] if x.get("error")]
+    failed = failed_samples(systems)
     if failed:
         parts += ["failed samples"] + failed
     parts += results["notes"]
-    return "\n\n".join(parts) + "\n"
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def machine_lines(mach: dict) -> list[str]:
+    """The CPU, its SIMD flags and what the native core uses: the first lines of results.md."""
+    features = mach.get("engine_cpu_features") or {}
+    return [f"- CPU: {mach['cpu']} ({mach['cores']} cores visible, {mach['memory_gb']:.1f} GB RAM)",
+            f"- SIMD flags (/proc/cpuinfo): {', '.join(mach['simd_flags']) or 'none'}",
+            "- engine.cpu_features(): " + (", ".join(f"{k}={v}" for k, v in features.items()) or "-")]
 
 
 def markdown_report(results: dict, chart_name: str | None) -> str:
     m, st, mach, bw = results["model"], results["settings"], results["machine"], results["bandwidth"]
     systems = results["systems"]
     lines = [f"# Benchmark: {m['name']}", "",
-             f"Generated by `{results['command']}` on {results['started']}.", ""]
+             f"Generated by `{results['command']}` on {results['started']}.", "", *machine_lines(mach), ""]
     lines += ["\n>\n".join(f"> {n}" for n in results["notes"]), ""]
+    workloads = []
+    if "caption" in st["workloads"]:
+        workloads.append(f"caption: prompt {st['prompt']!r} + one {m['image_size']} px image = "
+                         f"{m['prompt_tokens']} tokens; {st['new_tokens']} new tokens forced (EOS ignored)")
+    if "detect3" in st["workloads"]:
+        workloads.append(detect_setup(results))
     lines += ["## Setup", "",
               f"- model: {m['name']} ({m['source']}), {_count(m['params'])} parameters; decoder linear "
               f"{_count(m['layer_params'])} + LM head {_count(m['head_params'])}",
-              f"- prompt: {st['prompt']!r} + one {m['image_size']} px image = {m['prompt_tokens']} tokens; "
-              f"{st['new_tokens']} new tokens forced (EOS ignored); {st['repeats']} repeat(s), systems "
-              "interleaved, each sample in a fresh process",
+              *(f"- {w}" for w in workloads),
+              f"- {st['repeats']} repeat(s), systems interleaved, each sample a fresh process that runs "
+              f"the workloads in order ({', '.join(st['workloads'])}); image: {st['image']}",
               f"- threads: {st['threads']} for every system",
-              f"- machine: {mach['cpu']} ({mach['cores']} cores visible, {mach['memory_gb']:.1f} GB RAM), "
-              f"load average {mach['loadavg_start']} at start, {mach['loadavg_end']} at end",
-              f"- SIMD flags: {', '.join(mach['simd_flags']) or 'none'}",
+              f"- load average {mach['loadavg_start']} at start, {mach['loadavg_end']} at end",
               "- versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items() if v), ""]
-    lines += ["## Results", "",
-              f"Median [min–max] over the repeats; (ratio vs {BASELINE}). TTFT: image in -> first token "
-              "out, preprocessing included. `1st call`: the first (2-token) generate after loading "
-              "(lazy weight repacking, allocator warm-up), not counted in the other figures.", "",
-              main_table(systems, markdown=True), ""]
-    if chart_name:
-        lines += [f"![TTFT, decode speed and peak RSS]({chart_name})", ""]
-    split = split_table(systems, markdown=True)
-    if split:
-        lines += ["## Decode step split (our engine)", "",
-                  "Shares of the decode time: graph execution (runner.run of the decoder and LM head "
-                  "graphs), native attention (_native.attention), and overhead (embedding, Python "
-                  "glue, the C++ loop's token selection; all the rest).", "", split, ""]
+    if "caption" in st["workloads"]:
+        lines += ["## Caption", "",
+                  f"Median [min–max] over the repeats; (ratio vs {BASELINE}). TTFT: image in -> first token "
+                  "out, preprocessing included. `1st call`: the first (2-token) generate after loading "
+                  "(lazy weight repacking, allocator warm-up), not counted in the other figures.", "",
+                  main_table(systems, markdown=True), ""]
+        if chart_name:
+            lines += [f"![TTFT, decode speed and peak RSS]({chart_name})", ""]
+        lines += ["### First call vs warm", "",
+                  "The first generate of a fresh process (2 tokens) against the measured one: its TTFT "
+                  "over the warm TTFT (medians).", "", first_call_table(systems, markdown=True), ""]
+        prefill, split = prefill_split_table(systems, markdown=True), split_table(systems, markdown=True)
+        if prefill or split:
+            lines += ["### Where the time goes (our engine)", ""]
+        if prefill:
+            lines += ["Prefill: shares of the TTFT. The vision graph, the decoder graphs (decoder_i on the "
+                      "prompt rows), native attention on the prompt rows, the LM head graph (last row), and "
+                      "overhead: the rest (preprocessing, embedding, KV cache set-up, first-token selection).",
+                      "", prefill, ""]
+        if split:
+            lines += ["Decode: shares of the decode time. Graph execution (runner.run of the decoder and LM "
+                      "head graphs), native attention (_native.attention), and overhead (embedding, Python "
+                      "glue, the C++ loop's token selection; all the rest).", "", split, ""]
+    if "detect3" in st["workloads"]:
+        lines += ["## detect3", "", detect_setup(results) + ". Median [min–max] over the repeats; "
+                  f"(ratio vs {BASELINE}). `detect3 call`: end to end (preprocessing, generate, decoding and "
+                  "parsing the boxes); `call / token`: that over the generated tokens, which differ between "
+                  "systems when they stop at different points.", "", detect_table(systems, markdown=True), ""]
     lines += ["## Physical limit", "",
               f"Memory read bandwidth (C++ streaming sum over {bw['bytes'] / 2**30:.2f} GiB, "
               f"{bw['threads']} threads, best of {bw['repeats']}): samples "
@@ -345,32 +483,39 @@ def markdown_report(results: dict, chart_name: str | None) -> str:
     targets = targets_table(results["targets"], markdown=True)
     if targets:
         lines += ["## Targets", "", targets, ""]
-    attn = sorted({x.get("attn_implementation") for s in systems for x in s["samples"] if x.get("attn_implementation")})
+    attn = sorted({x.get("attn_implementation") for s in systems
+                   for x in (*s["samples"], *s.get("detect3", {}).get("samples", [])) if x.get("attn_implementation")})
     lines += ["## Method", "",
-              "- every sample is a fresh process: import the runtime, load (`load`), a 2-token warm-up "
-              "generate (`1st call`), then one measured generate of exactly the new tokens",
+              "- every sample is a fresh process: import the runtime, load (`load`), then each workload: "
+              "caption: a 2-token warm-up generate (`1st call`, with its own TTFT), then one measured generate "
+              "of exactly the new tokens; detect3: one warm-up detect call, then the measured one",
               "- this engine: `engine.load(artifact, backend, threads, verify=False)` (no checksum pass), "
-              "`generate(..., ignore_eos=True)`; its timings come from `result.timings`",
+              "`generate(..., ignore_eos=True)` and `model.detect(image, labels)`; its timings come from "
+              "`result.timings`; the prefill and decode splits from perf_counter pairs around runner.run, "
+              "_native.attention and the decode step function (engine/bench/workers.py)",
               "- transformers: `PaliGemmaForConditionalGeneration.from_pretrained(checkpoint, dtype=...)` with "
               f"{' / '.join(attn) or 'sdpa'} attention, `torch.set_num_threads(threads)`, the processor's "
-              "input_ids, attention_mask, token_type_ids and pixel_values, `generate(min_new_tokens = "
-              "max_new_tokens)`; image encode from forward hooks on the vision tower and projector, token "
-              "times from a pass-through logits processor",
+              "input_ids, attention_mask, token_type_ids and pixel_values, greedy `generate` (caption: "
+              "`min_new_tokens = max_new_tokens`; detect3: our detect's prompt, max_new_tokens and EOS id, "
+              "then `processor.decode` and engine.tasks.parse_detections); image encode from forward hooks "
+              "on the vision tower and projector, token times from a pass-through logits processor",
               "- decode: the new tokens after the first, time/token = decode time / (tokens - 1); peak RSS: "
-              "VmHWM of the worker process; disk: the artifact directory (ours) or the checkpoint directory "
-              "(transformers, bf16 safetensors for both dtypes); `RSS after`: VmRSS right after the measured "
-              "generate, the model still loaded",
+              "VmHWM of the worker process at the end of the caption workload; disk: the artifact directory "
+              "(ours) or the checkpoint directory (transformers, bf16 safetensors for both dtypes); `RSS "
+              "after`: VmRSS right after the measured generate, the model still loaded",
               "- prefill GFLOP/s = 2 x (decoder linear params x prompt tokens + LM head params) / prefill time", ""]
-    failed = [f"- {s['id']}: {x['error']}" for s in systems for x in s["samples"] if x.get("error")]
+    failed = failed_samples(systems)
     if failed:
-        lines += ["## Failed samples", "", *failed, ""]
+        lines += ["## Failed samples", "", *(f"- {f}" for f in failed), ""]
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- chart
 def write_chart(results: dict, path: Path) -> Path | None:
-    """Three panels (TTFT, decode tokens/s, peak RSS), one bar per system with min-max whiskers.
-    Returns None when matplotlib is not installed."""
+    """Three panels of the caption workload (TTFT, decode tokens/s, peak RSS), one bar per system
+    with min-max whiskers. Returns None when matplotlib is not installed or caption did not run."""
+    if not any(s["figures"] for s in results["systems"]):
+        return None
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -5,20 +5,35 @@
 SPEC["kind"] is one of
     "export"        export a checkpoint for one backend and weight format into the engine's
                     cache (engine._export_cached, the same cache engine.load uses)
-    "engine"        load an artifact, run one warm-up generate and one measured generate
+    "engine"        load an artifact, then run SPEC["workloads"] in order
     "transformers"  the same with transformers' PaliGemmaForConditionalGeneration (PyTorch)
-and the worker writes one JSON object to OUT.json (peak RSS included). Both measured kinds
-follow the same protocol: import the runtime (import_s), load the model (load_s), a first
-2-token generate (warmup_s: lazy weight repacking, allocator warm-up), then one generate of
-exactly `new_tokens` tokens (EOS ignored) that gives image_encode_s, prefill_s, ttft_s (image
-in -> first token out, preprocessing included) and decode_s (the later new_tokens - 1 tokens).
+and the worker writes one JSON object to OUT.json: import_s, load_s, memory, and one result
+per workload under "workloads". Both measured kinds follow the same protocol: import the
+runtime (import_s), load the model (load_s), then per workload one warm-up call and one
+measured call.
 
-Decode step split (engine only): `DecodeProfiler` wraps, in this process only, the model's graph
-runner (runner.run) and the native attention function (engine.model's `_native.attention`) with
-a perf_counter pair each, and the model's `_step` to know which calls belong to decode steps.
-Two clock reads per call, ~40 calls per 3B step, next to steps of ~100 ms: the hot path is
-unchanged elsewhere. _native.last_generate_stats() adds the C++ loop's own time (loop_s) and
-the time inside the Python step function (step_fn_s).
+Workloads:
+    caption   prompt "caption en", exactly `new_tokens` tokens (EOS ignored). Warm-up: a 2-token
+              generate (warmup_s, and its own TTFT first_call_ttft_s: lazy weight repacking,
+              allocator warm-up). The measured generate gives image_encode_s, prefill_s, ttft_s
+              (image in -> first token out, preprocessing included) and decode_s (the later
+              new_tokens - 1 tokens).
+    detect3   three labels (DETECT_LABELS) on the same image, end to end as users run it: ours is
+              `model.detect(image, labels)` (engine.tasks.detect: ONE prompt "detect a ; b ; c",
+              greedy, EOS allowed, max_new_tokens = detect's default unless SPEC["detect_tokens"]);
+              transformers runs that prompt (engine.tasks.detect_prompt) through processor ->
+              generate -> decode -> engine.tasks.parse_detections with the same max_new_tokens and
+              EOS id. One warm-up call (first_call_s), then the measured call: e2e_s, ttft_s,
+              new_tokens (generated, EOS included when it ends the answer), detections.
+
+Engine time split (`GenerateProfiler`): it wraps, in this process only, the model's generate (to
+know when a generate runs and keep its result), its graph runner (runner.run), the native
+attention function (engine.model's `_native.attention`) and the model's `_step` with a
+perf_counter pair each. Calls before the first decode step of a generate are prefill
+(`PrefillSplit`: vision graph, decoder graphs, attention, LM head); calls inside `_step` are
+decode (`DecodeSplit`). Two clock reads per call, ~40 calls per 3B step, next to steps of
+~100 ms: the hot path is unchanged elsewhere. _native.last_generate_stats() adds the C++ loop's
+own time (loop_s) and the time inside the Python step function (step_fn_s).
 """
 from __future__ import annotations
 
@@ -27,15 +42,28 @@ import os
 import resource
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-PROMPT = "caption en"
+from ..tasks import DEFAULT_MAX_NEW_TOKENS, caption_prompt, detect_prompt
+
+PROMPT = caption_prompt("en")
 WARMUP_TOKENS = 2
+DETECT_LABELS = ("red circle", "blue square", "green triangle")
+WORKLOADS = ("caption", "detect3")
 
 
 def example_image():
     from ..__main__ import example_image as image   # the demo's generated scene (320 x 240)
     return image()
+
+
+def detect_max_new_tokens(prompt_tokens: int, max_context: int, override: int | None) -> int:
+    """max_new_tokens of engine.tasks.detect: its default (128), capped so prompt + answer fit
+    the context (mirrors engine.tasks._default_max_new_tokens), unless `override` is given."""
+    if override:
+        return override
+    return max(1, min(DEFAULT_MAX_NEW_TOKENS["detect"], max_context - prompt_tokens))
 
 
 # ---------------------------------------------------------------------------- memory
@@ -67,60 +95,116 @@ def memory_info() -> dict:
             "ru_maxrss_bytes": maxrss if sys.platform == "darwin" else maxrss * 1024}
 
 
+def _peak_of(*readings: int | None) -> int:
+    return max(v for v in readings if v)
+
+
+def _peak(*readings: int | None) -> int:
+    """Peak RSS so far: VmHWM now, or a larger RSS reading (see main)."""
+    return _peak_of(_status_bytes("VmHWM"), *readings)
+
+
 # ---------------------------------------------------------------------------- engine profiling
-class DecodeProfiler:
-    """Times graph runs and attention calls made inside decode steps (see the module docstring)."""
+@dataclass
+class PrefillSplit:
+    """Seconds spent before the first decode step of a generate (see the module docstring)."""
+    vision_s: float = 0.0           # the "vision" graph (image features)
+    decoder_s: float = 0.0          # the decoder_i graphs on the prompt rows
+    attention_s: float = 0.0        # _native.attention on the prompt rows
+    lm_head_s: float = 0.0          # the lm_head graph (last prompt row)
+    vision_calls: int = 0
+    decoder_calls: int = 0
+    attention_calls: int = 0
+    lm_head_calls: int = 0
+
+    def add_graph(self, graph: str, seconds: float) -> None:
+        if graph == "vision":
+            self.vision_s += seconds
+            self.vision_calls += 1
+        elif graph == "lm_head":
+            self.lm_head_s += seconds
+            self.lm_head_calls += 1
+        else:
+            self.decoder_s += seconds
+            self.decoder_calls += 1
+
+
+@dataclass
+class DecodeSplit:
+    """Seconds spent inside decode steps (the model's _step)."""
+    graph_s: float = 0.0            # every graph run (decoder_i and lm_head)
+    lm_head_s: float = 0.0          # of which the lm_head graph
+    attention_s: float = 0.0
+    step_s: float = 0.0             # whole _step calls
+    steps: int = 0
+    graph_calls: int = 0
+    attention_calls: int = 0
+
+    def add_graph(self, graph: str, seconds: float) -> None:
+        self.graph_s += seconds
+        self.graph_calls += 1
+        if graph == "lm_head":
+            self.lm_head_s += seconds
+
+
+class GenerateProfiler:
+    """Times graph runs and attention calls of a model's generate, split into prefill and decode
+    (see the module docstring). `last_result` / `last_max_new_tokens`: of the latest generate."""
 
     def __init__(self):
-        self.in_step = False
+        self.phase: str | None = None      # "prefill", "decode" or None (outside generate)
+        self.last_result = None
+        self.last_max_new_tokens: int | None = None
         self.reset()
 
     def reset(self) -> None:
-        self.graph_s = self.lm_head_s = self.attention_s = self.step_s = 0.0
-        self.graph_calls = self.attention_calls = self.steps = 0
+        self.prefill, self.decode = PrefillSplit(), DecodeSplit()
 
-    def attach(self, model) -> "DecodeProfiler":
+    def attach(self, model) -> "GenerateProfiler":
         from .. import model as model_module
         model.runner = _TimedRunner(model.runner, self)
         if not isinstance(model_module._native, _TimedNative):
             model_module._native = _TimedNative(model_module._native, self)   # PaliGemma.decoder's attention
-        step = model._step
+        generate, step = model.generate, model._step
+
+        def timed_generate(*args, **kwargs):     # tasks (model.detect) call model.generate too
+            self.phase = "prefill"
+            try:
+                self.last_result = generate(*args, **kwargs)
+                self.last_max_new_tokens = kwargs.get("max_new_tokens")
+                return self.last_result
+            finally:
+                self.phase = None
 
         def timed_step(*args, **kwargs):
-            self.in_step = True
+            self.phase = "decode"                # the first step ends the prefill
             t0 = time.perf_counter()
             try:
                 return step(*args, **kwargs)
             finally:
-                self.step_s += time.perf_counter() - t0
-                self.steps += 1
-                self.in_step = False
+                self.decode.step_s += time.perf_counter() - t0
+                self.decode.steps += 1
 
-        model._step = timed_step
+        model.generate, model._step = timed_generate, timed_step
         return self
 
-    def as_dict(self) -> dict:
-        return {"graph_s": self.graph_s, "lm_head_s": self.lm_head_s, "attention_s": self.attention_s,
-                "step_s": self.step_s, "steps": self.steps, "graph_calls": self.graph_calls,
-                "attention_calls": self.attention_calls}
+    def split(self) -> PrefillSplit | DecodeSplit | None:
+        return {"prefill": self.prefill, "decode": self.decode}.get(self.phase)
 
 
 class _TimedRunner:
-    """Stands in for the model's GraphRunner; times run() during decode steps."""
+    """Stands in for the model's GraphRunner; times run() during generate."""
 
-    def __init__(self, runner, profiler: DecodeProfiler):
+    def __init__(self, runner, profiler: GenerateProfiler):
         self._runner, self._prof = runner, profiler
 
     def run(self, graph, inputs):
-        if not self._prof.in_step:
+        split = self._prof.split()
+        if split is None:
             return self._runner.run(graph, inputs)
         t0 = time.perf_counter()
         out = self._runner.run(graph, inputs)
-        dt = time.perf_counter() - t0
-        self._prof.graph_s += dt
-        self._prof.graph_calls += 1
-        if graph == "lm_head":
-            self._prof.lm_head_s += dt
+        split.add_graph(graph, time.perf_counter() - t0)
         return out
 
     def __getattr__(self, name):
@@ -128,18 +212,19 @@ class _TimedRunner:
 
 
 class _TimedNative:
-    """Stands in for engine._native inside engine.model; times attention() during decode steps."""
+    """Stands in for engine._native inside engine.model; times attention() during generate."""
 
-    def __init__(self, native, profiler: DecodeProfiler):
+    def __init__(self, native, profiler: GenerateProfiler):
         self._native, self._prof = native, profiler
 
     def attention(self, *args, **kwargs):
-        if not self._prof.in_step:
+        split = self._prof.split()
+        if split is None:
             return self._native.attention(*args, **kwargs)
         t0 = time.perf_counter()
         out = self._native.attention(*args, **kwargs)
-        self._prof.attention_s += time.perf_counter() - t0
-        self._prof.attention_calls += 1
+        split.attention_s += time.perf_counter() - t0
+        split.attention_calls += 1
         return out
 
     def __getattr__(self, name):
@@ -160,19 +245,27 @@ def run_engine(spec: dict) -> dict:
     t0 = time.perf_counter()
     importlib.import_module("openvino" if spec["backend"] == "openvino" else "onnxruntime")
     import engine
-    from engine import _native
     import_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     model = engine.load(spec["artifact"], spec["backend"], spec["threads"], verify=False, progress=False)
     load_s = time.perf_counter() - t0
-    rss_after_load, peak_after_load = _status_bytes("VmRSS"), _status_bytes("VmHWM")
-    profiler = DecodeProfiler().attach(model)
-    image, n = example_image(), spec["new_tokens"]
-    prompt_tokens = len(model.processor(image, PROMPT)["input_ids"])
+    out = {"import_s": import_s, "load_s": load_s, "rss_after_load_bytes": _status_bytes("VmRSS"),
+           "peak_rss_after_load_bytes": _status_bytes("VmHWM")}
+    profiler = GenerateProfiler().attach(model)
+    image = example_image()
+    runs = {"caption": engine_caption, "detect3": engine_detect3}
+    out["workloads"] = {w: runs[w](model, profiler, image, spec) for w in spec["workloads"]}
+    model.close()
+    return out
 
+
+def engine_caption(model, profiler: GenerateProfiler, image, spec: dict) -> dict:
+    from engine import _native
+    n = spec["new_tokens"]
+    prompt_tokens = len(model.processor(image, PROMPT)["input_ids"])
     t0 = time.perf_counter()
-    model.generate(image, PROMPT, max_new_tokens=min(WARMUP_TOKENS, n), ignore_eos=True)
+    first = model.generate(image, PROMPT, max_new_tokens=min(WARMUP_TOKENS, n), ignore_eos=True)
     warmup_s = time.perf_counter() - t0
     peak_after_warmup = _status_bytes("VmHWM")
     profiler.reset()
@@ -180,15 +273,51 @@ def run_engine(spec: dict) -> dict:
     loop = _native.last_generate_stats() or {}
     rss_after_generate = _status_bytes("VmRSS")
     t = result.timings
-    split = profiler.as_dict()
+    split = asdict(profiler.decode)
     split.update({k: loop.get(k) for k in ("step_fn_s", "loop_s", "stream_s", "total_s")})
-    model.close()
-    return {"import_s": import_s, "load_s": load_s, "warmup_s": warmup_s,
+    return {"warmup_s": warmup_s, "first_call_ttft_s": first.timings["first_token"],
             "image_encode_s": t["image_encode"], "prefill_s": t["prefill"], "ttft_s": t["first_token"],
             "decode_s": t["decode"], "new_tokens": len(result.tokens), "decode_steps": loop.get("steps"),
             "prompt_tokens": prompt_tokens, "finish_reason": result.finish_reason, "tokens": result.tokens,
-            "split": split, "rss_after_load_bytes": rss_after_load, "rss_after_generate_bytes": rss_after_generate,
-            "peak_rss_after_load_bytes": peak_after_load, "peak_rss_after_warmup_bytes": peak_after_warmup}
+            "split": split, "prefill_split": asdict(profiler.prefill),
+            "rss_after_generate_bytes": rss_after_generate, "peak_rss_after_warmup_bytes": peak_after_warmup,
+            "peak_rss_bytes": _peak(rss_after_generate, peak_after_warmup)}
+
+
+def engine_detect3(model, profiler: GenerateProfiler, image, spec: dict) -> dict:
+    labels = list(DETECT_LABELS)
+    gen = {"max_new_tokens": spec["detect_tokens"]} if spec.get("detect_tokens") else {}
+    t0 = time.perf_counter()
+    model.detect(image, labels, **gen)
+    first_call_s = time.perf_counter() - t0
+    profiler.reset()
+    t0 = time.perf_counter()
+    detections = model.detect(image, labels, **gen)
+    e2e_s = time.perf_counter() - t0
+    result = profiler.last_result            # the GenerationResult inside model.detect
+    prompt = detect_prompt(labels)
+    return {"first_call_s": first_call_s, "e2e_s": e2e_s, "ttft_s": result.timings["first_token"],
+            "new_tokens": len(result.tokens), "max_new_tokens": profiler.last_max_new_tokens,
+            "prompt": prompt, "prompt_tokens": len(model.processor(image, prompt)["input_ids"]),
+            "finish_reason": result.finish_reason, "tokens": result.tokens, "detections": len(detections),
+            "rss_after_generate_bytes": _status_bytes("VmRSS"), "peak_rss_bytes": _peak(_status_bytes("VmRSS"))}
+
+
+@dataclass
+class HFRun:
+    """One transformers generate: clock marks and the new tokens."""
+    start: float                 # before preprocessing
+    preprocess_s: float
+    vision_s: float              # vision tower + projector (forward hooks)
+    vision_end: float
+    token_times: list[float]     # logits of each generated token ready (just before it is chosen)
+    end: float
+    tokens: list[int]
+    prompt_tokens: int
+
+    @property
+    def ttft_s(self) -> float:
+        return self.token_times[0] - self.start
 
 
 def run_transformers(spec: dict) -> dict:
@@ -213,7 +342,9 @@ def run_transformers(spec: dict) -> dict:
     model.eval()
     processor = AutoProcessor.from_pretrained(spec["checkpoint"])
     load_s = time.perf_counter() - t0
-    rss_after_load, peak_after_load = _status_bytes("VmRSS"), _status_bytes("VmHWM")
+    out = {"import_s": import_s, "load_s": load_s, "rss_after_load_bytes": _status_bytes("VmRSS"),
+           "peak_rss_after_load_bytes": _status_bytes("VmHWM"), "attn_implementation": attn,
+           "torch_threads": torch.get_num_threads()}
 
     # Clock marks: vision tower start / projector end (forward hooks), and the logits of every
     # generated token (a pass-through logits processor, called right before the token is chosen).
@@ -236,37 +367,68 @@ def run_transformers(spec: dict) -> dict:
             self.times.append(time.perf_counter())
             return scores
 
-    image, n = example_image(), spec["new_tokens"]
+    from ..config import PaliGemmaConfig
+    cfg = PaliGemmaConfig.from_file(Path(spec["checkpoint"]) / "config.json")   # the EOS id our engine uses
+    image = example_image()
 
-    def generate(max_new_tokens: int):
+    def generate(prompt: str, max_new_tokens: int, *, ignore_eos: bool) -> HFRun:
         marks.clear()
         stamp = Stamp()
         start = time.perf_counter()
-        enc = processor(images=image, text=PROMPT, return_tensors="pt")
+        enc = processor(images=image, text=prompt, return_tensors="pt")
         inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids", "pixel_values")}
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
         preprocess_s = time.perf_counter() - start
+        stop = {"min_new_tokens": max_new_tokens} if ignore_eos else {"eos_token_id": cfg.eos_token_id}
         with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                 do_sample=False, num_beams=1, logits_processor=LogitsProcessorList([stamp]))
+            ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                 logits_processor=LogitsProcessorList([stamp]), **stop)
         end = time.perf_counter()
-        new = out[0, inputs["input_ids"].shape[1]:].tolist()
-        return start, preprocess_s, stamp.times, end, new, int(inputs["input_ids"].shape[1])
+        n_prompt = int(inputs["input_ids"].shape[1])
+        return HFRun(start, preprocess_s, marks["vision1"] - marks["vision0"], marks["vision1"], stamp.times, end,
+                     ids[0, n_prompt:].tolist(), n_prompt)
 
-    t0 = time.perf_counter()
-    generate(min(WARMUP_TOKENS, n))
-    warmup_s = time.perf_counter() - t0
-    peak_after_warmup = _status_bytes("VmHWM")
-    start, preprocess_s, times, end, tokens, prompt_tokens = generate(n)
-    rss_after_generate = _status_bytes("VmRSS")
-    first = times[0]
-    return {"import_s": import_s, "load_s": load_s, "warmup_s": warmup_s,
-            "image_encode_s": preprocess_s + (marks["vision1"] - marks["vision0"]),
-            "prefill_s": first - marks["vision1"], "ttft_s": first - start, "decode_s": end - first,
-            "new_tokens": len(tokens), "decode_steps": len(tokens) - 1, "prompt_tokens": prompt_tokens,
-            "tokens": tokens, "attn_implementation": attn, "torch_threads": torch.get_num_threads(),
-            "rss_after_load_bytes": rss_after_load, "rss_after_generate_bytes": rss_after_generate,
-            "peak_rss_after_load_bytes": peak_after_load, "peak_rss_after_warmup_bytes": peak_after_warmup}
+    def caption() -> dict:
+        n = spec["new_tokens"]
+        t0 = time.perf_counter()
+        first = generate(PROMPT, min(WARMUP_TOKENS, n), ignore_eos=True)
+        warmup_s = time.perf_counter() - t0
+        peak_after_warmup = _status_bytes("VmHWM")
+        run = generate(PROMPT, n, ignore_eos=True)
+        rss_after_generate = _status_bytes("VmRSS")
+        return {"warmup_s": warmup_s, "first_call_ttft_s": first.ttft_s,
+                "image_encode_s": run.preprocess_s + run.vision_s, "prefill_s": run.token_times[0] - run.vision_end,
+                "ttft_s": run.ttft_s, "decode_s": run.end - run.token_times[0], "new_tokens": len(run.tokens),
+                "decode_steps": len(run.tokens) - 1, "prompt_tokens": run.prompt_tokens, "tokens": run.tokens,
+                "rss_after_generate_bytes": rss_after_generate, "peak_rss_after_warmup_bytes": peak_after_warmup,
+                "peak_rss_bytes": _peak(rss_after_generate, peak_after_warmup)}
+
+    def detect3() -> dict:
+        from ..tasks import parse_detections
+        prompt = detect_prompt(list(DETECT_LABELS))
+        n_prompt = int(processor(images=image, text=prompt, return_tensors="pt")["input_ids"].shape[1])
+        max_new = detect_max_new_tokens(n_prompt, cfg.text.max_position_embeddings, spec.get("detect_tokens"))
+
+        def call() -> tuple[HFRun, int]:      # what a transformers user runs: generate, decode, parse
+            run = generate(prompt, max_new, ignore_eos=False)
+            text = processor.decode(run.tokens, skip_special_tokens=True)
+            return run, len(parse_detections(text, *image.size))
+
+        t0 = time.perf_counter()
+        call()
+        first_call_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        run, detections = call()
+        e2e_s = time.perf_counter() - t0
+        eos = bool(run.tokens) and run.tokens[-1] == cfg.eos_token_id
+        return {"first_call_s": first_call_s, "e2e_s": e2e_s, "ttft_s": run.ttft_s, "new_tokens": len(run.tokens),
+                "max_new_tokens": max_new, "prompt": prompt, "prompt_tokens": run.prompt_tokens,
+                "finish_reason": "eos" if eos else "length", "tokens": run.tokens, "detections": detections,
+                "rss_after_generate_bytes": _status_bytes("VmRSS"), "peak_rss_bytes": _peak(_status_bytes("VmRSS"))}
+
+    runs = {"caption": caption, "detect3": detect3}
+    out["workloads"] = {w: runs[w]() for w in spec["workloads"]}
+    return out
 
 
 WORKERS = {"export": run_export, "engine": run_engine, "transformers": run_transformers}
@@ -280,10 +442,13 @@ def main(argv: list[str] | None = None) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     result = WORKERS[spec["kind"]](spec)
     result.update(memory_info())    # peak RSS of the whole process (rss_bytes: now, the model freed)
-    # The kernel folds per-CPU RSS counters in lazily, so readings can disagree by a few pages: the
-    # peak is the largest of them.
-    result["peak_rss_bytes"] = max(v for k, v in result.items() if k.endswith("_bytes") and "rss" in k
-                                   and k != "ru_maxrss_bytes" and v)
+    # The kernel folds per-CPU RSS counters in lazily, so readings can disagree by a few pages: a
+    # peak is the largest of the readings up to then.
+    at_load = [result.get("rss_after_load_bytes"), result.get("peak_rss_after_load_bytes")]
+    for w in result.get("workloads", {}).values():
+        w["peak_rss_bytes"] = _peak_of(w["peak_rss_bytes"], *at_load)
+    result["peak_rss_bytes"] = _peak_of(result["peak_rss_bytes"], *at_load,
+                                        *(w["peak_rss_bytes"] for w in result.get("workloads", {}).values()))
     result["pid"] = os.getpid()
     Path(argv[1]).write_text(json.dumps(result))
     return 0
