@@ -50,7 +50,8 @@ def load(path=None, backend: str = "openvino", threads: int | None = None, *, we
       checkpoint directory, which is exported once (with `weights` / `group_size`, for `backend`)
       into the cache directory and reused on later calls.
     backend: "openvino" or "onnxruntime". threads: threads for graphs and native kernels.
-    verify: check the artifact's file checksums (skip for faster loads of trusted artifacts).
+    verify: check the artifact's file checksums; files unchanged since a recorded verification
+      are not hashed again (engine/artifact.py). False checks file sizes only.
     kv_dtype: KV cache storage, "f32", "f16" or "int8". seg_decoder: a `vae-oid.npz`-style mask
     decoder for segment() (an artifact exported with --seg-decoder carries its own).
     """

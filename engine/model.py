@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import _native
-from .artifact import load_manifest
+from .artifact import Manifest, load_manifest
 from .config import PaliGemmaConfig
 from .processor import Processor
 from .runtime import open_runner
@@ -50,23 +50,21 @@ class PaliGemma:
                  *, verify: bool = True, kv_dtype: str = "f32"):
         t0 = time.perf_counter()
         self.artifact_dir = Path(artifact_dir)
-        self.manifest = load_manifest(self.artifact_dir, verify_checksums=verify)
-        self.config: PaliGemmaConfig = self.manifest["_config"]
+        self.manifest: Manifest = load_manifest(self.artifact_dir, verify_checksums=verify)
+        self.config: PaliGemmaConfig = self.manifest.config
         self.backend = backend
         self.kv_dtype = kv_dtype
         if threads is not None:
             _native.set_num_threads(int(threads))
         self.runner = open_runner(backend, self.artifact_dir, self.manifest, threads)
-        emb = self.manifest["embedding"]
-        self._embed_table = np.load(self.artifact_dir / emb["table"], mmap_mode="r")        # [V, D]
-        self._embed_scales = (np.load(self.artifact_dir / emb["scales"]) if emb.get("scales") else None)  # [V]
-        self._embed_scale = np.float32(emb["scale"])
-        tokenizer = Tokenizer(self.artifact_dir / self.manifest["tokenizer"], self.config.image_token_index)
+        emb = self.manifest.embedding
+        self._embed_table = np.load(self.artifact_dir / emb.table, mmap_mode="r")        # [V, D]
+        self._embed_scales = np.load(self.artifact_dir / emb.scales) if emb.scales else None  # [V]
+        self._embed_scale = np.float32(emb.scale)
+        tokenizer = Tokenizer(self.artifact_dir / self.manifest.tokenizer, self.config.image_token_index)
         v = self.config.vision
-        pre = self.manifest.get("preprocessor") or {}
         self.processor = Processor(tokenizer, v.image_size, self.config.num_image_tokens,
-                                   self.config.image_token_index,
-                                   **{k: pre[k] for k in ("image_mean", "image_std", "rescale_factor") if k in pre})
+                                   self.config.image_token_index, **self.manifest.preprocessing.processor_kwargs())
         self.tokenizer = tokenizer
         t = self.config.text
         self._layer_windows = [t.layer_window(i) for i in range(t.num_hidden_layers)]
@@ -293,7 +291,7 @@ class PaliGemma:
         """The VQ-VAE mask decoder (engine.masks.SegDecoder) or None. Loaded on first use from the
         artifact's seg_decoder.npz when the manifest lists one; `load_seg_decoder` sets another."""
         if not hasattr(self, "_seg_decoder"):
-            rel = self.manifest.get("seg_decoder")
+            rel = self.manifest.seg_decoder
             self._seg_decoder = None
             if rel:
                 from .masks import SegDecoder

@@ -222,6 +222,7 @@ def _copy_extras(staging: Path, ckpt: Checkpoint, seg_decoder) -> dict:
     extras = {"preprocessor_config": None, "seg_decoder": None}
     pre = Path(ckpt.path) / PREPROCESSOR
     if pre.is_file():
+        artifact.read_preprocessing(pre, ckpt.config)     # fail now rather than at every load
         shutil.copyfile(pre, staging / PREPROCESSOR)
         extras["preprocessor_config"] = PREPROCESSOR
     if seg_decoder is not None:

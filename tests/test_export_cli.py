@@ -30,7 +30,7 @@ def test_export_prints_summary_and_writes_a_loadable_artifact(checkpoint, tmp_pa
     assert f"exported {out}" in r.stderr and "total" in r.stderr and "onnx" in r.stderr
     assert "int4 mixed precision: int8 for" in r.stderr and "of the decoder weights are int4" in r.stderr
     m = load_manifest(out)
-    assert m["weights"]["format"] == "int4" and set(m["graphs"]) == {"onnx"}
+    assert m.weights["format"] == "int4" and set(m.graphs) == {"onnx"}
 
 
 def test_existing_output_needs_force(checkpoint, tmp_path):
@@ -40,7 +40,7 @@ def test_existing_output_needs_force(checkpoint, tmp_path):
     assert r.returncode == 2 and "--force" in r.stderr and "Traceback" not in r.stderr
     r = run_cli(checkpoint, "--out", out, "--quiet", "--force", "--weights", "fp16")
     assert r.returncode == 0, r.stderr
-    assert load_manifest(out)["weights"]["format"] == "fp16"
+    assert load_manifest(out).weights["format"] == "fp16"
 
 
 def test_missing_checkpoint_dir(tmp_path):

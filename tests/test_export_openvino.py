@@ -28,6 +28,8 @@ dynamic quantization off / runner defaults:
     group 128  PG1 0.99846 / 0.99843    PG2 0.99062 / 0.99055
 Against the reference model on the dequantized weights every format is within 1e-4 (max abs).
 """
+from types import SimpleNamespace
+
 import numpy as np
 import openvino as ov
 import pytest
@@ -78,8 +80,13 @@ def exported(tiny, tmp_path_factory):
     return get
 
 
+def _graphs(**graphs):
+    """What a runner reads of an artifact's Manifest: its graph files per backend."""
+    return SimpleNamespace(graphs=graphs)
+
+
 def _runner(art, files, **kwargs) -> OvRunner:
-    return OvRunner(art, {"graphs": {"openvino": files}}, threads=1, progress=False, **kwargs)
+    return OvRunner(art, _graphs(openvino=files), threads=1, progress=False, **kwargs)
 
 
 def _dequantized(weights, formats):
@@ -347,10 +354,10 @@ def test_export_pipeline_and_open_runner(tmp_path):
     ckpt = write_synthetic_checkpoint("tiny-pg2", tmp_path / "ckpt", dtype="fp32", progress=False)
     art = export_checkpoint(ckpt, tmp_path / "art", formats=("openvino",), weights="int8", progress=False)
     manifest = load_manifest(art)
-    assert set(manifest["graphs"]) == {"openvino"}
-    assert manifest["weights"]["backends"]["openvino"]["patterns"]["int8"].startswith("Constant i8")
+    assert set(manifest.graphs) == {"openvino"}
+    assert manifest.weights["backends"]["openvino"]["patterns"]["int8"].startswith("Constant i8")
     runner = open_runner("openvino", art, manifest, threads=1)
-    cfg = manifest["_config"]
+    cfg = manifest.config
     out = runner.run("lm_head", {"hidden": np.ones((2, cfg.text.hidden_size), np.float32)})
     assert out["logits"].shape == (2, cfg.text.vocab_size) and np.isfinite(out["logits"]).all()
 
@@ -376,11 +383,11 @@ def test_runner_rejects_bad_calls(exported, tiny):
 def test_runner_rejects_bad_artifacts_and_options(exported, tmp_path):
     art, files, _ = exported(1, "fp32")
     with pytest.raises(ArtifactError, match="no OpenVINO graphs"):
-        OvRunner(art, {"graphs": {"onnx": {"vision": "onnx/vision.onnx"}}})
+        OvRunner(art, _graphs(onnx={"vision": "onnx/vision.onnx"}))
     with pytest.raises(ValueError, match="precision"):
         _runner(art, files, precision="fp64")
     with pytest.raises(ValueError, match="threads"):
-        OvRunner(art, {"graphs": {"openvino": files}}, threads=0)
+        OvRunner(art, _graphs(openvino=files), threads=0)
     with pytest.raises(ValueError, match="dynamic_quantization"):
         _runner(art, files, dynamic_quantization=-1)
     bad = tmp_path / "bad"
@@ -388,9 +395,9 @@ def test_runner_rejects_bad_artifacts_and_options(exported, tmp_path):
     (bad / "openvino" / "lm_head.xml").write_text("<net>not an IR")
     (bad / "openvino" / "lm_head.bin").write_bytes(b"")
     with pytest.raises(ArtifactError, match="re-export"):
-        OvRunner(bad, {"graphs": {"openvino": {"lm_head": "openvino/lm_head.xml"}}})
+        OvRunner(bad, _graphs(openvino={"lm_head": "openvino/lm_head.xml"}))
     with pytest.raises(ArtifactError, match="missing"):
-        OvRunner(bad, {"graphs": {"openvino": {"vision": "openvino/vision.xml"}}})
+        OvRunner(bad, _graphs(openvino={"vision": "openvino/vision.xml"}))
 
 
 def test_export_rejects_bad_arguments(tiny, tmp_path):

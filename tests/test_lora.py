@@ -70,7 +70,7 @@ def test_exported_lora_model_matches_reference_on_peft_weights(checkpoint, tmp_p
     art = export_checkpoint(checkpoint, tmp_path / "art", lora_dir=adapter, progress=False)
     m = load_manifest(art)
     with SafetensorsFile(adapter / "adapter_model.safetensors") as f:
-        assert m["lora"]["merged"] == sum(".lora_A." in k for k in f.keys())
+        assert m.lora["merged"] == sum(".lora_A." in k for k in f.keys())
     with Checkpoint.open(checkpoint) as ckpt:
         ref = ReferenceModel(ckpt.config, want_weights)
         base = ReferenceModel(ckpt.config, ckpt.tensors)

@@ -9,9 +9,12 @@ set and their inputs/outputs). One module per backend:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ..artifact import Manifest
 
 BACKENDS = ("openvino", "onnxruntime")
 
@@ -56,8 +59,8 @@ class RunnerBase:
         return ValueError(f"graph {graph} failed on inputs {shapes}: {e}")
 
 
-def open_runner(backend: str, artifact_dir: str | Path, manifest: dict, threads: int | None = None) -> GraphRunner:
-    """The runner of `backend` for a loaded, validated artifact manifest."""
+def open_runner(backend: str, artifact_dir: str | Path, manifest: Manifest, threads: int | None = None) -> GraphRunner:
+    """The runner of `backend` for a loaded, validated artifact manifest (engine.artifact.load_manifest)."""
     if backend == "onnxruntime":
         from .ort_backend import OrtRunner
         return OrtRunner(Path(artifact_dir), manifest, threads)

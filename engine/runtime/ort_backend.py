@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import ArtifactError
+from ..artifact import ArtifactError, Manifest
 from . import RunnerBase
 
 _ENV_ARENA_REGISTERED = False
@@ -51,12 +51,12 @@ class OrtRunner(RunnerBase):
 
     backend = "onnxruntime"
 
-    def __init__(self, artifact_dir: str | os.PathLike, manifest: dict, threads: int | None = None,
+    def __init__(self, artifact_dir: str | os.PathLike, manifest: Manifest, threads: int | None = None,
                  *, progress: bool | None = None, spinning: bool = False):
         import onnxruntime as ort
 
         self.artifact_dir = Path(artifact_dir)
-        graphs = (manifest.get("graphs") or {}).get("onnx")
+        graphs = manifest.graphs.get("onnx")
         if not graphs:
             raise ArtifactError(f"{self.artifact_dir}: the artifact has no ONNX graphs; re-export with "
                                 "`python -m export CHECKPOINT --out DIR --format onnx` (or both), or "

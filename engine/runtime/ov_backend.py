@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import ArtifactError
+from ..artifact import ArtifactError, Manifest
 from . import RunnerBase
 
 PRECISIONS = {"f32": "f32", "fp32": "f32", "bf16": "bf16"}
@@ -66,14 +66,14 @@ class OvRunner(RunnerBase):
 
     backend = "openvino"
 
-    def __init__(self, artifact_dir: str | os.PathLike, manifest: dict, threads: int | None = None, *,
+    def __init__(self, artifact_dir: str | os.PathLike, manifest: Manifest, threads: int | None = None, *,
                  precision: str = "f32", dynamic_quantization: int | None = None,
                  cache_dir: str | os.PathLike | None = None, release_weight_pages: bool = True,
                  progress: bool | None = None):
         import openvino as ov
 
         self.artifact_dir = Path(artifact_dir)
-        graphs = (manifest.get("graphs") or {}).get("openvino")
+        graphs = manifest.graphs.get("openvino")
         if not graphs:
             raise ArtifactError(f"{self.artifact_dir}: the artifact has no OpenVINO graphs; re-export with "
                                 "`python -m export CHECKPOINT --out DIR --format openvino` (or both), or run "
