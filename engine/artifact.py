@@ -173,11 +173,19 @@ def load_manifest(directory: str | os.PathLike, *, verify_checksums: bool = True
         raise ArtifactError(f"{path}: artifact format version {version!r}, this engine reads version "
                             f"{FORMAT_VERSION}; re-export the checkpoint with this version")
     fields = _parse_fields(data, path)
-    _check_files(directory, path, fields["files"], verify_checksums, hashlib.sha256(raw).hexdigest())
-    for graphs in fields["graphs"].values():
-        for rel in graphs.values():
-            if rel.endswith(".onnx"):
-                check_onnx_external_data(directory, directory / rel)
+    onnx_graphs = {rel for graphs in fields["graphs"].values() for rel in graphs.values() if rel.endswith(".onnx")}
+
+    def check_graph(rel: str) -> None:
+        if rel in onnx_graphs:
+            check_onnx_external_data(directory, directory / rel)
+
+    # A graph unchanged since a recorded verification passed the external-data check then (it
+    # costs `import onnx`, 1.4 s): only graphs hashed now, or all without checksums, are parsed.
+    hashed = check_files(directory, path, fields["files"], verify_checksums, hashlib.sha256(raw).hexdigest(),
+                         check_graph)
+    if hashed is None:
+        for rel in sorted(onnx_graphs):
+            check_graph(rel)
     if fields["preprocessor_config"] is not None:
         fields["preprocessing"] = read_preprocessing(directory / fields["preprocessor_config"], fields["config"])
     return Manifest(**fields)
@@ -263,10 +271,12 @@ def _typed(value, kind, name: str, path: Path):
 
 
 # ---------------------------------------------------------------------------- file checks
-def _check_files(directory: Path, path: Path, files: dict[str, FileEntry], verify_checksums: bool,
-                 manifest_sha256: str) -> None:
+def check_files(directory: Path, path: Path, files: dict[str, FileEntry], verify_checksums: bool,
+                 manifest_sha256: str, check_hashed=None) -> set[str] | None:
     """Every listed file present with its size; with verify_checksums, its sha256 too, hashing
-    only the files that changed since a recorded verification (then recording this one)."""
+    only the files that changed since a recorded verification (then recording this one).
+    check_hashed(rel) runs on every file hashed now, before the stamp records it.
+    Returns the files hashed now (None without verify_checksums: none is known to be intact)."""
     started_ns = time.time_ns()     # before any stat: see RACY_SECONDS
     stats = {}
     for rel, entry in files.items():
@@ -282,25 +292,27 @@ def _check_files(directory: Path, path: Path, files: dict[str, FileEntry], verif
                                 f"{entry.size}; the artifact is corrupted, {REEXPORT}")
         stats[rel] = (f, st)
     if not verify_checksums:
-        return
+        return None
     stamps = [s for s in (_read_stamp(p, manifest_sha256) for p in _stamp_paths(directory)) if s]
-    hashed = 0
+    hashed = set()
     for rel, (f, st) in stats.items():
         if any(s.get(rel) == _file_key(st) for s in stamps):
             continue
-        hashed += 1
+        hashed.add(rel)
         if sha256_file(f) != files[rel].sha256:
             raise ArtifactError(f"{directory}: checksum mismatch for {rel}; the artifact is corrupted, "
                                 f"{REEXPORT} (or load with verify=False to skip checksums)")
+        if check_hashed is not None:
+            check_hashed(rel)
     if hashed:
         settled = started_ns - int(RACY_SECONDS * 1e9)
         keys = {rel: _file_key(st) for rel, (_, st) in stats.items()
                 if max(st.st_mtime_ns, st.st_ctime_ns) < settled}
-        if not keys:
-            return
-        stamp = {"stamp_version": STAMP_VERSION, "artifact": str(directory.resolve()),
-                 "manifest_sha256": manifest_sha256, "files": keys}
-        write_stamp(directory, json.dumps(stamp, indent=0))
+        if keys:
+            stamp = {"stamp_version": STAMP_VERSION, "artifact": str(directory.resolve()),
+                     "manifest_sha256": manifest_sha256, "files": keys}
+            write_stamp(directory, json.dumps(stamp, indent=0))
+    return hashed
 
 
 def _file_key(st: os.stat_result) -> list[int]:

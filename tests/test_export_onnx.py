@@ -427,8 +427,29 @@ def test_external_data_outside_directory_is_rejected(artifacts, tmp_path):
     m = json.loads((art / "manifest.json").read_text())
     m["files"]["onnx/decoder_0.onnx"] = {"size": path.stat().st_size, "sha256": artifact.sha256_file(path)}
     (art / "manifest.json").write_text(json.dumps(m))
+    for _ in range(2):      # no verification stamp may record the bad graph: the second load checks it too
+        with pytest.raises(ArtifactError, match="outside the artifact directory"):
+            load_manifest(art)
     with pytest.raises(ArtifactError, match="outside the artifact directory"):
-        load_manifest(art)
+        load_manifest(art, verify_checksums=False)
+
+
+def test_stamped_graphs_are_not_parsed_again(artifacts, tmp_path, monkeypatch):
+    """The external-data check runs on every graph hashed now, and on none a stamp vouches for."""
+    art = _copy(artifacts(1, "fp32"), tmp_path)
+    monkeypatch.setattr(artifact, "RACY_SECONDS", 0.0)
+    monkeypatch.setenv("PALIGEMMA_EDGE_CACHE", str(tmp_path / "cache"))
+    parsed = []
+    real = artifact.check_onnx_external_data
+    monkeypatch.setattr(artifact, "check_onnx_external_data", lambda d, p: (parsed.append(p.name), real(d, p)))
+    n_graphs = len(load_manifest(art).graphs["onnx"])
+    assert len(parsed) == n_graphs
+    parsed.clear()
+    load_manifest(art)
+    assert parsed == []
+    os.utime(art / "onnx" / "lm_head.onnx", ns=(1, 1))       # touched: hashed and parsed again
+    load_manifest(art)
+    assert parsed == ["lm_head.onnx"]
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("disk full"), KeyboardInterrupt()])

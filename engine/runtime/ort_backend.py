@@ -52,7 +52,8 @@ class OrtRunner(RunnerBase):
     backend = "onnxruntime"
 
     def __init__(self, artifact_dir: str | os.PathLike, manifest: Manifest, threads: int | None = None,
-                 *, progress: bool | None = None, spinning: bool = False):
+                 *, progress: bool | None = None, spinning: bool = False,
+                 load_threads: int = 2):
         import onnxruntime as ort
 
         self.artifact_dir = Path(artifact_dir)
@@ -63,35 +64,48 @@ class OrtRunner(RunnerBase):
                                 "run it with the openvino backend")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+        if not isinstance(load_threads, int) or load_threads < 1:
+            raise ValueError(f"load_threads must be a positive integer, got {load_threads!r}")
         self.threads = threads
         self.graph_names = list(graphs)
         _register_env_arena(ort)
+        self._ort, self._threads, self._spinning = ort, threads, spinning
+
+        def create(name: str):
+            path = self.artifact_dir / graphs[name]
+            try:
+                return name, ort.InferenceSession(str(path), self._options(), providers=["CPUExecutionProvider"])
+            except Exception as e:  # onnxruntime raises its own exception types
+                raise ArtifactError(f"{path}: onnxruntime cannot load graph {name} ({e}); the artifact may "
+                                    "be corrupted or from an incompatible exporter: re-export it") from None
+
+        from concurrent.futures import ThreadPoolExecutor
+        from tqdm import tqdm
+        show = sys.stderr.isatty() if progress is None else progress
+        self._sessions = {}
+        with tqdm(total=len(self.graph_names), desc="loading onnx graphs", disable=not show, file=sys.stderr,
+                  dynamic_ncols=True) as bar, ThreadPoolExecutor(load_threads) as pool:
+            # Creating a session is mostly MLAS repacking the weights (0.3 s per 3B decoder graph),
+            # and it releases the GIL: two threads load a 3B int8 artifact in 2/3 of the time.
+            for name, sess in pool.map(create, self.graph_names):
+                self._sessions[name] = sess
+                bar.update()
+        self._inputs = {n: [i.name for i in s.get_inputs()] for n, s in self._sessions.items()}
+        self._outputs = {n: [o.name for o in s.get_outputs()] for n, s in self._sessions.items()}
+
+    def _options(self):
+        ort = self._ort
         opts = ort.SessionOptions()
-        if threads is not None:
-            opts.intra_op_num_threads = threads
+        if self._threads is not None:
+            opts.intra_op_num_threads = self._threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self._spinning else "0")
         opts.add_session_config_entry("session.disable_quant_qdq", "1")
         opts.add_session_config_entry("session.use_env_allocators", "1")
-        self._sessions = {}
-        self._inputs: dict[str, list[str]] = {}
-        self._outputs: dict[str, list[str]] = {}
-        from tqdm import tqdm
-        show = sys.stderr.isatty() if progress is None else progress
-        for name in tqdm(self.graph_names, desc="loading onnx graphs", disable=not show, file=sys.stderr,
-                         dynamic_ncols=True):
-            path = self.artifact_dir / graphs[name]
-            try:
-                sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-            except Exception as e:  # onnxruntime raises its own exception types
-                raise ArtifactError(f"{path}: onnxruntime cannot load graph {name} ({e}); the artifact may "
-                                    "be corrupted or from an incompatible exporter: re-export it") from None
-            self._sessions[name] = sess
-            self._inputs[name] = [i.name for i in sess.get_inputs()]
-            self._outputs[name] = [o.name for o in sess.get_outputs()]
+        return opts
 
     def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one graph; inputs and outputs are float32 arrays keyed by tensor name."""
