@@ -75,7 +75,6 @@ struct BeamScratch {
   std::vector<float> merged;       // [nb + K] finished scores, then candidate scores
   std::vector<uint8_t> merged_done;
   std::vector<int> order;          // [nb + K]
-  SamplerScratch sampler;          // log-prob row for the repetition penalty
 };
 
 // log(sum(exp(x - max))), accumulated in double.
@@ -105,7 +104,7 @@ void scan_row(const float* x, int vocab, float sub, float log_sum, float offset,
 
 // Adds beam j's continuations (log_softmax(row) [+ penalty] + running score) to the top-K list.
 void scan_beam(const BeamSeq& s, int j, const SequenceInput& in, int vocab, float penalty,
-               BeamScratch& w, int k, int& count) {
+               BeamScratch& w, SamplerScratch& sampler, int k, int& count) {
   const float* row = s.rows[j];
   const float vmax = max_value(row, vocab);
   const float log_sum = log_sum_exp_shifted(row, vocab, vmax);
@@ -113,22 +112,22 @@ void scan_beam(const BeamSeq& s, int j, const SequenceInput& in, int vocab, floa
     scan_row(row, vocab, vmax, log_sum, s.run_score[j], j, w.top.data(), k, count);
     return;
   }
-  float* lp = w.sampler.row.data();
+  float* lp = sampler.row.data();
   for (int i = 0; i < vocab; ++i) lp[i] = (row[i] - vmax) - log_sum;
   const TokenSpan prompt{in.prompt_tokens.data(), static_cast<int>(in.prompt_tokens.size())};
   const TokenSpan generated{s.run.data() + static_cast<size_t>(j) * s.limit, s.t};
-  apply_repetition_penalty(lp, vocab, prompt, generated, penalty, w.sampler);
+  apply_repetition_penalty(lp, vocab, prompt, generated, penalty, sampler);
   scan_row(lp, vocab, 0.0f, 0.0f, s.run_score[j], j, w.top.data(), k, count);   // x - 0 - 0 == x
 }
 
 // One beam step of one sequence, from the current rows to the next running beams (HF c-g).
 void beam_step(BeamSeq& s, const SequenceInput& in, int vocab, const GenerateOptions& o,
-               const std::vector<uint8_t>& kinds, int k, BeamScratch& w) {
+               const std::vector<uint8_t>& kinds, int k, BeamScratch& w, SamplerScratch& sampler) {
   const int nb = o.num_beams;
   const int L = s.limit;
   // c. top-K continuations over all beams.
   int count = 0;
-  for (int j = 0; j < nb; ++j) scan_beam(s, j, in, vocab, o.repetition_penalty, w, k, count);
+  for (int j = 0; j < nb; ++j) scan_beam(s, j, in, vocab, o.repetition_penalty, w, sampler, k, count);
   const BeamCand* top = w.top.data();
 
   // d. which candidates end here: an eos / stop token, or the length limit.
@@ -222,92 +221,106 @@ SequenceResult best_hypothesis(const BeamSeq& s, const std::vector<uint8_t>& kin
   return r;
 }
 
-}  // namespace
-
-std::vector<SequenceResult> beam_search(StepModel& model, SlotOps& cache,
-                                        const std::vector<SequenceInput>& inputs, int vocab,
-                                        const GenerateOptions& o, const StreamFn& stream,
-                                        GenerateStats& stats) {
-  const int batch = static_cast<int>(inputs.size());
-  const int nb = o.num_beams;
-  const std::vector<uint8_t> kinds = token_kinds(o, vocab);
-  int n_end_ids = 0;
-  for (uint8_t kind : kinds) n_end_ids += kind != 0;
-  const int k = std::max(2, 1 + n_end_ids) * nb;   // beams_to_keep
-
-  BeamScratch w;
-  w.top.resize(k);
-  w.hit.resize(k);
-  w.running.resize(k);
-  w.merged.resize(nb + k);
-  w.merged_done.resize(nb + k);
-  w.order.resize(nb + k);
-  if (o.repetition_penalty != 1.0f) w.sampler.reserve(vocab);
-
-  std::vector<BeamSeq> seqs(batch);
-  for (int b = 0; b < batch; ++b) {
-    BeamSeq& s = seqs[b];
-    s.limit = max_tokens_for(inputs[b], o, cache.capacity());
-    const size_t cells = static_cast<size_t>(nb) * s.limit;
-    s.rows.assign(nb, inputs[b].first_logits);   // every beam starts from the prefill logits
-    s.run.assign(cells, 0);
-    s.run_next.assign(cells, 0);
-    s.fin.assign(cells, 0);
-    s.fin_next.assign(cells, 0);
-    s.run_score.assign(nb, kMask);
-    s.run_score[0] = 0.0f;                       // only beam 0 may start (HF)
-    s.run_score_next.assign(nb, 0.0f);
-    s.parent.assign(nb, 0);
-    s.fin_len.assign(nb, 0);
-    s.fin_len_next.assign(nb, 0);
-    s.fin_score.assign(nb, kMask);
-    s.fin_score_next.assign(nb, kMask);
-    s.fin_done.assign(nb, 0);
-    s.fin_done_next.assign(nb, 0);
-    for (int j = 1; j < nb; ++j) cache.copy_slot(inputs[b].slots[0], inputs[b].slots[j]);
+class BeamState final : public DecodeState {
+ public:
+  BeamState(const std::vector<SequenceInput>& inputs, int vocab, const GenerateOptions& o,
+            SlotOps& cache)
+      : DecodeState(inputs, vocab, o), cache_(cache), seqs_(batch_), results_(batch_),
+        live_(batch_, 1), src_for_dst_(cache.num_slots()) {
+    const int nb = o.num_beams;
+    int n_end_ids = 0;
+    for (uint8_t kind : kinds_) n_end_ids += kind != 0;
+    k_ = std::max(2, 1 + n_end_ids) * nb;   // beams_to_keep
+    w_.top.resize(k_);
+    w_.hit.resize(k_);
+    w_.running.resize(k_);
+    w_.merged.resize(nb + k_);
+    w_.merged_done.resize(nb + k_);
+    w_.order.resize(nb + k_);
+    for (int b = 0; b < batch_; ++b) {
+      BeamSeq& s = seqs_[b];
+      s.limit = max_tokens_for(inputs_[b], o, cache.capacity());
+      const size_t cells = static_cast<size_t>(nb) * s.limit;
+      s.rows.assign(nb, inputs_[b].first_logits);   // every beam starts from the prefill logits
+      s.run.assign(cells, 0);
+      s.run_next.assign(cells, 0);
+      s.fin.assign(cells, 0);
+      s.fin_next.assign(cells, 0);
+      s.run_score.assign(nb, kMask);
+      s.run_score[0] = 0.0f;                        // only beam 0 may start (HF)
+      s.run_score_next.assign(nb, 0.0f);
+      s.parent.assign(nb, 0);
+      s.fin_len.assign(nb, 0);
+      s.fin_len_next.assign(nb, 0);
+      s.fin_score.assign(nb, kMask);
+      s.fin_score_next.assign(nb, kMask);
+      s.fin_done.assign(nb, 0);
+      s.fin_done_next.assign(nb, 0);
+      for (int j = 1; j < nb; ++j) cache.copy_slot(inputs_[b].slots[0], inputs_[b].slots[j]);
+    }
   }
 
-  std::vector<SequenceResult> results(batch);
-  std::vector<int> src_for_dst(cache.num_slots());
-  const size_t max_rows = static_cast<size_t>(batch) * nb;
-  std::vector<int32_t> tokens(max_rows), positions(max_rows), slots(max_rows), seq_of_row(max_rows);
-  std::vector<uint8_t> live(batch, 1);
+  std::vector<SequenceResult> results() const override {
+    std::vector<SequenceResult> out = results_;
+    for (int b = 0; b < batch_; ++b)
+      if (live_[b]) out[b] = SequenceResult{};   // still searching: no result yet
+    return out;
+  }
 
-  for (;;) {
-    for (size_t i = 0; i < src_for_dst.size(); ++i) src_for_dst[i] = static_cast<int>(i);
+ private:
+  void select(const float* logits, bool first, SamplerScratch& scratch) override {
+    const int nb = options_.num_beams;
+    if (!first)
+      for (size_t r = 0; r < seq_of_row_.size(); r += nb) {
+        BeamSeq& s = seqs_[seq_of_row_[r]];
+        for (int j = 0; j < nb; ++j) s.rows[j] = logits + (r + j) * static_cast<size_t>(vocab_);
+      }
+    if (options_.repetition_penalty != 1.0f) scratch.reserve(vocab_);
+    for (size_t i = 0; i < src_for_dst_.size(); ++i) src_for_dst_[i] = static_cast<int>(i);
     bool moved = false;
-    int n = 0;
-    for (int b = 0; b < batch; ++b) {
-      if (!live[b]) continue;
-      BeamSeq& s = seqs[b];
-      const SequenceInput& in = inputs[b];
-      beam_step(s, in, vocab, o, kinds, k, w);
+    tokens_.clear();
+    positions_.clear();
+    slots_.clear();
+    seq_of_row_.clear();
+    for (int b = 0; b < batch_; ++b) {
+      if (!live_[b]) continue;
+      BeamSeq& s = seqs_[b];
+      const SequenceInput& in = inputs_[b];
+      beam_step(s, in, vocab_, options_, kinds_, k_, w_, scratch);
       if (s.done) {
-        live[b] = 0;
-        results[b] = best_hypothesis(s, kinds);
-        for (int32_t token : results[b].tokens) timed_stream(stream, b, token, stats);
+        live_[b] = 0;
+        results_[b] = best_hypothesis(s, kinds_);
+        for (int32_t token : results_[b].tokens) accepted_.push_back({b, token});
         continue;
       }
       for (int j = 0; j < nb; ++j) {
         const int dst = in.slots[j], src = in.slots[s.parent[j]];
-        src_for_dst[dst] = src;
+        src_for_dst_[dst] = src;
         moved = moved || src != dst;
-        tokens[n] = s.run[static_cast<size_t>(j) * s.limit + s.t - 1];
-        positions[n] = in.prompt_length + s.t - 1;
-        slots[n] = dst;
-        seq_of_row[n] = b;
-        ++n;
+        tokens_.push_back(s.run[static_cast<size_t>(j) * s.limit + s.t - 1]);
+        positions_.push_back(in.prompt_length + s.t - 1);
+        slots_.push_back(dst);
+        seq_of_row_.push_back(b);
       }
     }
-    if (n == 0) break;
-    if (moved) cache.reorder(src_for_dst);
-    const float* logits = timed_step(model, tokens.data(), positions.data(), slots.data(), n, stats);
-    for (int r = 0; r < n; r += nb) {
-      BeamSeq& s = seqs[seq_of_row[r]];
-      for (int j = 0; j < nb; ++j) s.rows[j] = logits + static_cast<size_t>(r + j) * vocab;
-    }
+    if (moved) cache_.reorder(src_for_dst_);
   }
-  return results;
+
+  SlotOps& cache_;
+  int k_ = 0;
+  BeamScratch w_;
+  std::vector<BeamSeq> seqs_;
+  std::vector<SequenceResult> results_;
+  std::vector<uint8_t> live_;
+  std::vector<int> src_for_dst_;
+  std::vector<int> seq_of_row_;   // sequence of each row fed last
+};
+
+}  // namespace
+
+std::unique_ptr<DecodeState> make_beam_state(const std::vector<SequenceInput>& inputs, int vocab,
+                                             const GenerateOptions& options, SlotOps& cache) {
+  return std::make_unique<BeamState>(inputs, vocab, options, cache);
 }
 
 }  // namespace engine

@@ -17,16 +17,16 @@
 // others, and after every step SlotOps::reorder makes each beam's slot a copy of its parent's.
 // Streaming: nothing while searching; a sequence's final tokens once its result is fixed.
 #pragma once
+#include <memory>
 #include <vector>
 
 #include "generate.h"
 
 namespace engine {
 
-// Called by generate() after validate_generate(); options.num_beams > 1.
-std::vector<SequenceResult> beam_search(StepModel& model, SlotOps& cache,
-                                        const std::vector<SequenceInput>& inputs, int vocab,
-                                        const GenerateOptions& options, const StreamFn& stream,
-                                        GenerateStats& stats);
+// The search as a DecodeState (generate.h), made by start_decode() after validate_generate() when
+// options.num_beams > 1. `cache` must outlive the state.
+std::unique_ptr<DecodeState> make_beam_state(const std::vector<SequenceInput>& inputs, int vocab,
+                                             const GenerateOptions& options, SlotOps& cache);
 
 }  // namespace engine

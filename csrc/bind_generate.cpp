@@ -1,4 +1,5 @@
-// pybind11 glue for the generation loop: _native.generate() and _native.last_generate_stats().
+// pybind11 glue for the generation loop: _native.generate() and _native.last_generate_stats()
+// (the last call of the calling thread: no state is shared between threads).
 //
 // The loop (generate.h) runs with the GIL released. It takes the GIL only to call the Python step
 // function, the stream callback and the cache's Python methods. A Python exception raised in any
@@ -14,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "bind_util.h"
 #include "generate.h"
 #include "kv_cache.h"
 
@@ -22,14 +24,11 @@ namespace py = pybind11;
 namespace {
 
 using Clock = std::chrono::steady_clock;
-using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using engine_bind::FloatArray;
+using engine_bind::type_name;
 
 double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
-}
-
-std::string type_name(const py::handle& obj) {
-  return py::str(py::type::of(obj).attr("__name__")).cast<std::string>();
 }
 
 // step_fn(tokens: int32[n], positions: int32[n], slots: int32[n]) -> float32 [n, vocab].
@@ -106,32 +105,12 @@ class PySlotOps final : public engine::SlotOps {
   int capacity_ = 0, num_slots_ = 0;
 };
 
-std::vector<int32_t> token_ids(const py::object& value, const char* name) {
-  if (value.is_none()) return {};
-  if (py::isinstance<py::int_>(value)) return {value.cast<int32_t>()};
-  try {
-    return value.cast<std::vector<int32_t>>();
-  } catch (const py::cast_error&) {
-    throw py::type_error(std::string(name) + " must be an int, a list of ints or None; got a " +
-                         type_name(value));
-  }
-}
-
-engine::EarlyStopping parse_early_stopping(const py::object& value) {
-  if (py::isinstance<py::bool_>(value))
-    return value.cast<bool>() ? engine::EarlyStopping::True : engine::EarlyStopping::False;
-  if (py::isinstance<py::str>(value) && value.cast<std::string>() == "never")
-    return engine::EarlyStopping::Never;
-  throw py::value_error("early_stopping must be True, False or \"never\" (as in transformers); got " +
-                        py::repr(value).cast<std::string>());
-}
-
 struct LastStats {
   engine::GenerateStats core;
   double step_fn_s = 0.0;
   bool valid = false;
 };
-LastStats g_last_stats;   // written with the GIL held
+thread_local LastStats t_last_stats;   // this thread's last successful generate()
 
 py::list generate_py(py::object step_fn, py::object cache, FloatArray first_logits,
                      std::vector<std::vector<int32_t>> prompt_tokens,
@@ -144,18 +123,6 @@ py::list generate_py(py::object step_fn, py::object cache, FloatArray first_logi
     throw py::type_error("step_fn must be callable as step_fn(tokens, positions, slots) -> logits");
   if (!stream.is_none() && !PyCallable_Check(stream.ptr()))
     throw py::type_error("stream must be None or callable as stream(sequence_index, token_id)");
-  if (first_logits.ndim() != 2)
-    throw py::value_error("first_logits must be a 2-D array [batch, vocab]; got " +
-                          std::to_string(first_logits.ndim()) + " dimensions");
-  const size_t batch = static_cast<size_t>(first_logits.shape(0));
-  const int vocab = static_cast<int>(first_logits.shape(1));
-  if (prompt_tokens.size() != batch || prompt_lengths.size() != batch)
-    throw py::value_error("first_logits has " + std::to_string(batch) + " rows, prompt_tokens " +
-                          std::to_string(prompt_tokens.size()) + " entries and prompt_lengths " +
-                          std::to_string(prompt_lengths.size()) + "; give one per sequence");
-  if (seed < 0) throw py::value_error("seed must be >= 0, got " + std::to_string(seed));
-  if (num_beams < 1) throw py::value_error("num_beams must be >= 1, got " + std::to_string(num_beams));
-
   // _native.KVCache is used directly (no GIL needed); any other object through its methods.
   std::unique_ptr<engine::SlotOps> slot_ops_ptr;
   if (py::isinstance<engine::KVCache>(cache))
@@ -163,39 +130,12 @@ py::list generate_py(py::object step_fn, py::object cache, FloatArray first_logi
   else
     slot_ops_ptr = std::make_unique<PySlotOps>(cache);
   engine::SlotOps& slot_ops = *slot_ops_ptr;
-  std::vector<std::vector<int>> beam_slots;
-  if (slots.size() == batch * static_cast<size_t>(num_beams)) {
-    for (size_t b = 0; b < batch; ++b)
-      beam_slots.emplace_back(slots.begin() + b * num_beams, slots.begin() + (b + 1) * num_beams);
-  } else if (slots.size() == batch) {
-    beam_slots = engine::default_beam_slots(slots, num_beams, slot_ops.num_slots());
-  } else {
-    throw py::value_error("slots has " + std::to_string(slots.size()) + " entries; give one per "
-                          "sequence (" + std::to_string(batch) + "), or num_beams per sequence (" +
-                          std::to_string(batch * num_beams) + ")");
-  }
-
-  engine::GenerateOptions o;
-  o.max_new_tokens = max_new_tokens;
-  o.do_sample = do_sample;
-  o.temperature = temperature;
-  o.top_k = top_k;
-  o.top_p = top_p;
-  o.repetition_penalty = repetition_penalty;
-  o.seed = static_cast<uint64_t>(seed);
-  o.num_beams = num_beams;
-  o.length_penalty = length_penalty;
-  o.early_stopping = parse_early_stopping(early_stopping);
-  o.eos_token_ids = token_ids(eos_token_ids, "eos_token_ids");
-  o.stop_token_ids = token_ids(stop_token_ids, "stop_token_ids");
-
-  std::vector<engine::SequenceInput> inputs(batch);
-  for (size_t b = 0; b < batch; ++b) {
-    inputs[b].first_logits = first_logits.data() + b * static_cast<size_t>(vocab);
-    inputs[b].prompt_tokens = std::move(prompt_tokens[b]);
-    inputs[b].prompt_length = prompt_lengths[b];
-    inputs[b].slots = std::move(beam_slots[b]);
-  }
+  const engine::GenerateOptions o = engine_bind::make_options(
+      max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed, num_beams,
+      length_penalty, early_stopping, eos_token_ids, stop_token_ids);
+  const std::vector<engine::SequenceInput> inputs = engine_bind::make_inputs(
+      first_logits, std::move(prompt_tokens), prompt_lengths, slots, num_beams, slot_ops.num_slots());
+  const int vocab = static_cast<int>(first_logits.shape(1));
   engine::validate_generate(inputs, vocab, o, slot_ops);   // ValueError before any callback
 
   PyStepModel model(step_fn, vocab);
@@ -213,33 +153,27 @@ py::list generate_py(py::object step_fn, py::object cache, FloatArray first_logi
     results = engine::generate(model, slot_ops, inputs, vocab, o, stream_cb, &stats);
   }
 
-  g_last_stats.core = stats;
-  g_last_stats.step_fn_s = model.fn_seconds;
-  g_last_stats.valid = true;
+  t_last_stats.core = stats;
+  t_last_stats.step_fn_s = model.fn_seconds;
+  t_last_stats.valid = true;
 
   py::list out;
-  for (const engine::SequenceResult& r : results) {
-    py::dict d;
-    d["tokens"] = py::cast(r.tokens);
-    d["finish_reason"] = engine::finish_reason_name(r.finish_reason);
-    d["score"] = r.has_score ? py::object(py::float_(r.score)) : py::object(py::none());
-    out.append(std::move(d));
-  }
+  for (const engine::SequenceResult& r : results) out.append(engine_bind::result_dict(r));
   return out;
 }
 
 py::object last_generate_stats() {
-  if (!g_last_stats.valid) return py::none();
-  const engine::GenerateStats& s = g_last_stats.core;
+  if (!t_last_stats.valid) return py::none();
+  const engine::GenerateStats& s = t_last_stats.core;
   py::dict d;
   d["steps"] = s.steps;
   d["tokens_stepped"] = s.tokens_stepped;
   d["tokens_streamed"] = s.tokens_streamed;
   d["total_s"] = s.total_s;
   d["step_s"] = s.step_s;                   // inside StepModel::step: GIL + arrays + step_fn
-  d["step_fn_s"] = g_last_stats.step_fn_s;  // inside the Python step_fn call alone
+  d["step_fn_s"] = t_last_stats.step_fn_s;  // inside the Python step_fn call alone
   d["stream_s"] = s.stream_s;               // inside the stream callback (GIL included)
-  d["loop_s"] = s.total_s - g_last_stats.step_fn_s - s.stream_s;   // the loop's own time
+  d["loop_s"] = s.total_s - t_last_stats.step_fn_s - s.stream_s;   // the loop's own time
   return d;
 }
 
@@ -273,7 +207,7 @@ tokens of a sequence once its result is fixed).
 Returns [{"tokens": [...], "finish_reason": "eos" | "stop" | "length", "score": float | None}]
 (score: the beam score, HF sequences_scores; None without beams).)doc");
   m.def("last_generate_stats", &last_generate_stats,
-        "Timing of the last successful generate() call: steps, tokens_stepped, total_s, step_s, "
+        "Timing of this thread's last successful generate() call: steps, tokens_stepped, total_s, step_s, "
         "step_fn_s (inside the Python step_fn), stream_s, loop_s (the loop's own time: "
         "total - step_fn - stream). None before the first call.");
 }

@@ -39,63 +39,68 @@ void check_ids(const std::vector<int32_t>& ids, const char* name, int vocab) {
 
 // Greedy decoding or sampling (num_beams == 1): every live sequence takes one token per step;
 // finished sequences are no longer fed to the model.
-std::vector<SequenceResult> sample_loop(StepModel& model, const std::vector<SequenceInput>& inputs,
-                                        int vocab, const GenerateOptions& o, int capacity,
-                                        const StreamFn& stream, GenerateStats& stats) {
-  const int batch = static_cast<int>(inputs.size());
-  SamplingParams params;
-  params.do_sample = o.do_sample;
-  params.temperature = o.temperature;
-  params.top_k = o.top_k;
-  params.top_p = o.top_p;
-  params.repetition_penalty = o.repetition_penalty;
-  const std::vector<uint8_t> kinds = token_kinds(o, vocab);
-  SamplerScratch scratch;
-  scratch.reserve(vocab);
-
-  std::vector<SequenceResult> results(batch);
-  std::vector<Rng> rngs(batch);
-  std::vector<int> limit(batch);
-  std::vector<const float*> rows(batch);   // the logits each live sequence chooses from next
-  std::vector<uint8_t> live(batch, 1);
-  for (int b = 0; b < batch; ++b) {
-    rng_seed(rngs[b], o.seed + static_cast<uint64_t>(b));
-    limit[b] = max_tokens_for(inputs[b], o, capacity);
-    rows[b] = inputs[b].first_logits;
-    results[b].tokens.reserve(limit[b]);
+class SampleState final : public DecodeState {
+ public:
+  SampleState(const std::vector<SequenceInput>& inputs, int vocab, const GenerateOptions& o,
+              int capacity)
+      : DecodeState(inputs, vocab, o), results_(batch_), rngs_(batch_), limit_(batch_),
+        rows_(batch_), live_(batch_, 1) {
+    params_.do_sample = o.do_sample;
+    params_.temperature = o.temperature;
+    params_.top_k = o.top_k;
+    params_.top_p = o.top_p;
+    params_.repetition_penalty = o.repetition_penalty;
+    for (int b = 0; b < batch_; ++b) {
+      rng_seed(rngs_[b], o.seed + static_cast<uint64_t>(b));
+      limit_[b] = max_tokens_for(inputs_[b], o, capacity);
+      rows_[b] = inputs_[b].first_logits;
+      results_[b].tokens.reserve(limit_[b]);
+    }
   }
-  std::vector<int32_t> tokens(batch), positions(batch), slots(batch), seq_of_row(batch);
 
-  for (;;) {
-    int n = 0;
-    for (int b = 0; b < batch; ++b) {
-      if (!live[b]) continue;
-      const SequenceInput& in = inputs[b];
-      std::vector<int32_t>& out = results[b].tokens;
+  std::vector<SequenceResult> results() const override { return results_; }
+
+ private:
+  void select(const float* logits, bool first, SamplerScratch& scratch) override {
+    if (!first)
+      for (size_t r = 0; r < seq_of_row_.size(); ++r)
+        rows_[seq_of_row_[r]] = logits + r * static_cast<size_t>(vocab_);
+    scratch.reserve(vocab_);
+    tokens_.clear();
+    positions_.clear();
+    slots_.clear();
+    seq_of_row_.clear();
+    for (int b = 0; b < batch_; ++b) {
+      if (!live_[b]) continue;
+      const SequenceInput& in = inputs_[b];
+      std::vector<int32_t>& out = results_[b].tokens;
       const TokenSpan prompt{in.prompt_tokens.data(), static_cast<int>(in.prompt_tokens.size())};
       const TokenSpan generated{out.data(), static_cast<int>(out.size())};
-      const int32_t token = select_token(rows[b], vocab, params, prompt, generated, rngs[b], scratch);
+      const int32_t token = select_token(rows_[b], vocab_, params_, prompt, generated, rngs_[b], scratch);
       out.push_back(token);
-      timed_stream(stream, b, token, stats);
-      if (kinds[token] != 0 || static_cast<int>(out.size()) == limit[b]) {
-        live[b] = 0;
-        results[b].finish_reason = kinds[token] == 1   ? FinishReason::Eos
-                                   : kinds[token] == 2 ? FinishReason::Stop
-                                                       : FinishReason::Length;
+      accepted_.push_back({b, token});
+      if (kinds_[token] != 0 || static_cast<int>(out.size()) == limit_[b]) {
+        live_[b] = 0;
+        results_[b].finish_reason = kinds_[token] == 1   ? FinishReason::Eos
+                                    : kinds_[token] == 2 ? FinishReason::Stop
+                                                         : FinishReason::Length;
         continue;
       }
-      tokens[n] = token;
-      positions[n] = in.prompt_length + static_cast<int>(out.size()) - 1;
-      slots[n] = in.slots[0];
-      seq_of_row[n] = b;
-      ++n;
+      tokens_.push_back(token);
+      positions_.push_back(in.prompt_length + static_cast<int>(out.size()) - 1);
+      slots_.push_back(in.slots[0]);
+      seq_of_row_.push_back(b);
     }
-    if (n == 0) break;
-    const float* logits = timed_step(model, tokens.data(), positions.data(), slots.data(), n, stats);
-    for (int r = 0; r < n; ++r) rows[seq_of_row[r]] = logits + static_cast<size_t>(r) * vocab;
   }
-  return results;
-}
+
+  SamplingParams params_;
+  std::vector<SequenceResult> results_;
+  std::vector<Rng> rngs_;
+  std::vector<int> limit_;
+  std::vector<const float*> rows_;   // the logits each live sequence chooses from next
+  std::vector<uint8_t> live_;
+  std::vector<int> seq_of_row_;      // sequence of each row fed last
+};
 
 }  // namespace
 
@@ -225,21 +230,54 @@ std::vector<std::vector<int>> default_beam_slots(const std::vector<int>& prefill
   return result;
 }
 
+DecodeState::DecodeState(const std::vector<SequenceInput>& inputs, int vocab,
+                         const GenerateOptions& options)
+    : batch_(static_cast<int>(inputs.size())), vocab_(vocab), options_(options), inputs_(inputs),
+      first_logits_(inputs.size() * static_cast<size_t>(vocab)), kinds_(token_kinds(options, vocab)) {
+  for (int b = 0; b < batch_; ++b) {
+    float* dst = first_logits_.data() + static_cast<size_t>(b) * vocab;
+    std::copy(inputs[b].first_logits, inputs[b].first_logits + vocab, dst);
+    inputs_[b].first_logits = dst;
+  }
+}
+
+void DecodeState::advance(const float* logits, SamplerScratch& scratch) {
+  if (done()) throw std::logic_error("advance() on a finished decode; check done() first");
+  if (started_ && logits == nullptr)
+    throw std::invalid_argument("advance() needs the logits of the rows fed since the last call");
+  const bool first = !started_;
+  started_ = true;
+  accepted_.clear();
+  select(logits, first, scratch);
+}
+
+std::unique_ptr<DecodeState> start_decode(const std::vector<SequenceInput>& inputs, int vocab,
+                                          const GenerateOptions& options, SlotOps& cache) {
+  validate_generate(inputs, vocab, options, cache);
+  if (options.num_beams > 1) return make_beam_state(inputs, vocab, options, cache);
+  return std::make_unique<SampleState>(inputs, vocab, options, cache.capacity());
+}
+
 std::vector<SequenceResult> generate(StepModel& model, SlotOps& cache,
                                      const std::vector<SequenceInput>& inputs, int vocab,
                                      const GenerateOptions& options, const StreamFn& stream,
                                      GenerateStats* stats) {
-  validate_generate(inputs, vocab, options, cache);
   GenerateStats local;
   GenerateStats& st = stats != nullptr ? *stats : local;
   st = GenerateStats{};
   const auto t0 = Clock::now();
-  std::vector<SequenceResult> results =
-      options.num_beams == 1
-          ? sample_loop(model, inputs, vocab, options, cache.capacity(), stream, st)
-          : beam_search(model, cache, inputs, vocab, options, stream, st);
+  std::unique_ptr<DecodeState> state = start_decode(inputs, vocab, options, cache);
+  SamplerScratch scratch;
+  const float* logits = nullptr;
+  for (;;) {
+    state->advance(logits, scratch);
+    for (const AcceptedToken& a : state->accepted()) timed_stream(stream, a.sequence, a.token, st);
+    if (state->done()) break;
+    logits = timed_step(model, state->tokens().data(), state->positions().data(),
+                        state->slots().data(), state->rows(), st);
+  }
   st.total_s = seconds_since(t0);
-  return results;
+  return state->results();
 }
 
 }  // namespace engine

@@ -10,9 +10,11 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <vector>
 
 #include "kv_cache.h"
+#include "sampling.h"
 
 namespace engine {
 
@@ -111,10 +113,72 @@ std::vector<std::vector<int>> default_beam_slots(const std::vector<int>& prefill
                                                  int num_beams, int num_slots);
 
 // Runs the loop to the end; one result per input. `stream` may be empty; `stats` may be null.
+// It drives a DecodeState (below) with `model`, so its results are those of stepping one by hand.
 std::vector<SequenceResult> generate(StepModel& model, SlotOps& cache,
                                      const std::vector<SequenceInput>& inputs, int vocab,
                                      const GenerateOptions& options, const StreamFn& stream,
                                      GenerateStats* stats);
+
+// ---- The loop one step at a time (the serving scheduler runs many of these side by side).
+//
+//     state = start_decode(inputs, vocab, options, cache);    // validates, copies first_logits
+//     state->advance(nullptr, scratch);                       // tokens from the first logits
+//     while (!state->done()) {
+//       logits = <run state->tokens() at state->positions() into state->slots()>;
+//       state->advance(logits, scratch);                      // [rows, vocab] of those rows
+//     }
+//     state->results();
+//
+// A state owns everything it changes except the cache, which beam search reorders through
+// `cache` (it must outlive the state). States are independent: any number may be advanced in
+// any interleaving, each giving exactly the results of generate() on its own.
+
+// A token accepted by the last advance(): greedy / sampling as soon as it is chosen, beams
+// their final tokens once the sequence's result is fixed (the order generate() streams them).
+struct AcceptedToken {
+  int sequence;
+  int32_t token;
+};
+
+class DecodeState {
+ public:
+  virtual ~DecodeState() = default;
+  // First call: chooses from the inputs' first logits (`logits` is ignored and may be null).
+  // Later calls: `logits` are [rows(), vocab], row i for the row tokens()[i] fed since.
+  // Chooses the next token of every live sequence (beams: moves them in the cache), then sets
+  // the rows to feed next; none when every sequence has ended.
+  void advance(const float* logits, SamplerScratch& scratch);
+  bool started() const { return started_; }
+  bool done() const { return started_ && tokens_.empty(); }
+  int rows() const { return static_cast<int>(tokens_.size()); }
+  int batch() const { return batch_; }
+  int vocab() const { return vocab_; }
+  const std::vector<int32_t>& tokens() const { return tokens_; }
+  const std::vector<int32_t>& positions() const { return positions_; }
+  const std::vector<int32_t>& slots() const { return slots_; }
+  const std::vector<AcceptedToken>& accepted() const { return accepted_; }   // of the last advance
+  // One result per sequence once done(). Before that: greedy / sampling the tokens so far, beams
+  // the sequences already finished (others empty), each with FinishReason::Length.
+  virtual std::vector<SequenceResult> results() const = 0;
+
+ protected:
+  DecodeState(const std::vector<SequenceInput>& inputs, int vocab, const GenerateOptions& options);
+  // Select from rows_[...] (already pointing at this step's logits) and fill the next rows.
+  virtual void select(const float* logits, bool first, SamplerScratch& scratch) = 0;
+
+  int batch_, vocab_;
+  GenerateOptions options_;
+  std::vector<SequenceInput> inputs_;    // first_logits point into first_logits_
+  std::vector<float> first_logits_;      // [batch, vocab] copy
+  std::vector<uint8_t> kinds_;           // token_kinds(options_, vocab_)
+  std::vector<int32_t> tokens_, positions_, slots_;
+  std::vector<AcceptedToken> accepted_;
+  bool started_ = false;
+};
+
+// Validates like generate() (std::invalid_argument) and starts a greedy / sampling or beam state.
+std::unique_ptr<DecodeState> start_decode(const std::vector<SequenceInput>& inputs, int vocab,
+                                          const GenerateOptions& options, SlotOps& cache);
 
 // ---- Shared by the greedy and beam loops.
 

@@ -10,6 +10,7 @@ namespace py = pybind11;
 void bind_attention(py::module_& m);
 void bind_generate(py::module_& m);
 void bind_bench(py::module_& m);
+void bind_serving(py::module_& m);
 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "PaliGemma engine native core";
@@ -36,4 +37,5 @@ PYBIND11_MODULE(_native, m) {
   bind_attention(m);
   bind_generate(m);
   bind_bench(m);
+  bind_serving(m);
 }

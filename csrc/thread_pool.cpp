@@ -3,7 +3,6 @@
 #include <atomic>
 #include <condition_variable>
 #include <exception>
-#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -13,55 +12,71 @@
 #include <unistd.h>
 
 namespace engine {
+
 namespace {
+thread_local int t_thread = -1;                  // id of the pool thread running a task here
+thread_local ThreadPool* t_pool = nullptr;       // the PoolScope's pool on this thread, if any
 
-thread_local int t_thread = -1;   // id of the pool thread running a task here, -1 outside tasks
+void check_size(int n, const char* what) {
+  if (n < 1 || n > 1024)
+    throw std::invalid_argument(std::string(what) + ": n must be in [1, 1024], got " + std::to_string(n));
+}
+}  // namespace
 
-class ThreadPool {
- public:
-  explicit ThreadPool(int n) : n_threads_(n) {
-    for (int i = 1; i < n; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
+struct ThreadPool::Impl {
+  explicit Impl(int n) : n_threads(n), pid(getpid()) {
+    for (int i = 1; i < n; ++i) workers.emplace_back([this, i] { worker_loop(i); });
   }
-  ~ThreadPool() {
+  ~Impl() {
     {
-      std::lock_guard<std::mutex> lk(m_);
-      stop_ = true;
+      std::lock_guard<std::mutex> lk(m);
+      stop = true;
     }
-    wake_.notify_all();
-    for (auto& t : workers_) t.join();
+    wake.notify_all();
+    for (auto& t : workers) t.join();
   }
-  int size() const { return n_threads_; }
 
   void run(int n_tasks, const std::function<void(int, int)>& fn) {
+    std::lock_guard<std::mutex> serial(run_mutex);   // one parallel_for at a time per pool
+    if (n_threads == 1 || n_tasks == 1 || pid != getpid()) {
+      t_thread = 0;
+      try {
+        for (int i = 0; i < n_tasks; ++i) fn(i, 0);
+      } catch (...) {
+        t_thread = -1;
+        throw;
+      }
+      t_thread = -1;
+      return;
+    }
     {
-      std::lock_guard<std::mutex> lk(m_);
+      std::lock_guard<std::mutex> lk(m);
       fn_ = &fn;
       n_tasks_ = n_tasks;
-      next_.store(0);
-      busy_ = static_cast<int>(workers_.size());
-      error_ = nullptr;
-      ++generation_;
+      next.store(0);
+      busy = static_cast<int>(workers.size());
+      error = nullptr;
+      ++generation;
     }
-    wake_.notify_all();
+    wake.notify_all();
     work(0);   // the caller is thread 0
-    std::unique_lock<std::mutex> lk(m_);
-    done_.wait(lk, [this] { return busy_ == 0; });
+    std::unique_lock<std::mutex> lk(m);
+    done.wait(lk, [this] { return busy == 0; });
     fn_ = nullptr;
-    if (error_) std::rethrow_exception(error_);
+    if (error) std::rethrow_exception(error);
   }
 
- private:
   void work(int thread) {
     t_thread = thread;
     for (;;) {
-      int task = next_.fetch_add(1);
+      int task = next.fetch_add(1);
       if (task >= n_tasks_) break;
       try {
         (*fn_)(task, thread);
       } catch (...) {
-        std::lock_guard<std::mutex> lk(m_);
-        if (!error_) error_ = std::current_exception();
-        next_.store(n_tasks_);   // stop handing out tasks
+        std::lock_guard<std::mutex> lk(m);
+        if (!error) error = std::current_exception();
+        next.store(n_tasks_);   // stop handing out tasks
       }
     }
     t_thread = -1;
@@ -71,53 +86,73 @@ class ThreadPool {
     long seen = 0;
     for (;;) {
       {
-        std::unique_lock<std::mutex> lk(m_);
-        wake_.wait(lk, [&] { return stop_ || generation_ != seen; });
-        if (stop_) return;
-        seen = generation_;
+        std::unique_lock<std::mutex> lk(m);
+        wake.wait(lk, [&] { return stop || generation != seen; });
+        if (stop) return;
+        seen = generation;
       }
       work(thread);
       {
-        std::lock_guard<std::mutex> lk(m_);
-        if (--busy_ == 0) done_.notify_one();
+        std::lock_guard<std::mutex> lk(m);
+        if (--busy == 0) done.notify_one();
       }
     }
   }
 
-  const int n_threads_;
-  std::vector<std::thread> workers_;
-  std::mutex m_;
-  std::condition_variable wake_, done_;
+  const int n_threads;
+  const pid_t pid;                 // the process whose threads these are
+  std::vector<std::thread> workers;
+  std::mutex run_mutex;            // serializes run()
+  std::mutex m;
+  std::condition_variable wake, done;
   const std::function<void(int, int)>* fn_ = nullptr;
   int n_tasks_ = 0;
-  std::atomic<int> next_{0};
-  int busy_ = 0;
-  long generation_ = 0;
-  bool stop_ = false;
-  std::exception_ptr error_;
+  std::atomic<int> next{0};
+  int busy = 0;
+  long generation = 0;
+  bool stop = false;
+  std::exception_ptr error;
 };
+
+ThreadPool::ThreadPool(int num_threads) {
+  check_size(num_threads, "ThreadPool");
+  impl_ = std::make_unique<Impl>(num_threads);
+}
+ThreadPool::~ThreadPool() {
+  // A forked child inherits the object but not its threads: leak the state on purpose rather
+  // than join threads that do not exist here.
+  if (impl_ && impl_->pid != getpid()) (void)impl_.release();
+}
+int ThreadPool::num_threads() const { return impl_->n_threads; }
+void ThreadPool::run(int n_tasks, const std::function<void(int, int)>& fn) {
+  if (n_tasks > 0) impl_->run(n_tasks, fn);
+}
+
+PoolScope::PoolScope(ThreadPool* pool) : previous_(t_pool) { t_pool = pool; }
+PoolScope::~PoolScope() { t_pool = previous_; }
+
+namespace {
 
 int default_threads() {
   unsigned n = std::thread::hardware_concurrency();
   return n == 0 ? 1 : static_cast<int>(n);
 }
 
-std::mutex g_pool_mutex;                         // serializes parallel_for and resizing
-std::unique_ptr<ThreadPool> g_pool;              // created lazily, by the process g_pool_pid
-pid_t g_pool_pid = 0;
-std::atomic<int> g_num_threads{default_threads()};
+// The default pool, for callers outside any PoolScope.
+std::mutex g_default_mutex;                      // guards g_default (creation and resizing)
+std::shared_ptr<ThreadPool> g_default;           // created lazily, by the process g_default_pid
+pid_t g_default_pid = 0;
+std::atomic<int> g_default_threads{default_threads()};
 
-ThreadPool& pool_locked() {
-  if (g_pool && g_pool_pid != getpid()) {
-    // A forked child inherits the pool object but not its threads: abandon it (its memory is
-    // leaked on purpose; destroying it would join threads that do not exist here).
-    (void)g_pool.release();
+std::shared_ptr<ThreadPool> default_pool() {
+  std::lock_guard<std::mutex> lk(g_default_mutex);
+  // A forked child drops the parent's pool (~ThreadPool does not join threads that do not exist).
+  if (g_default && g_default_pid != getpid()) g_default.reset();
+  if (!g_default) {
+    g_default = std::make_shared<ThreadPool>(g_default_threads.load());
+    g_default_pid = getpid();
   }
-  if (!g_pool) {
-    g_pool = std::make_unique<ThreadPool>(g_num_threads.load());
-    g_pool_pid = getpid();
-  }
-  return *g_pool;
+  return g_default;
 }
 
 }  // namespace
@@ -129,33 +164,23 @@ void parallel_for(int n_tasks, const std::function<void(int, int)>& fn) {
     for (int i = 0; i < n_tasks; ++i) fn(i, self);
     return;
   }
-  std::lock_guard<std::mutex> lk(g_pool_mutex);
-  ThreadPool& pool = pool_locked();
-  if (pool.size() == 1 || n_tasks == 1) {
-    t_thread = 0;
-    try {
-      for (int i = 0; i < n_tasks; ++i) fn(i, 0);
-    } catch (...) {
-      t_thread = -1;
-      throw;
-    }
-    t_thread = -1;
+  if (t_pool != nullptr) {
+    t_pool->run(n_tasks, fn);
     return;
   }
-  pool.run(n_tasks, fn);
+  std::shared_ptr<ThreadPool> pool = default_pool();   // kept alive through a concurrent resize
+  pool->run(n_tasks, fn);
 }
 
-int get_num_threads() { return g_num_threads.load(); }
+int get_num_threads() { return t_pool != nullptr ? t_pool->num_threads() : g_default_threads.load(); }
 
 void set_num_threads(int n) {
-  if (n < 1 || n > 1024)
-    throw std::invalid_argument("set_num_threads: n must be in [1, 1024], got " + std::to_string(n));
+  check_size(n, "set_num_threads");
   if (t_thread >= 0) throw std::logic_error("set_num_threads cannot be called from inside a parallel task");
-  std::lock_guard<std::mutex> lk(g_pool_mutex);
-  g_num_threads.store(n);
-  if (g_pool && g_pool->size() == n && g_pool_pid == getpid()) return;
-  if (g_pool && g_pool_pid != getpid()) (void)g_pool.release();
-  g_pool.reset();   // created with the new size on the next parallel_for
+  std::lock_guard<std::mutex> lk(g_default_mutex);
+  g_default_threads.store(n);
+  if (g_default && g_default->num_threads() == n && g_default_pid == getpid()) return;
+  g_default.reset();   // created with the new size on the next parallel_for
 }
 
 }  // namespace engine

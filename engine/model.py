@@ -1,21 +1,27 @@
-"""The PaliGemma session: encode images, prefill, then decode through the native loop.
+"""The PaliGemma model: shared read-only weights and graphs, and the calls that run requests.
 
-    image(s) ─► processor ─► "vision" graph ─► image features ─┐
+    image(s) ─► processor ─► "vision" graph ─► image features ─┐     (one image per call, cached)
     prompt ──► tokenizer ──► ids ─► embedding table ────────────┤
                                                                 ▼
-        prefill: decoder_0 ─► attention ─► decoder_1 ─► … ─► decoder_L ─► lm_head (last row)
-        decode:  _native.generate(step) calls `step(tokens, positions, slots)` per token, which
-                 runs the same graphs on one row per live sequence.
+        prefill: decoder_0 ─► attention ─► decoder_1 ─► … ─► decoder_L ─► lm_head (last rows)
+        decode:  every live row of every request through the same graphs, one call per boundary
 
-The graphs (export/graph_def.py) do the matrix work in onnxruntime or OpenVINO; the native core
-owns the KV cache and the attention (RoPE, prefix-LM mask, softcap, window, GQA). Weights are
-read-only and shared by every call; everything a call changes (the KV cache, the sequences)
-is created per call, so one `PaliGemma` may serve calls one after another.
+What a loaded model holds is read-only and shared by every caller: the compiled graphs, the
+embedding table, tokenizer, processor, config and mask decoder, plus the model's own attention
+thread pool and image-feature cache. Everything a request changes (its KV cache, its decode
+state, its timings) lives in the serving core (engine/serving), whose scheduler thread runs all
+graph calls of the model.
+
+Thread safety: `generate`, `submit` and every task helper (caption, answer, ocr, detect, segment)
+may be called from any number of threads at once, on both backends; concurrent requests are
+batched together, and each result equals what the same call gives alone.
 """
 from __future__ import annotations
 
-import numbers
+import hashlib
+import os
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -27,6 +33,10 @@ from .artifact import Manifest, load_manifest
 from .config import PaliGemmaConfig
 from .processor import Processor
 from .runtime import open_runner
+from .serving.image_cache import FeatureCache, image_key
+from .serving.request import (GenerationSettings, ImageInput, PreparedPrompt, Request, RequestHandle, RequestStats,
+                              StepTimes, follow_stream, now)
+from .serving.scheduler import Scheduler, SchedulerConfig, SchedulerState
 from .tokenizer import Tokenizer
 
 
@@ -35,28 +45,40 @@ class GenerationResult:
     """One generated sequence. `text` keeps loc and seg tokens; `tokens` excludes the prompt."""
     text: str
     tokens: list[int]
-    finish_reason: str                   # "eos", "stop" or "length"
+    finish_reason: str                   # "eos", "stop", "length" or "cancelled"
     score: float | None = None           # beam score (HF sequences_scores) with num_beams > 1
     timings: dict = field(default_factory=dict)   # seconds; see PaliGemma.generate
+    stats: RequestStats | None = None    # where the request's time went (engine/serving/request.py)
 
     def __str__(self) -> str:
         return self.text
 
 
 class PaliGemma:
-    """A loaded artifact on one backend. Build it with `engine.load(...)`."""
+    """A loaded artifact on one backend. Build it with `engine.load(...)`.
+
+    threads: the model's threads (each graph's intra-op threads and the model's own attention
+    pool; None: one per core). serving: the scheduler's limits (engine.serving.SchedulerConfig:
+    max_queue, max_active, prefill_chunk_layers, image_cache_bytes)."""
 
     def __init__(self, artifact_dir: str | Path, backend: str = "openvino", threads: int | None = None,
-                 *, verify: bool = True, kv_dtype: str = "f32", warmup: bool | None = None):
+                 *, verify: bool = True, kv_dtype: str = "f32", warmup: bool | None = None,
+                 serving: SchedulerConfig | None = None):
         t0 = time.perf_counter()
         self.artifact_dir = Path(artifact_dir)
         self.manifest: Manifest = load_manifest(self.artifact_dir, verify_checksums=verify)
         self.config: PaliGemmaConfig = self.manifest.config
         self.backend = backend
         self.kv_dtype = kv_dtype
-        if threads is not None:
-            _native.set_num_threads(int(threads))
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+        self.threads = threads
+        self._pool = _native.ThreadPool(threads or os.cpu_count() or 1)   # this model's attention threads
         self.runner = open_runner(backend, self.artifact_dir, self.manifest, threads)
+        manifest_bytes = (self.artifact_dir / "manifest.json").read_bytes()
+        # Who computed a cached image feature: the artifact's content, the backend and its settings.
+        self.identity = hashlib.sha256(manifest_bytes + f"|{backend}|{getattr(self.runner, 'config', '')}".encode()
+                                       ).hexdigest()
         emb = self.manifest.embedding
         self._embed_table = np.load(self.artifact_dir / emb.table, mmap_mode="r")        # [V, D]
         self._embed_scales = np.load(self.artifact_dir / emb.scales) if emb.scales else None  # [V]
@@ -73,6 +95,10 @@ class PaliGemma:
             t1 = time.perf_counter()
             self.warm_up()
             self.warmup_seconds = time.perf_counter() - t1
+        serving = serving if serving is not None else SchedulerConfig()
+        self.image_cache = FeatureCache(serving.image_cache_bytes)
+        self._scheduler = Scheduler(self, serving, self.image_cache)
+        weakref.finalize(self, self._scheduler.close)   # a model dropped without close()
         self.load_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ building blocks
@@ -95,47 +121,31 @@ class PaliGemma:
         self.logits(hidden)
 
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
-        """pixel_values [N, 3, S, S] -> image features [N, P, D]."""
+        """pixel_values [N, 3, S, S] -> image features [N, P, D], in one graph call."""
         return self.runner.run("vision", {"pixel_values": pixel_values})["image_features"]
+
+    def encode_image(self, pixel_values: np.ndarray, times: StepTimes | None = None) -> np.ndarray:
+        """One image's pixel values [3, S, S] -> its features [P, D]. Always one image per call,
+        so an image's features never depend on what else is encoded (nor on the cache)."""
+        t0 = time.perf_counter()
+        feats = self.encode_images(pixel_values[None])[0]
+        if times is not None:
+            times.add_graph("vision", time.perf_counter() - t0)
+        return feats
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """Token ids [T] -> embeddings [T, D] (dequantized rows * sqrt(D) in checkpoint dtype)."""
+        ids = np.asarray(ids, dtype=np.int64)
         rows = np.asarray(self._embed_table[ids], dtype=np.float32)
         if self._embed_scales is not None:
             rows *= self._embed_scales[ids, None]
         return rows * self._embed_scale
 
-    def decoder(self, hidden: np.ndarray, cache, slots: Sequence[int], positions: np.ndarray) -> np.ndarray:
-        """Run every decoder layer on `hidden` [N*T, D] (slot-major rows) appending to the cache."""
-        t = self.config.text
-        n_layers = t.num_hidden_layers
-        attn = None
-        for i in range(n_layers + 1):
-            inputs = {"hidden": hidden} if i == 0 else {"hidden": hidden, "attn": attn}
-            out = self.runner.run(f"decoder_{i}", inputs)
-            if i > 0:
-                hidden = out["hidden_out"]
-            if i == n_layers:
-                break
-            attn = _native.attention(cache, i, out["q"], out["k"], out["v"], list(slots), positions,
-                                     scale=t.attn_scale, softcap=t.attn_logit_softcapping,
-                                     window=self._layer_windows[i], rope_theta=t.rope_theta)
-        return hidden
-
-    def logits(self, hidden_rows: np.ndarray) -> np.ndarray:
-        """hidden [n, D] -> logits [n, V] (final norm, LM head, softcap)."""
-        return self.runner.run("lm_head", {"hidden": hidden_rows})["logits"]
-
-    def new_cache(self, num_slots: int, capacity: int):
-        t = self.config.text
-        return _native.KVCache(t.num_hidden_layers, t.num_key_value_heads, t.head_dim, num_slots, capacity,
-                               self.kv_dtype)
-
-    def prefill(self, cache, slot: int, input_ids: np.ndarray, image_features: np.ndarray | None,
-                prefix_length: int) -> np.ndarray:
-        """Embed one prompt, run it through the decoder into `slot`; returns its last logits [V]."""
+    def prompt_rows(self, input_ids: np.ndarray, image_features: np.ndarray | None) -> np.ndarray:
+        """One prompt's input rows [T, D]: token embeddings, image features [N, P, D] at the
+        `<image>` placeholders."""
         ids = np.asarray(input_ids, dtype=np.int64)
-        hidden = self.embed(ids)                                          # [T, D]
+        hidden = self.embed(ids)
         image_rows = np.flatnonzero(ids == self.config.image_token_index)
         n_feat = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
         if len(image_rows) != n_feat:
@@ -143,36 +153,103 @@ class PaliGemma:
                              "features")
         if n_feat:
             hidden[image_rows] = image_features.reshape(n_feat, -1)
-        cache.set_prefix_length(slot, prefix_length)
-        positions = np.arange(len(ids), dtype=np.int32)
-        hidden = self.decoder(hidden, cache, [slot], positions)
-        return self.logits(hidden[-1:])[0]
+        return hidden
 
-    def _step(self, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray, cache) -> np.ndarray:
-        """One decode step for the live sequences: tokens/positions/slots [n] -> logits [n, V]."""
-        hidden = self.embed(np.asarray(tokens, dtype=np.int64))
-        hidden = self.decoder(hidden, cache, [int(s) for s in slots], np.asarray(positions, dtype=np.int32))
-        return self.logits(hidden)
+    def run_rows(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """runner.run on rows that are independent tokens, with at least two rows per call: a call
+        with one row is padded with a copy of it. Some kernels take another path for one row
+        (OpenVINO int8 / int4 differ by ~1e-6 between one row and several), while calls of two or
+        more rows give each row the same result whatever the others are, so a request gives the
+        same tokens alone or batched with others."""
+        n = len(next(iter(inputs.values())))
+        if n != 1:
+            return self.runner.run(graph, inputs)
+        out = self.runner.run(graph, {k: np.concatenate([v, v]) for k, v in inputs.items()})
+        return {k: v[:1] for k, v in out.items()}
 
-    # ------------------------------------------------------------------ generate
+    def run_boundaries(self, hidden: np.ndarray, attn: np.ndarray | None, plan, start: int, stop: int,
+                       times: StepTimes | None = None):
+        """Decoder boundaries [start, stop) of rows `hidden` [n, D] (and `attn` [n, H*hd], the
+        attention output of the boundary before `start`): graph decoder_i finishes layer i - 1 and
+        starts layer i, whose attention runs on the caches and slots of `plan` (an AttentionPlan
+        of these rows). Returns (hidden, attn) after boundary stop - 1; after the last boundary
+        (L), hidden is the last layer's output and attn None."""
+        t = self.config.text
+        n_layers = t.num_hidden_layers
+        for i in range(start, stop):
+            inputs = {"hidden": hidden} if i == 0 else {"hidden": hidden, "attn": attn}
+            t0 = time.perf_counter()
+            out = self.run_rows(f"decoder_{i}", inputs)
+            t1 = time.perf_counter()
+            if times is not None:
+                times.add_graph(f"decoder_{i}", t1 - t0)
+            if i > 0:
+                hidden = out["hidden_out"]
+            if i == n_layers:
+                return hidden, None
+            attn = _native.attention_plan(plan, i, out["q"], out["k"], out["v"], scale=t.attn_scale,
+                                          softcap=t.attn_logit_softcapping, window=self._layer_windows[i],
+                                          rope_theta=t.rope_theta, pool=self._pool)
+            if times is not None:
+                times.attention_s += time.perf_counter() - t1
+                times.attention_calls += 1
+        return hidden, attn
+
+    def logits(self, hidden_rows: np.ndarray, times: StepTimes | None = None) -> np.ndarray:
+        """hidden [n, D] -> logits [n, V] (final norm, LM head, softcap)."""
+        t0 = time.perf_counter()
+        logits = self.run_rows("lm_head", {"hidden": hidden_rows})["logits"]
+        if times is not None:
+            times.add_graph("lm_head", time.perf_counter() - t0)
+        return logits
+
+    def new_cache(self, num_slots: int, capacity: int):
+        t = self.config.text
+        return _native.KVCache(t.num_hidden_layers, t.num_key_value_heads, t.head_dim, num_slots, capacity,
+                               self.kv_dtype)
+
+    # ------------------------------------------------------------------ requests
     def generate(self, image, prompt, max_new_tokens: int = 32, *, num_beams: int = 1, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                  seed: int = 0, length_penalty: float = 1.0, early_stopping=False,
                  stop_token_ids: Sequence[int] | None = None, ignore_eos: bool = False,
-                 stream: Callable[[str], None] | None = None):
-        """Generate text for an image (or several) and a prompt.
+                 stream: Callable[[str], object] | None = None):
+        """Generate text for an image (or several) and a prompt. Thread-safe (see the module docstring).
 
         `image` is an image (path, bytes, PIL image or array) or, for a multi-image prompt, a list
         of images: the prompt is then `<image>`*P for each image in order, `<bos>`, prompt, "\\n".
         For a batch, pass a list of prompts and a list of the same length whose items are images
         (or lists of images); the result is then a list of results, each equal to running that
-        item alone (with sampling, item b equals a lone run with seed `seed + b`). `stream(text_piece)` receives the decoded text of every accepted token (batch
-        size 1, num_beams 1). With `ignore_eos` the sequence always runs to max_new_tokens.
+        item alone (with sampling, item b equals a lone run with seed `seed + b`).
+        `stream(text_piece)` receives the decoded text of every accepted token, in the calling
+        thread (batch size 1, num_beams 1); returning False stops the request (finish_reason
+        "cancelled", the text so far). With `ignore_eos` the sequence always runs to max_new_tokens.
 
         Timings (seconds) in `result.timings`: image_encode (preprocessing + vision graph), prefill,
         first_token (image in -> first token out, preprocessing included), decode (all later
-        tokens), total, and decode_tokens_per_s.
+        tokens), total, queue (waiting for a free place), and decode_tokens_per_s;
+        `result.stats` splits them further (engine.serving.RequestStats).
         """
+        batched = isinstance(prompt, (list, tuple))
+        if stream is not None and (batched or num_beams > 1):
+            raise ValueError("stream works with one prompt and num_beams=1")
+        handle = self.submit(image, prompt, max_new_tokens, num_beams=num_beams, do_sample=do_sample,
+                             temperature=temperature, top_k=top_k, top_p=top_p,
+                             repetition_penalty=repetition_penalty, seed=seed, length_penalty=length_penalty,
+                             early_stopping=early_stopping, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
+        if stream is None:
+            return handle.result()
+        return follow_stream(handle, self.tokenizer, stream)
+
+    def submit(self, image, prompt, max_new_tokens: int = 32, *, num_beams: int = 1, do_sample: bool = False,
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+               seed: int = 0, length_penalty: float = 1.0, early_stopping=False,
+               stop_token_ids: Sequence[int] | None = None, ignore_eos: bool = False) -> RequestHandle:
+        """generate() without waiting: returns a RequestHandle (result(), cancel(), tokens()).
+
+        Inputs are checked and preprocessed here, in the calling thread, so bad input raises at
+        once; a full queue raises engine.serving.QueueFullError at once."""
+        t_call = now()
         batched = isinstance(prompt, (list, tuple))
         prompts = list(prompt) if batched else [prompt]
         if batched and not prompts:
@@ -184,97 +261,39 @@ class PaliGemma:
         if batched and len(images) != len(prompts):
             raise ValueError(f"a batch needs one image (or list of images) per prompt: got {len(images)} "
                              f"images for {len(prompts)} prompts")
-        if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-        if stream is not None and (batched or num_beams > 1):
-            raise ValueError("stream works with one prompt and num_beams=1")
+        settings = GenerationSettings(
+            max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, temperature=temperature,
+            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
+            length_penalty=length_penalty, early_stopping=early_stopping,
+            eos_token_ids=() if ignore_eos else (self.config.eos_token_id,),
+            stop_token_ids=tuple(stop_token_ids) if stop_token_ids else ())
+        settings.check_vocab(self.config.text.vocab_size)
+        prepared = tuple(self._prepare(i, img, p, settings.max_new_tokens)
+                         for i, (img, p) in enumerate(zip(images, prompts)))
+        return self._scheduler.submit(Request(prepared, settings, batched), t_call)
 
-        t_start = time.perf_counter()
-        batch = [self.processor(img, p) for img, p in zip(images, prompts)]
-        # Context budget, checked before any compute.
-        for i, b in enumerate(batch):
-            n_prompt = len(b["input_ids"])
-            if n_prompt + max_new_tokens > self.max_context:
-                n_img = int((b["input_ids"] == self.config.image_token_index).sum())
-                raise ValueError(f"prompt {i}: {n_img} image tokens + {n_prompt - n_img} text tokens + "
-                                 f"max_new_tokens {max_new_tokens} = {n_prompt + max_new_tokens} exceeds the "
-                                 f"model's context of {self.max_context} tokens; shorten the prompt or lower "
-                                 "max_new_tokens")
-        pixel_values = [b["pixel_values"] for b in batch]
-        features = self.encode_images(np.concatenate(pixel_values)) if sum(len(p) for p in pixel_values) else None
-        t_vision = time.perf_counter()
+    def _prepare(self, index: int, image, prompt, max_new_tokens: int) -> PreparedPrompt:
+        """Processor output of one prompt, checked against the context, with its image keys."""
+        b = self.processor(image, prompt)
+        n_prompt = len(b["input_ids"])
+        if n_prompt + max_new_tokens > self.max_context:
+            n_img = int((b["input_ids"] == self.config.image_token_index).sum())
+            raise ValueError(f"prompt {index}: {n_img} image tokens + {n_prompt - n_img} text tokens + "
+                             f"max_new_tokens {max_new_tokens} = {n_prompt + max_new_tokens} exceeds the "
+                             f"model's context of {self.max_context} tokens; shorten the prompt or lower "
+                             "max_new_tokens")
+        images = tuple(ImageInput(px, image_key(px, self.identity)) for px in b["pixel_values"])
+        return PreparedPrompt(np.asarray(b["input_ids"], dtype=np.int64), int((b["token_type_ids"] == 0).sum()),
+                              images)
 
-        capacity = min(self.max_context, max(len(b["input_ids"]) for b in batch) + max_new_tokens)
-        cache = self.new_cache(len(batch) * num_beams, capacity)
-        max_new_tokens = int(max_new_tokens)
-        first_logits, offset = [], 0
-        for i, b in enumerate(batch):
-            n = len(b["pixel_values"])
-            feats = features[offset:offset + n] if n else None
-            offset += n
-            prefix = int((b["token_type_ids"] == 0).sum())
-            first_logits.append(self.prefill(cache, i * num_beams, b["input_ids"], feats, prefix))
-        t_prefill = time.perf_counter()
-
-        first_token_time: list[float] = []
-        decoded: list[int] = []
-        emitted = [""]
-
-        def step(tokens, positions, slots):
-            return self._step(tokens, positions, slots, cache)
-
-        def on_token(seq: int, token: int) -> None:
-            # First accepted token of any sequence: the end of time-to-first-token.
-            if not first_token_time:
-                first_token_time.append(time.perf_counter())
-            if stream is not None:      # one prompt, greedy/sampling: stream decoded text pieces
-                decoded.append(token)
-                text = self.tokenizer.decode(decoded)
-                if text.endswith("\ufffd"):    # maybe a UTF-8 sequence cut short: wait for its next byte
-                    return
-                if len(text) > len(emitted[0]) and text.startswith(emitted[0]):
-                    stream(text[len(emitted[0]):])
-                    emitted[0] = text
-
-        eos = [] if ignore_eos else [self.config.eos_token_id]
-        results = _native.generate(
-            step, cache, np.stack(first_logits).astype(np.float32),
-            [b["input_ids"].tolist() for b in batch], [len(b["input_ids"]) for b in batch],
-            [i * num_beams + j for i in range(len(batch)) for j in range(num_beams)],
-            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-            top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, num_beams=num_beams,
-            length_penalty=length_penalty, early_stopping=early_stopping, eos_token_ids=eos,
-            stop_token_ids=list(stop_token_ids) if stop_token_ids else None,
-            stream=on_token if num_beams == 1 else None)
-        t_end = time.perf_counter()
-        if stream is not None:          # text held back at the end (an unfinished UTF-8 sequence)
-            text = self.tokenizer.decode(results[0]["tokens"])
-            if len(text) > len(emitted[0]) and text.startswith(emitted[0]):
-                stream(text[len(emitted[0]):])
-
-        # Beam search accepts tokens only at the end; its first token is known after prefill.
-        first = first_token_time[0] if first_token_time else t_prefill
-        out = []
-        for r in results:
-            n_new = len(r["tokens"])
-            decode_s = t_end - first
-            timings = {
-                "image_encode": t_vision - t_start,
-                "prefill": t_prefill - t_vision,
-                "first_token": first - t_start,
-                "decode": decode_s,
-                "total": t_end - t_start,
-                "new_tokens": n_new,
-                "decode_tokens_per_s": (n_new - 1) / decode_s if n_new > 1 and decode_s > 0 else None,
-                "load": self.load_seconds,
-            }
-            out.append(GenerationResult(self.tokenizer.decode(r["tokens"]), list(r["tokens"]),
-                                        r["finish_reason"], r.get("score"), timings))
-        return out if batched else out[0]
+    def serving_state(self) -> SchedulerState:
+        """Requests queued / in prefill / decoding, KV cache and image-cache bytes (a snapshot)."""
+        return self._scheduler.state()
 
     def close(self) -> None:
+        """Stop the scheduler thread (requests still queued or running fail with
+        engine.serving.SchedulerClosed) and release the graphs."""
+        self._scheduler.close()
         close = getattr(self.runner, "close", None)
         if close:
             close()

@@ -222,14 +222,13 @@ def test_stream_holds_back_split_utf8(exported, monkeypatch):
         row[token] = 10.0
         return row
 
-    steps = []
+    calls = []
 
-    def step(tokens, positions, slots, cache):      # the logits that choose the next forced token
-        steps.append(len(tokens))
-        return np.stack([one_hot(forced[len(steps)])])
+    def logits(hidden_rows, times=None):     # prefill, then each step: the row of the next forced token
+        calls.append(len(hidden_rows))
+        return np.stack([one_hot(forced[len(calls) - 1])] * len(hidden_rows))
 
-    monkeypatch.setattr(model, "prefill", lambda *a, **k: one_hot(forced[0]))
-    monkeypatch.setattr(model, "_step", step)
+    monkeypatch.setattr(model, "logits", logits)
     pieces = []
     r = model.generate(noise_image(0), "caption en", max_new_tokens=len(forced), stream=pieces.append)
     assert r.tokens == forced
@@ -340,9 +339,10 @@ def test_bad_inputs_raise_clear_errors(exported, kwargs, message, monkeypatch):
     (dict(seed=-1), "seed must be >= 0"),
     (dict(num_beams=2, early_stopping="sometimes"), "early_stopping must be True, False or \"never\""),
 ])
-def test_bad_decoding_options_raise_clear_errors(exported, kwargs, message):
-    """Checked by the native loop (after prefill, before any decode step)."""
+def test_bad_decoding_options_raise_clear_errors(exported, kwargs, message, monkeypatch):
+    """Checked when the request is submitted, in the caller's thread, before any graph runs."""
     _, artifact, _ = exported
     model = engine.load(artifact, backend="onnxruntime")
+    monkeypatch.setattr(model.runner, "run", lambda *a, **k: pytest.fail("a graph ran"))
     with pytest.raises(ValueError, match=message):
         model.generate(noise_image(0), "caption en", max_new_tokens=3, **kwargs)

@@ -26,14 +26,11 @@ Workloads:
               EOS id. One warm-up call (first_call_s), then the measured call: e2e_s, ttft_s,
               new_tokens (generated, EOS included when it ends the answer), detections.
 
-Engine time split (`GenerateProfiler`): it wraps, in this process only, the model's generate (to
-know when a generate runs and keep its result), its graph runner (runner.run), the native
-attention function (engine.model's `_native.attention`) and the model's `_step` with a
-perf_counter pair each. Calls before the first decode step of a generate are prefill
-(`PrefillSplit`: vision graph, decoder graphs, attention, LM head); calls inside `_step` are
-decode (`DecodeSplit`). Two clock reads per call, ~40 calls per 3B step, next to steps of
-~100 ms: the hot path is unchanged elsewhere. _native.last_generate_stats() adds the C++ loop's
-own time (loop_s) and the time inside the Python step function (step_fn_s).
+Engine time split: every GenerationResult carries its request's stats (engine.serving.RequestStats:
+seconds and calls of the vision graph, decoder graphs, attention and LM head during its prefill,
+and of the decode steps it took part in, measured by the model's scheduler thread).
+`PrefillSplit` / `DecodeSplit` are those figures in the report's terms. `GenerateProfiler` only
+wraps the model's generate, to keep the GenerationResult that a task helper (model.detect) makes.
 """
 from __future__ import annotations
 
@@ -107,128 +104,60 @@ def _peak(*readings: int | None) -> int:
 # ---------------------------------------------------------------------------- engine profiling
 @dataclass
 class PrefillSplit:
-    """Seconds spent before the first decode step of a generate (see the module docstring)."""
+    """Seconds of a request's prefill (RequestStats.prefill), in the report's terms."""
     vision_s: float = 0.0           # the "vision" graph (image features)
     decoder_s: float = 0.0          # the decoder_i graphs on the prompt rows
-    attention_s: float = 0.0        # _native.attention on the prompt rows
+    attention_s: float = 0.0        # native attention on the prompt rows
     lm_head_s: float = 0.0          # the lm_head graph (last prompt row)
     vision_calls: int = 0
     decoder_calls: int = 0
     attention_calls: int = 0
     lm_head_calls: int = 0
 
-    def add_graph(self, graph: str, seconds: float) -> None:
-        if graph == "vision":
-            self.vision_s += seconds
-            self.vision_calls += 1
-        elif graph == "lm_head":
-            self.lm_head_s += seconds
-            self.lm_head_calls += 1
-        else:
-            self.decoder_s += seconds
-            self.decoder_calls += 1
+    @classmethod
+    def of(cls, stats) -> "PrefillSplit":
+        p = stats.prefill
+        return cls(p.vision_s, p.decoder_s, p.attention_s, p.lm_head_s, p.vision_calls, p.decoder_calls,
+                   p.attention_calls, p.lm_head_calls)
 
 
 @dataclass
 class DecodeSplit:
-    """Seconds spent inside decode steps (the model's _step)."""
+    """Seconds inside the decode steps of a request (RequestStats.decode), in the report's terms."""
     graph_s: float = 0.0            # every graph run (decoder_i and lm_head)
     lm_head_s: float = 0.0          # of which the lm_head graph
     attention_s: float = 0.0
-    step_s: float = 0.0             # whole _step calls
+    select_s: float = 0.0           # native token selection
+    step_s: float = 0.0             # whole steps
     steps: int = 0
     graph_calls: int = 0
     attention_calls: int = 0
 
-    def add_graph(self, graph: str, seconds: float) -> None:
-        self.graph_s += seconds
-        self.graph_calls += 1
-        if graph == "lm_head":
-            self.lm_head_s += seconds
+    @classmethod
+    def of(cls, stats) -> "DecodeSplit":
+        d = stats.decode
+        return cls(d.decoder_s + d.lm_head_s, d.lm_head_s, d.attention_s, d.select_s, stats.decode_step_s,
+                   stats.decode_steps, d.decoder_calls + d.lm_head_calls, d.attention_calls)
 
 
 class GenerateProfiler:
-    """Times graph runs and attention calls of a model's generate, split into prefill and decode
-    (see the module docstring). `last_result` / `last_max_new_tokens`: of the latest generate."""
+    """Keeps the latest GenerationResult of a model's generate (a task helper's too):
+    `last_result` / `last_max_new_tokens`."""
 
     def __init__(self):
-        self.phase: str | None = None      # "prefill", "decode" or None (outside generate)
         self.last_result = None
         self.last_max_new_tokens: int | None = None
-        self.reset()
-
-    def reset(self) -> None:
-        self.prefill, self.decode = PrefillSplit(), DecodeSplit()
 
     def attach(self, model) -> "GenerateProfiler":
-        from .. import model as model_module
-        model.runner = _TimedRunner(model.runner, self)
-        if not isinstance(model_module._native, _TimedNative):
-            model_module._native = _TimedNative(model_module._native, self)   # PaliGemma.decoder's attention
-        generate, step = model.generate, model._step
+        generate = model.generate
 
-        def timed_generate(*args, **kwargs):     # tasks (model.detect) call model.generate too
-            self.phase = "prefill"
-            try:
-                self.last_result = generate(*args, **kwargs)
-                self.last_max_new_tokens = kwargs.get("max_new_tokens")
-                return self.last_result
-            finally:
-                self.phase = None
+        def kept_generate(*args, **kwargs):     # tasks (model.detect) call model.generate too
+            self.last_result = generate(*args, **kwargs)
+            self.last_max_new_tokens = kwargs.get("max_new_tokens")
+            return self.last_result
 
-        def timed_step(*args, **kwargs):
-            self.phase = "decode"                # the first step ends the prefill
-            t0 = time.perf_counter()
-            try:
-                return step(*args, **kwargs)
-            finally:
-                self.decode.step_s += time.perf_counter() - t0
-                self.decode.steps += 1
-
-        model.generate, model._step = timed_generate, timed_step
+        model.generate = kept_generate
         return self
-
-    def split(self) -> PrefillSplit | DecodeSplit | None:
-        return {"prefill": self.prefill, "decode": self.decode}.get(self.phase)
-
-
-class _TimedRunner:
-    """Stands in for the model's GraphRunner; times run() during generate."""
-
-    def __init__(self, runner, profiler: GenerateProfiler):
-        self._runner, self._prof = runner, profiler
-
-    def run(self, graph, inputs):
-        split = self._prof.split()
-        if split is None:
-            return self._runner.run(graph, inputs)
-        t0 = time.perf_counter()
-        out = self._runner.run(graph, inputs)
-        split.add_graph(graph, time.perf_counter() - t0)
-        return out
-
-    def __getattr__(self, name):
-        return getattr(self._runner, name)
-
-
-class _TimedNative:
-    """Stands in for engine._native inside engine.model; times attention() during generate."""
-
-    def __init__(self, native, profiler: GenerateProfiler):
-        self._native, self._prof = native, profiler
-
-    def attention(self, *args, **kwargs):
-        split = self._prof.split()
-        if split is None:
-            return self._native.attention(*args, **kwargs)
-        t0 = time.perf_counter()
-        out = self._native.attention(*args, **kwargs)
-        split.attention_s += time.perf_counter() - t0
-        split.attention_calls += 1
-        return out
-
-    def __getattr__(self, name):
-        return getattr(self._native, name)
 
 
 # ---------------------------------------------------------------------------- workers
@@ -261,25 +190,21 @@ def run_engine(spec: dict) -> dict:
 
 
 def engine_caption(model, profiler: GenerateProfiler, image, spec: dict) -> dict:
-    from engine import _native
     n = spec["new_tokens"]
     prompt_tokens = len(model.processor(image, PROMPT)["input_ids"])
     t0 = time.perf_counter()
     first = model.generate(image, PROMPT, max_new_tokens=min(WARMUP_TOKENS, n), ignore_eos=True)
     warmup_s = time.perf_counter() - t0
     peak_after_warmup = _status_bytes("VmHWM")
-    profiler.reset()
+    model.image_cache.clear()                # the measured call encodes its image like the first
     result = model.generate(image, PROMPT, max_new_tokens=n, ignore_eos=True)
-    loop = _native.last_generate_stats() or {}
     rss_after_generate = _status_bytes("VmRSS")
     t = result.timings
-    split = asdict(profiler.decode)
-    split.update({k: loop.get(k) for k in ("step_fn_s", "loop_s", "stream_s", "total_s")})
     return {"warmup_s": warmup_s, "first_call_ttft_s": first.timings["first_token"],
             "image_encode_s": t["image_encode"], "prefill_s": t["prefill"], "ttft_s": t["first_token"],
-            "decode_s": t["decode"], "new_tokens": len(result.tokens), "decode_steps": loop.get("steps"),
+            "decode_s": t["decode"], "new_tokens": len(result.tokens), "decode_steps": result.stats.decode_steps,
             "prompt_tokens": prompt_tokens, "finish_reason": result.finish_reason, "tokens": result.tokens,
-            "split": split, "prefill_split": asdict(profiler.prefill),
+            "split": asdict(DecodeSplit.of(result.stats)), "prefill_split": asdict(PrefillSplit.of(result.stats)),
             "rss_after_generate_bytes": rss_after_generate, "peak_rss_after_warmup_bytes": peak_after_warmup,
             "peak_rss_bytes": _peak(rss_after_generate, peak_after_warmup)}
 
@@ -290,7 +215,7 @@ def engine_detect3(model, profiler: GenerateProfiler, image, spec: dict) -> dict
     t0 = time.perf_counter()
     model.detect(image, labels, **gen)
     first_call_s = time.perf_counter() - t0
-    profiler.reset()
+    model.image_cache.clear()                # the measured call encodes its image like the first
     t0 = time.perf_counter()
     detections = model.detect(image, labels, **gen)
     e2e_s = time.perf_counter() - t0
