@@ -43,8 +43,9 @@ def default_cache_dir():
 
 def load(path=None, backend: str = "openvino", threads: int | None = None, *, weights: str = "int8",
          group_size: int = 128, verify: bool = True, kv_dtype: str = "f32", progress: bool = True,
-         seg_decoder=None, warmup: bool | None = None):
-    """Load a model for inference.
+         seg_decoder=None, warmup: bool | None = None, serving=None):
+    """Load a model for inference. The model serves any number of threads at once (see
+    engine/model.py and engine/serving).
 
     path: an exported artifact directory (made by `python -m export`), or an HF PaliGemma
       checkpoint directory, which is exported once (with `weights` / `group_size`, for `backend`)
@@ -56,6 +57,8 @@ def load(path=None, backend: str = "openvino", threads: int | None = None, *, we
     decoder for segment() (an artifact exported with --seg-decoder carries its own).
     warmup: run every graph once at load so that the first request is as fast as later ones
       (None: on OpenVINO only, which repacks weights lazily at a graph's first inference).
+    serving: an engine.serving.SchedulerConfig (max_queue, max_active, prefill_chunk_layers,
+      image_cache_bytes); None: its defaults.
     """
     from pathlib import Path
 
@@ -74,7 +77,7 @@ def load(path=None, backend: str = "openvino", threads: int | None = None, *, we
                              "checkpoint (no config.json)")
         else:
             raise FileNotFoundError(f"{path} does not exist")
-    model = PaliGemma(path, backend, threads, verify=verify, kv_dtype=kv_dtype, warmup=warmup)
+    model = PaliGemma(path, backend, threads, verify=verify, kv_dtype=kv_dtype, warmup=warmup, serving=serving)
     if seg_decoder is not None:
         model.load_seg_decoder(seg_decoder)
     return model

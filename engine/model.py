@@ -297,6 +297,7 @@ class PaliGemma:
         close = getattr(self.runner, "close", None)
         if close:
             close()
+        self._pool = None                 # the attention threads stop with it
 
     # ------------------------------------------------------------------ tasks (engine/tasks.py)
     def caption(self, image, lang: str = "en", **gen) -> GenerationResult:

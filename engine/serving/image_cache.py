@@ -1,7 +1,8 @@
 """Image features computed once per image: an LRU cache bounded in bytes.
 
 The key of an image is the sha256 of its pixel values (bytes, shape and dtype) and of the
-model's identity (ModelIdentity.key: artifact manifest hash, backend and runtime precision),
+model's identity (PaliGemma.identity: a hash of the artifact's manifest, the backend and its
+settings),
 so one cache may even be shared by several models. The same image asked several prompts (a
 kiosk's follow-up questions, caption-then-segment) runs the vision graph once.
 

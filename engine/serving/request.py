@@ -29,8 +29,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 class QueueFullError(RuntimeError):
-    """The model's request queue is full: retry later, or load the model with a larger
-    max_queue (engine.load(..., max_queue=N))."""
+    """The model's request queue is full: retry later, or load the model with a larger queue
+    (engine.load(..., serving=SchedulerConfig(max_queue=N)))."""
 
 
 class SchedulerClosed(RuntimeError):

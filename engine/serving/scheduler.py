@@ -152,7 +152,8 @@ class Scheduler:
                                       "load the model again") from self._crashed
             if len(self._queue) >= self.config.max_queue:
                 raise QueueFullError(f"the model's request queue is full ({self.config.max_queue} requests "
-                                     "waiting); retry later, or load the model with a larger max_queue")
+                                     "waiting); retry later, or load the model with a larger max_queue "
+                                     "(engine.load(..., serving=SchedulerConfig(max_queue=N)))")
             self._queue.append(live)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="paligemma-scheduler", daemon=True)
