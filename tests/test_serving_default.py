@@ -1,0 +1,149 @@
+"""The serving core on the bundled default model (engine.load()), whose answers are real: boxes,
+masks, captions. Oracle: the same call alone, serially, on the same model.
+
+Backends: OpenVINO int8 (the default load) and onnxruntime fp32. onnxruntime int8 artifacts use
+DynamicQuantizeMatMul, which quantizes a call's activations with ONE range for all its rows, so a
+decode row's logits depend on the other rows of the call; test_onnxruntime_int8_rows_are_independent
+records that gap (strict xfail) until the exporter quantizes each row on its own.
+"""
+from __future__ import annotations
+
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import engine
+from engine import scenes
+
+CONFIGS = (("int8", "openvino"), ("fp32", "onnxruntime"))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving-default-cache")
+    old = os.environ.get("PALIGEMMA_EDGE_CACHE")
+    os.environ["PALIGEMMA_EDGE_CACHE"] = str(root)
+    yield root
+    if old is None:
+        del os.environ["PALIGEMMA_EDGE_CACHE"]
+    else:
+        os.environ["PALIGEMMA_EDGE_CACHE"] = old
+
+
+@pytest.fixture(scope="module", params=CONFIGS, ids=lambda c: f"{c[1]}-{c[0]}")
+def model(request, cache_dir):
+    weights, backend = request.param
+    m = engine.load(None, backend=backend, weights=weights, threads=2, progress=False)
+    yield m
+    m.close()
+
+
+SCENES = [scenes.make_scene(scenes.EVAL_SEED_BASE + 700 + i) for i in range(8)]
+SETTINGS = (dict(), dict(do_sample=True, temperature=1.0), dict(num_beams=3))
+TASKS = ("caption", "answer", "detect", "segment")
+
+
+def specs(n: int) -> list[tuple]:
+    out = []
+    for i in range(n):
+        scene = SCENES[i % len(SCENES)]
+        obj = scene.objects[i % len(scene.objects)]
+        task = TASKS[i % len(TASKS)]
+        kw = dict(SETTINGS[(i // len(TASKS)) % len(SETTINGS)])
+        if kw.get("do_sample"):
+            kw["seed"] = i
+        kw["max_new_tokens"] = 60 if task == "segment" else (12, 24, 40)[i % 3]
+        out.append((i % len(SCENES), task, obj, kw))
+    return out
+
+
+def run(model, spec):
+    """A task helper's output in comparable form (beam scores kept apart for the tolerance)."""
+    scene, task, obj, kw = spec
+    image = SCENES[scene].image
+    labels = [obj.label, "red circle", "blue triangle"]       # several labels, some absent
+    if task == "caption":
+        r = model.caption(image, **kw)
+        return (r.tokens, r.finish_reason), r.score
+    if task == "answer":
+        r = model.answer(image, f"what colour is the {obj.kind}", **kw)
+        return (r.tokens, r.finish_reason), r.score
+    if task == "detect":
+        return [(d.label, d.box) for d in model.detect(image, labels, **kw)], None
+    return [(s.label, s.box, s.mask.tobytes()) for s in model.segment(image, labels[:2], **kw)], None
+
+
+def test_concurrent_tasks_equal_lone_runs(model):
+    """16 threads, 120 requests: caption, answer, detect (3 labels), segment (2 labels, masks);
+    greedy, seeded sampling, 3 beams; eight scenes; several max_new_tokens."""
+    work = specs(120)
+    alone = [run(model, s) for s in work]
+    order = list(range(len(work)))
+    random.Random(2).shuffle(order)
+    with ThreadPoolExecutor(16) as pool:
+        got = dict(zip(order, pool.map(lambda i: run(model, work[i]), order)))
+    for i, spec in enumerate(work):
+        (value, score), (want, want_score) = got[i], alone[i]
+        assert value == want, spec
+        if want_score is not None:
+            assert score == pytest.approx(want_score, abs=1e-6), spec
+    found = sum(1 for s, (v, _) in zip(work, alone) if s[1] in ("detect", "segment") and v)
+    assert found >= 30, f"only {found} detect / segment calls found something: the comparison is too weak"
+    assert model.serving_state().kv_cache_bytes == 0
+
+
+def test_onnxruntime_int8_rows_are_independent(cache_dir):
+    """Row i of a decoder-graph call must not depend on the other rows (what exact batching of
+    requests needs). OpenVINO int8 and every fp32 artifact pass; onnxruntime int8 does not yet."""
+    m = engine.load(None, backend="onnxruntime", weights="int8", progress=False)
+    try:
+        t = m.config.text
+        rng = np.random.default_rng(0)
+        rows = rng.standard_normal((9, t.hidden_size)).astype(np.float32)
+        rows[1:] *= np.linspace(0.1, 5, 8, dtype=np.float32)[:, None]
+        alone = m.logits(rows[:1])[0]
+        together = m.logits(rows)[0]
+        ok = np.array_equal(alone, together)
+    finally:
+        m.close()
+    if not ok:
+        pytest.xfail("onnxruntime int8 (DynamicQuantizeMatMul) quantizes all rows of a call with one "
+                     "range: concurrent requests on an onnxruntime int8 artifact may differ from lone runs "
+                     "(the exporter needs a per-row activation quantization)")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc (Linux)")
+def test_thousand_requests_do_not_leak(cache_dir):
+    """1,000 requests (8 threads, mixed tasks and settings) on the default model: the RSS after
+    request 1,000 is within 5% of the RSS after request 100."""
+    m = engine.load(None, progress=False, threads=2)
+    work = [(i % 8, TASKS[i % 3], SCENES[i % 8].objects[0], dict(SETTINGS[i % 3], max_new_tokens=10 + i % 7,
+                                                                 seed=i))
+            for i in range(1000)]
+    for s in work:
+        if not s[3].get("do_sample"):
+            s[3].pop("seed")
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda s: run(m, s), work[:100]))
+            rss_100 = _rss_bytes()
+            list(pool.map(lambda s: run(m, s), work[100:]))
+            rss_1000 = _rss_bytes()
+        state = m.serving_state()
+    finally:
+        m.close()
+    assert state.kv_cache_bytes == 0 and state.decoding == 0 and state.queued == 0
+    growth = (rss_1000 - rss_100) / rss_100
+    print(f"RSS after 100: {rss_100 / 2**20:.1f} MiB, after 1000: {rss_1000 / 2**20:.1f} MiB ({growth:+.2%})")
+    assert abs(growth) < 0.05
