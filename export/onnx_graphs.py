@@ -69,7 +69,7 @@ from .quantize import check_format, check_group_size, matrix_format, pack_uint4,
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
 INT8_BLOCK = 128               # MatMulNBits block size used for per-channel int8
-# The matrices of an int8 artifact: per-row DynamicQuantizeMatMul ("dq", ~2x faster prefill than
+# The matrices of an int8 artifact: per-row int8 MatMulIntegerToFloat ("dq", ~2x faster prefill than
 # MatMulNBits on AVX2 and on VNNI) or MatMulNBits bits=8 ("nbits", 8-bit codes). The int8 matrices
 # of an int4 artifact (quantize.matrix_format) always use MatMulNBits.
 INT8_KERNELS = ("dq", "nbits")
@@ -79,6 +79,8 @@ INT8_KERNEL = "dq"
 # cannot (255 * 63 * 2 = 32130). Measured on the tiny test models (AVX2 Zen 3), cosine vs the
 # fp32 graph: vision 0.9909 with 8-bit codes, 0.9996 with 7-bit; lm_head 0.9972 / 0.9999.
 DYNAMIC_INT8_MAX = 63
+ACT_SCALE = np.float32(1 / 127)     # rows scaled to max |x| = 1 -> uint8 codes 1..255 around 128
+ACT_ZERO_POINT = 128
 ACCURACY_LEVEL = 4             # MatMulNBits: int8 activations inside the kernel (fast path on CPU)
 ALIGN = 4096                   # external data offsets (page aligned, so they can be mapped)
 
@@ -159,6 +161,8 @@ class OnnxBuilder:
         self._rank: dict[str, int] = {}
         self._weights: dict[str, str] = {}
         self._aliases: dict[str, str] = {}   # value name -> graph output name
+        self._act_scale: str | None = None   # the per-row int8 kernel's shared constants
+        self._act_zero: str | None = None
         self._count = 0
 
     # ------------------------------------------------------------------ plumbing
@@ -305,13 +309,15 @@ class OnnxBuilder:
         return self._node("Cast", [name], 2, hint="cast", to=TensorProto.FLOAT)
 
     def _matmul_dynamic_int8(self, x: str, name: str, w: np.ndarray, bias: str | None) -> str:
-        """Per-row dynamic int8: r = max|x| per row, y = DynamicQuantizeMatMul(x / r, Wq, s) * r.
+        """Per-row int8: r = max |x| per row, q = QuantizeLinear(x / r, 1/127, 128) (uint8),
+        y = MatMulIntegerToFloat(q, Wq, 1/127, s, 128) * r.
 
-        DynamicQuantizeMatMul quantizes its input to uint8 with one scale per tensor, then runs
-        MLAS's u8 x s8 GEMM (VNNI, or vpmaddubsw on AVX2, ~2x fp32 there). Dividing each row by
-        its own max first gives every row (prefill token or decode sequence) the full 8-bit
-        range, as per-row quantization would. Wq is int8 W^T [K, O] with 7-bit codes
-        (DYNAMIC_INT8_MAX), s the per-channel scales."""
+        Every row (a prefill token or a decode sequence) gets its own scale, so a row's result
+        does not depend on the other rows of the call: a request gives the same numbers alone or
+        batched. (DynamicQuantizeMatMul would quantize with one range for the whole tensor.)
+        MatMulIntegerToFloat runs MLAS's u8 x s8 GEMM (VNNI, or vpmaddubsw on AVX2: ~2x fp32
+        there). Wq is int8 W^T [K, O] with 7-bit codes (DYNAMIC_INT8_MAX), s the per-channel
+        scales."""
         O, K = w.shape
         Wt, view = self.data.tensor(name, np.int8, (K, O))
         scales = np.empty(O, np.float32)
@@ -327,9 +333,13 @@ class OnnxBuilder:
         row_max = self._node("ReduceMax", [self._node("Abs", [x], r), self._const(np.array([-1], np.int64), "axes")],
                              r, keepdims=1)
         row_max = self._node("Max", [row_max, self.constant(np.float32(1e-30))], r)   # all-zero rows
-        y = self._node("DynamicQuantizeMatMul", [self._node("Div", [x, row_max], r), name,
-                                                 self._external(name + ".scales", scales)],
-                       r, hint="linear", domain=MS_DOMAIN)
+        if self._act_scale is None:
+            self._act_scale = self._const(np.array(ACT_SCALE, np.float32), "act_scale")
+            self._act_zero = self._const(np.array(ACT_ZERO_POINT, np.uint8), "act_zero_point")
+        q = self._node("QuantizeLinear", [self._node("Div", [x, row_max], r), self._act_scale, self._act_zero], r,
+                       hint="quantize")
+        y = self._node("MatMulIntegerToFloat", [q, name, self._act_scale, self._external(name + ".scales", scales),
+                                                self._act_zero], r, hint="linear", domain=MS_DOMAIN)
         y = self.mul(y, row_max)
         return self.add(y, self.weight(bias)) if bias is not None else y
 

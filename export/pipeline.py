@@ -193,7 +193,7 @@ def _export_onnx(cfg, tensors, base_tensors, staging: Path, weights: str, group_
     finally:
         bar.close()
     info = {"formats": formats, "int_kernel": "com.microsoft.MatMulNBits",
-            "int8_kernel": ("com.microsoft.DynamicQuantizeMatMul (per-row scaled, 7-bit codes)"
+            "int8_kernel": ("com.microsoft.MatMulIntegerToFloat (per-row int8, 7-bit codes)"
                             if weights == "int8" and onnx_graphs.INT8_KERNEL == "dq" else "com.microsoft.MatMulNBits"),
             "accuracy_level": onnx_graphs.ACCURACY_LEVEL, "int8_block_size": onnx_graphs.INT8_BLOCK,
             "opset": onnx_graphs.OPSET}
