@@ -1,34 +1,54 @@
-"""Attention micro-benchmark on PaliGemma-1 3B shapes (8 heads, 1 kv head, head_dim 256, 18 layers).
+"""Attention micro-benchmark of the native core: decode and prefill per SIMD path and KV dtype.
 
-  decode:  one new token attending to 300 / 1300 cached tokens, all 18 layers, in µs per token
-           (Python call overhead included), next to the decode step's weight streaming: the 3B
-           decoder + LM head weight bytes (bf16) divided by a measured memory bandwidth (numpy
-           GEMV over a 512 MB float32 matrix) and by the nominal 28 GB/s.
-  prefill: 262 / 1030-token prompts (whole prompt = bidirectional prefix block), ms per layer,
-           ms for 18 layers, and GFLOP/s counting 4 * T * T * H * D flops per layer.
+Shapes (--model):
+  gemma2 (default): PaliGemma 2 3B's Gemma2-2B decoder: 8 q heads, 4 kv heads (GQA), head_dim 256,
+                    26 layers, attention logit softcap 50, sliding window 4096 (inactive below 4096).
+  pg1:              PaliGemma-1 3B: 8 q heads, 1 kv head, head_dim 256, 18 layers, no softcap.
 
-python benchmarks/attention_bench.py [--levels avx512,avx2,scalar] [--threads 2] [--dtypes f32,f16,int8]
-                                    [--clock wall|cpu]
+  decode:  one new token attending to 300 / 1300 cached tokens, all layers, in µs per token
+           (Python call overhead included).
+  prefill: 260 / 1030-token prompts (a 224 / 448 px image prompt; the whole prompt is the
+           bidirectional prefix block), ms per layer, ms for all layers, and GFLOP/s counting
+           4 * T * T * H * D flops per layer (QK^T and PV over the full T x T prefix block).
+
+Every figure is printed with the CPU model (/proc/cpuinfo) and engine.cpu_features().
+
+python benchmarks/attention_bench.py [--model gemma2|pg1] [--levels avx2,scalar] [--threads 2]
+       [--dtypes f32,f16,int8] [--modes decode,prefill] [--clock wall|cpu] [--repeat 5] [--json out.json]
+--json writes every figure as a record that carries the CPU model and cpu_features too.
 --clock cpu measures process CPU time instead of wall time: robust on a shared, loaded machine
 (with --threads 1 it is the time the kernel takes when it has a core to itself).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import time
 
 import numpy as np
 
 from engine import _native as nat
 
-LAYERS, H, KV, D = 18, 8, 1, 256
-# PaliGemma-1 3B text decoder parameters streamed per decode step: per layer q, k, v, o and the
-# gated MLP, plus the tied LM head (257216 x 2048).
-HIDDEN, MLP, VOCAB = 2048, 16384, 257216
-DECODER_PARAMS = LAYERS * (HIDDEN * H * D + 2 * HIDDEN * KV * D + H * D * HIDDEN + 3 * HIDDEN * MLP) + VOCAB * HIDDEN
-
+MODELS = {  # layers, q heads, kv heads, head_dim, softcap, window
+    "gemma2": dict(layers=26, H=8, KV=4, D=256, softcap=50.0, window=4096),
+    "pg1": dict(layers=18, H=8, KV=1, D=256, softcap=None, window=None),
+}
+PREFILL_T = (260, 1030)
+DECODE_CTX = (300, 1300)
 
 CLOCK = time.perf_counter
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "cpu model", "hardware")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def best_of(fn, repeat):
@@ -40,92 +60,107 @@ def best_of(fn, repeat):
     return best
 
 
-def filled_cache(ctx, dtype, rng):
-    cache = nat.KVCache(LAYERS, KV, D, 1, ctx + 8, dtype)
+def attn_kw(m):
+    return dict(scale=m["D"] ** -0.5, softcap=m["softcap"], window=m["window"])
+
+
+def decode_us(m, ctx, dtype, rng, steps=10, repeat=3):
+    L, H, KV, D = m["layers"], m["H"], m["KV"], m["D"]
+    cache = nat.KVCache(L, KV, D, 1, ctx + 8, dtype)
     cache.set_prefix_length(0, ctx)
     q = rng.standard_normal((ctx, H, D), dtype=np.float32)
     k = rng.standard_normal((ctx, KV, D), dtype=np.float32)
-    for layer in range(LAYERS):
-        nat.attention(cache, layer, q, k, k, [0], np.arange(ctx), scale=D ** -0.5)
-    return cache
-
-
-def decode_us(ctx, dtype, rng, steps=20):
-    cache = filled_cache(ctx, dtype, rng)
-    q = rng.standard_normal((1, H, D), dtype=np.float32)
-    k = rng.standard_normal((1, KV, D), dtype=np.float32)
+    for layer in range(L):
+        nat.attention(cache, layer, q, k, k, [0], np.arange(ctx), **attn_kw(m))
+    q1 = rng.standard_normal((1, H, D), dtype=np.float32)
+    k1 = rng.standard_normal((1, KV, D), dtype=np.float32)
     pos = np.array([ctx])
 
     def one_token():
-        for layer in range(LAYERS):
-            nat.attention(cache, layer, q, k, k, [0], pos, scale=D ** -0.5)
+        for layer in range(L):
+            nat.attention(cache, layer, q1, k1, k1, [0], pos, **attn_kw(m))
         cache.set_length(0, ctx)
 
     one_token()
-    return best_of(lambda: [one_token() for _ in range(steps)], 3) / steps * 1e6
+    return best_of(lambda: [one_token() for _ in range(steps)], repeat) / steps * 1e6
 
 
-def prefill_ms_per_layer(T, dtype, rng, repeat=3):
+def prefill_ms_per_layer(m, T, dtype, rng, repeat):
+    H, KV, D = m["H"], m["KV"], m["D"]
     cache = nat.KVCache(1, KV, D, 1, T, dtype)
     q = rng.standard_normal((T, H, D), dtype=np.float32)
     k = rng.standard_normal((T, KV, D), dtype=np.float32)
+    v = rng.standard_normal((T, KV, D), dtype=np.float32)
     pos = np.arange(T)
 
     def run():
         cache.reset()
         cache.set_prefix_length(0, T)
-        nat.attention(cache, 0, q, k, k, [0], pos, scale=D ** -0.5)
+        nat.attention(cache, 0, q, k, v, [0], pos, **attn_kw(m))
 
     run()
     return best_of(run, repeat) * 1e3
-
-
-def gemv_bandwidth_gbs():
-    a = np.ones((8192, 16384), np.float32)   # 512 MB
-    x = np.ones(16384, np.float32)
-    a @ x
-    t = best_of(lambda: a @ x, 3)
-    return a.nbytes / t / 1e9
 
 
 def main():
     ap = argparse.ArgumentParser()
     best = nat.cpu_features()["best"]
     default_levels = {"avx512": "avx512,avx2,scalar", "avx2": "avx2,scalar", "neon": "neon,scalar"}.get(best, "scalar")
+    ap.add_argument("--model", choices=sorted(MODELS), default="gemma2")
     ap.add_argument("--levels", default=default_levels)
     ap.add_argument("--threads", type=int, default=nat.get_num_threads())
     ap.add_argument("--dtypes", default="f32,f16,int8")
+    ap.add_argument("--modes", default="decode,prefill")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    ap.add_argument("--repeat", type=int, default=5, help="best of N prefill runs (scalar: 1)")
+    ap.add_argument("--json", help="also write the figures here, one record each")
     args = ap.parse_args()
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     nat.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
+    m = MODELS[args.model]
+    modes = set(args.modes.split(","))
+    feats = nat.cpu_features()
 
-    bw = gemv_bandwidth_gbs()
-    wbytes = DECODER_PARAMS * 2
-    print(f"CPU best SIMD: {best}; threads: {args.threads}; clock: {args.clock}")
-    print(f"decode weight streaming (PG1-3B decoder + LM head, {DECODER_PARAMS / 1e9:.2f} B params, bf16 "
-          f"{wbytes / 1e9:.2f} GB): {wbytes / (bw * 1e9) * 1e3:.0f} ms at measured {bw:.1f} GB/s (numpy GEMV), "
-          f"{wbytes / 28e9 * 1e3:.0f} ms at 28 GB/s\n")
-    print(f"{'level':8} {'cache':5} | {'decode@300':>11} {'decode@1300':>12} (µs/token, 18 layers) | "
-          f"{'prefill 262':>24} {'prefill 1030':>24} (ms/layer, ms x18, GFLOP/s)")
+    cpu = cpu_model()
+    records = []
+
+    def record(**kw):
+        records.append(dict(cpu=cpu, cpu_features=feats, model=args.model, threads=args.threads, clock=args.clock,
+                            **kw))
+
+    print(f"CPU: {cpu}; cpu_features: {feats}")
+    print(f"model {args.model}: {m}; threads: {args.threads}; clock: {args.clock}")
+    print(f"{'level':8} {'cache':5} | {'decode@300':>11} {'decode@1300':>12} (µs/token, {m['layers']} layers) | "
+          + " ".join(f"{'prefill ' + str(T):>26}" for T in PREFILL_T) + f" (ms/layer, ms x{m['layers']}, GFLOP/s)")
     for level in args.levels.split(","):
         nat.set_simd_level(level)
         for dtype in args.dtypes.split(","):
-            d300, d1300 = decode_us(300, dtype, rng), decode_us(1300, dtype, rng)
+            dec = ["-", "-"]
+            if "decode" in modes:
+                us = [decode_us(m, c, dtype, rng) for c in DECODE_CTX]
+                dec = [f"{x:.0f}" for x in us]
+                for c, x in zip(DECODE_CTX, us):
+                    record(level=level, dtype=dtype, mode="decode", ctx=c, us_per_token=round(x, 1))
             cells = []
-            for T in (262, 1030):
-                if level == "scalar" and T > 262:
-                    cells.append(f"{'(skipped)':>24}")
+            for T in PREFILL_T:
+                if "prefill" not in modes or (level == "scalar" and T > PREFILL_T[0]):
+                    cells.append(f"{'(skipped)':>26}")
                     continue
-                ms = prefill_ms_per_layer(T, dtype, rng, repeat=1 if level == "scalar" else 3)
-                gflops = 4 * T * T * H * D / (ms * 1e-3) / 1e9
-                cells.append(f"{ms:8.2f} {ms * LAYERS:8.0f} {gflops:6.1f}")
-            print(f"{level:8} {dtype:5} | {d300:11.0f} {d1300:12.0f}                       | {cells[0]} {cells[1]}")
+                ms = prefill_ms_per_layer(m, T, dtype, rng, repeat=1 if level == "scalar" else args.repeat)
+                gflops = 4 * T * T * m["H"] * m["D"] / (ms * 1e-3) / 1e9
+                cells.append(f"{ms:8.2f} {ms * m['layers']:8.0f} {gflops:8.1f}")
+                record(level=level, dtype=dtype, mode="prefill", T=T, ms_per_layer=round(ms, 3),
+                       gflops=round(gflops, 2))
+            print(f"{level:8} {dtype:5} | {dec[0]:>11} {dec[1]:>12}                        | " + " ".join(cells),
+                  flush=True)
             if level == "scalar":
                 break   # the reference kernel: one dtype is enough
     nat.set_simd_level(best)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
-// Attention driver: validation, RoPE + cache append, the naive scalar reference, and dispatch of
-// the blocked online-softmax kernels (attention_simd.inl, one build per ISA) across the pool.
+// Attention driver: validation, RoPE (cached tables, attention_rope.h) + cache append, the naive
+// scalar reference, and dispatch of the SIMD kernels (attention_simd.inl, one build per ISA) across
+// the pool: the blocked online-softmax kernel for decode / few query rows, and for prefill the
+// packed-key two-pass tile kernel.
 #include "attention.h"
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <stdexcept>
 #include <string>
 
@@ -21,6 +24,12 @@ std::string str(long long v) { return std::to_string(v); }
 float* scratch(std::vector<float>& buf, size_t n) {
   if (buf.size() < n) buf.resize(n);
   return buf.data();
+}
+
+// The first 64-byte aligned float of p (p must have 15 spare floats).
+float* align64(float* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  return reinterpret_cast<float*>((a + 63) / 64 * 64);
 }
 
 void check_common(const KVCache& cache, int layer, const std::vector<int>& slots, int T, const char* what) {
@@ -177,71 +186,160 @@ void attend_blocked(attn::TaskFn fn, const KVCache& cache, int layer, const floa
   });
 }
 
-attn::TaskFn fast_kernel(SimdLevel level) {
+// ---- Prefill tile kernel: packed keys / values per (slot, kv head), then tasks of (slot, kv head,
+// heads, tokens) ----
+void attend_tiles(const attn::Kernels& kn, const KVCache& cache, int layer, const float* q, int H,
+                  const std::vector<int>& slots, int T, const AttentionParams& p, float* out) {
+  const int KV = cache.num_kv_heads(), D = cache.head_dim(), B = cache.block_tokens(), G = H / KV;
+  const int N = static_cast<int>(slots.size()), CW = kn.chunk;
+  const int nb_max = (cache.capacity() + B - 1) / B;
+
+  // Per slot: the keys [k0, len) any of its queries sees (k0: the first query's first key; later
+  // queries start no earlier), packed as attention_kernels.h describes: np keys (padded), each
+  // (slot, kv head) owning `stride` floats of kv = [kp (np * D) | vp (ceil(D / CW) * CW * np)].
+  std::vector<int> k0s(static_cast<size_t>(N)), lens(static_cast<size_t>(N)), prefixes(static_cast<size_t>(N));
+  int np = CW;
+  for (int i = 0; i < N; ++i) {
+    const int len = cache.layer_length(layer, slots[size_t(i)]), P = cache.prefix_length(slots[size_t(i)]);
+    int lo, hi;
+    key_range(len - T, P, p.window, &lo, &hi);
+    k0s[size_t(i)] = lo;
+    lens[size_t(i)] = len;
+    prefixes[size_t(i)] = P;
+    np = std::max(np, (len - lo + CW - 1) / CW * CW);
+  }
+  const size_t dpad = size_t(D + CW - 1) / CW * CW;
+  const size_t stride = size_t(np) * (D + dpad);
+  std::vector<KVBlockView> views(size_t(N) * KV * nb_max);
+  for (int i = 0; i < N; ++i)
+    for (int g = 0; g < KV; ++g)
+      for (int b = 0; b * B < lens[size_t(i)]; ++b)
+        views[(size_t(i) * KV + g) * nb_max + b] = cache.block(layer, slots[size_t(i)], g, b);
+  thread_local std::vector<float> kvbuf;   // the calling thread's; workers use the pointer
+  float* kv = align64(scratch(kvbuf, size_t(N) * KV * stride + 16));
+
+  // Pack: one task per (slot, kv head, cache block).
+  parallel_for(N * KV * nb_max, [&](int task, int) {
+    const int b = task % nb_max, g = (task / nb_max) % KV, i = task / (nb_max * KV);
+    const int k0 = k0s[size_t(i)], len = lens[size_t(i)];
+    const int first = std::max(k0, b * B), last = std::min(len, b * B + B);   // keys [first, last)
+    if (first >= last) return;
+    float* kp = kv + (size_t(i) * KV + g) * stride;
+    const attn::PackJob job{&views[(size_t(i) * KV + g) * nb_max + b], first - b * B, last - first, D,
+                            cache.dtype(), kp, kp + size_t(np) * D, np, first - k0, last == len};
+    kn.pack(job);
+  });
+
+  // Tiles: up to kMaxRows heads of a GQA group x enough tokens for ~kTileTarget rows.
+  constexpr int kTileTarget = 48;
+  const int hsplit = (G + attn::kMaxRows - 1) / attn::kMaxRows;
+  const int gh = (G + hsplit - 1) / hsplit;                           // heads per task
+  const int tq = std::max(1, std::min(T, kTileTarget / gh));          // tokens per task
+  const int ntiles = (T + tq - 1) / tq;
+  parallel_for(N * KV * hsplit * ntiles, [&](int task, int) {
+    int rest = task;
+    const int tile = rest % ntiles; rest /= ntiles;
+    const int part = rest % hsplit; rest /= hsplit;
+    const int g = rest % KV;
+    const int i = rest / KV;
+    const int len = lens[size_t(i)], P = prefixes[size_t(i)];
+    const int h0 = g * G + part * gh, h1 = std::min(g * G + G, h0 + gh);
+    const int t0 = tile * tq, t1 = std::min(T, t0 + tq);
+    if (h0 >= h1) return;
+    const float* qrow[attn::kMaxRows];
+    float* orow[attn::kMaxRows];
+    int lo[attn::kMaxRows], hi[attn::kMaxRows];
+    int r = 0;
+    for (int t = t0; t < t1; ++t)
+      for (int h = h0; h < h1; ++h, ++r) {
+        const size_t m = size_t(i) * T + t;
+        qrow[r] = q + (m * H + h) * D;
+        orow[r] = out + m * H * D + size_t(h) * D;
+        key_range(len - T + t, P, p.window, &lo[r], &hi[r]);
+      }
+    thread_local std::vector<float> buf;
+    float* base = align64(scratch(buf, size_t(attn::kMaxRows) * (np + 1) + 16));
+    const attn::TileScratch sc{np, base, base + size_t(attn::kMaxRows) * np};
+    const float* kp = kv + (size_t(i) * KV + g) * stride;
+    const attn::TileTask tt{{r, D, B, cache.dtype(), qrow, orow, lo, hi, nullptr, p.softcap},
+                            kp, kp + size_t(np) * D, np, k0s[size_t(i)]};
+    kn.tile(tt, sc);
+  });
+}
+
+attn::Kernels fast_kernels(SimdLevel level) {
   switch (level) {
 #if defined(ENGINE_HAVE_AVX512)
-    case SimdLevel::Avx512: return attn::avx512_task();
+    case SimdLevel::Avx512: return attn::avx512_kernels();
 #endif
 #if defined(ENGINE_HAVE_AVX2)
-    case SimdLevel::Avx2: return attn::avx2_task();
+    case SimdLevel::Avx2: return attn::avx2_kernels();
 #endif
 #if defined(ENGINE_HAVE_NEON)
-    case SimdLevel::Neon: return attn::neon_task();
+    case SimdLevel::Neon: return attn::neon_kernels();
 #endif
-    default: return nullptr;
+    default: return attn::Kernels{nullptr, nullptr, nullptr, 0};
   }
 }
 
-void rope_row_tables(int D, float theta, int32_t pos, float* cos_t, float* sin_t) {
-  for (int i = 0; i < D / 2; ++i) {
-    // As transformers: inv_freq and the angle in fp32, cos/sin of that fp32 angle.
-    const float e = static_cast<float>(2 * i) / static_cast<float>(D);
-    const float inv_freq = 1.0f / static_cast<float>(std::pow(static_cast<double>(theta), static_cast<double>(e)));
-    const float angle = static_cast<float>(pos) * inv_freq;
-    cos_t[i] = static_cast<float>(std::cos(static_cast<double>(angle)));
-    sin_t[i] = static_cast<float>(std::sin(static_cast<double>(angle)));
-  }
+// Floats of work per parallel task in prepare_q and the append (smaller calls stay on one thread).
+constexpr size_t kSerialFloats = size_t(1) << 15;
+
+int max_position(const int32_t* positions, size_t n) {
+  int mx = -1;
+  for (size_t m = 0; m < n; ++m) mx = std::max(mx, int(positions[m]));
+  return mx;
 }
 
-void rope_apply(float* x, int D, const float* cos_t, const float* sin_t) {
-  const int half = D / 2;
-  for (int i = 0; i < half; ++i) {
-    const float x1 = x[i], x2 = x[i + half];
-    x[i] = x1 * cos_t[i] - x2 * sin_t[i];
-    x[i + half] = x2 * cos_t[i] + x1 * sin_t[i];
-  }
-}
-
-// Copies q [M, H, D] into a per-thread buffer, rotated and multiplied by `mul`.
-const float* prepare_q(const float* q, int M, int H, int D, const int32_t* positions, float theta, float mul) {
-  thread_local std::vector<float> qbuf, tabs;
+// Copies q [M, H, D] into a per-thread buffer of the calling thread, rotated (rope != nullptr) and
+// multiplied by `mul`.
+const float* prepare_q(const float* q, int M, int H, int D, const int32_t* positions, const RopeTable* rope,
+                       float mul) {
+  thread_local std::vector<float> qbuf;
   float* qr = scratch(qbuf, size_t(M) * H * D);
-  float* cs = scratch(tabs, size_t(D));
-  for (int m = 0; m < M; ++m) {
-    if (theta > 0.f) rope_row_tables(D, theta, positions[m], cs, cs + D / 2);
-    for (int h = 0; h < H; ++h) {
-      const float* src = q + (size_t(m) * H + h) * D;
-      float* dst = qr + (size_t(m) * H + h) * D;
-      for (int d = 0; d < D; ++d) dst[d] = src[d];
-      if (theta > 0.f) rope_apply(dst, D, cs, cs + D / 2);
-      if (mul != 1.f)
-        for (int d = 0; d < D; ++d) dst[d] *= mul;
+  const int rows_per_task = std::max(1, int(kSerialFloats / (size_t(H) * D)));
+  const int ntasks = (M + rows_per_task - 1) / rows_per_task;
+  parallel_for(ntasks, [&](int task, int) {
+    thread_local std::vector<float> tabs;
+    float* tmp = scratch(tabs, size_t(D));
+    const int m1 = std::min(M, (task + 1) * rows_per_task);
+    for (int m = task * rows_per_task; m < m1; ++m) {
+      const float* cs = rope ? rope->row(positions[m], tmp) : nullptr;
+      for (int h = 0; h < H; ++h) {
+        const float* src = q + (size_t(m) * H + h) * D;
+        float* dst = qr + (size_t(m) * H + h) * D;
+        for (int d = 0; d < D; ++d) dst[d] = src[d];
+        if (cs) rope_apply(dst, D, cs);
+        if (mul != 1.f)
+          for (int d = 0; d < D; ++d) dst[d] *= mul;
+      }
     }
-  }
+  });
   return qr;
 }
 
+// Query rows per kv head (T * G) from which a call takes the prefill tile kernel: below ~20-30 rows
+// (measured, AVX2) packing the keys and values costs more than the register tiles save.
+constexpr int kTileMinRows = 24;
+
 void attend_impl(const KVCache& cache, int layer, const float* q, int H, const std::vector<int>& slots, int T,
                  const int32_t* positions, const AttentionParams& p, float* out) {
-  const int D = cache.head_dim();
+  const int D = cache.head_dim(), G = H / cache.num_kv_heads();
   const int M = static_cast<int>(slots.size()) * T;
-  attn::TaskFn fn = fast_kernel(active_simd());
-  if (fn == nullptr) {
-    const float* qr = prepare_q(q, M, H, D, positions, p.rope_theta, 1.f);
+  // The cache's RoPE table when attention() prepared one, else a local one (rows computed on the fly).
+  const RopeTable* rope = p.rope_theta > 0.f ? cache.rope_tables().find(D, p.rope_theta) : nullptr;
+  std::optional<RopeTable> local;
+  if (p.rope_theta > 0.f && rope == nullptr) rope = &local.emplace(D, p.rope_theta);
+  const attn::Kernels kn = fast_kernels(active_simd());
+  if (kn.decode == nullptr) {
+    const float* qr = prepare_q(q, M, H, D, positions, rope, 1.f);
     attend_reference(cache, layer, qr, H, slots, T, p, out);
   } else {
-    const float* qr = prepare_q(q, M, H, D, positions, p.rope_theta, p.scale);   // scale folded into q
-    attend_blocked(fn, cache, layer, qr, H, slots, T, p, out);
+    const float* qr = prepare_q(q, M, H, D, positions, rope, p.scale);   // scale folded into q
+    if (T * G >= kTileMinRows)
+      attend_tiles(kn, cache, layer, qr, H, slots, T, p, out);
+    else
+      attend_blocked(kn.decode, cache, layer, qr, H, slots, T, p, out);
   }
 }
 
@@ -266,11 +364,12 @@ void check_prefix_whole(const KVCache& cache, int slot, int len_after, int T, co
 void rope_inplace(float* x, int rows, int heads, int D, const int32_t* positions, float theta) {
   if (theta <= 0.f) return;
   check_rope(D, theta, "rope");
+  const RopeTable table(D, theta);   // inverse frequencies once; cos / sin per position
   thread_local std::vector<float> tabs;
-  float* cs = scratch(tabs, size_t(D));
+  float* tmp = scratch(tabs, size_t(D));
   for (int m = 0; m < rows; ++m) {
-    rope_row_tables(D, theta, positions[m], cs, cs + D / 2);
-    for (int h = 0; h < heads; ++h) rope_apply(x + (size_t(m) * heads + h) * D, D, cs, cs + D / 2);
+    const float* cs = table.row(positions[m], tmp);
+    for (int h = 0; h < heads; ++h) rope_apply(x + (size_t(m) * heads + h) * D, D, cs);
   }
 }
 
@@ -283,25 +382,38 @@ void attention_append(KVCache& cache, int layer, const float* k, const float* v,
     cache.check_append(layer, slot, T);
     check_prefix_whole(cache, slot, cache.layer_length(layer, slot) + T, T, what);
   }
-  const int KV = cache.num_kv_heads(), D = cache.head_dim();
-  thread_local std::vector<float> kbuf, tabs;
-  float* kr = scratch(kbuf, size_t(D));
-  float* cs = scratch(tabs, size_t(D));
-  for (size_t i = 0; i < slots.size(); ++i) {
-    const int slot = slots[i], len = cache.layer_length(layer, slot);
-    cache.prepare_append(layer, slot, T);
-    for (int t = 0; t < T; ++t) {
-      const size_t m = i * T + t;
-      if (rope_theta > 0.f) rope_row_tables(D, rope_theta, positions[m], cs, cs + D / 2);
+  const int KV = cache.num_kv_heads(), D = cache.head_dim(), N = static_cast<int>(slots.size());
+  const int M = N * T;
+  const RopeTable* rope = nullptr;
+  if (rope_theta > 0.f)   // tabulates this call's positions (up to a bound; farther ones are computed)
+    rope = &cache.rope_tables().prepare(D, rope_theta, max_position(positions, size_t(M)) + 1,
+                                        2 * cache.capacity() + 64);
+  std::vector<int> lens(slots.size());
+  for (int i = 0; i < N; ++i) {
+    lens[size_t(i)] = cache.layer_length(layer, slots[size_t(i)]);
+    cache.prepare_append(layer, slots[size_t(i)], T);   // every block written below is private now
+  }
+  // Rows write disjoint cache rows (and int8 scales), so they are stored in parallel.
+  const int rows_per_task = std::max(1, int(kSerialFloats / (size_t(KV) * D)));
+  const int ntasks = (M + rows_per_task - 1) / rows_per_task;
+  const int* len = lens.data();
+  parallel_for(ntasks, [&](int task, int) {
+    thread_local std::vector<float> kbuf, tabs;
+    float* kr = scratch(kbuf, size_t(D));
+    float* tmp = scratch(tabs, size_t(D));
+    const int m1 = std::min(M, (task + 1) * rows_per_task);
+    for (int m = task * rows_per_task; m < m1; ++m) {
+      const int i = m / T, t = m % T;
+      const float* cs = rope ? rope->row(positions[m], tmp) : nullptr;
       for (int g = 0; g < KV; ++g) {
-        const float* ks = k + (m * KV + g) * D;
+        const float* ks = k + (size_t(m) * KV + g) * D;
         for (int d = 0; d < D; ++d) kr[d] = ks[d];
-        if (rope_theta > 0.f) rope_apply(kr, D, cs, cs + D / 2);
-        cache.store(layer, slot, len + t, g, kr, v + (m * KV + g) * D);
+        if (cs) rope_apply(kr, D, cs);
+        cache.store(layer, slots[size_t(i)], len[i] + t, g, kr, v + (size_t(m) * KV + g) * D);
       }
     }
-    cache.advance(layer, slot, T);
-  }
+  });
+  for (int slot : slots) cache.advance(layer, slot, T);
 }
 
 void attention_attend(const KVCache& cache, int layer, const float* q, int H, const std::vector<int>& slots, int T,

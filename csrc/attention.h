@@ -9,6 +9,9 @@
 // prefix_length; so each query sees one contiguous key range.
 // Scores: s = scale * q.k; if softcap > 0: s = softcap * tanh(s / softcap); then the mask; then a
 // numerically stable softmax in fp32. H query heads share KV heads: head h uses kv head h / (H/KV).
+// RoPE cos / sin come from the cache's tables (KVCache::rope_tables, attention_rope.h), computed
+// once per position. Kernels: the scalar reference, and per ISA a blocked online-softmax kernel for
+// decode (fewer than 24 query rows per kv head) and a packed-key two-pass tile kernel for prefill.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -41,7 +44,8 @@ void attention_attend(const KVCache& cache, int layer, const float* q, int num_h
                       const std::vector<int>& slots, int tokens_per_slot, const int32_t* positions,
                       const AttentionParams& params, float* out);
 
-// RoPE (half-split / rotate_half): x [rows, heads, D] rotated in place at positions[rows]:
+// RoPE (half-split / rotate_half): x [rows, heads, D] rotated in place at positions[rows]
+// (rope_row / rope_apply of attention_rope.h):
 // angle_i = float(pos) * inv_freq_i (fp32, as transformers), inv_freq_i = theta^(-2i/D), i < D/2;
 // x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin for the halves x1 = x[:D/2], x2 = x[D/2:].
 void rope_inplace(float* x, int rows, int heads, int D, const int32_t* positions, float theta);

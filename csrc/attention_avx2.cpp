@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "attention_kernels.h"
 
@@ -14,6 +15,7 @@ namespace engine {
 namespace attn_avx2 {
 
 struct V {
+  static constexpr int kTileVecs = 2;   // prefill register tiles: 6 rows x kTileVecs vectors
   static constexpr int W = 8;
   using vec = __m256;
   static __m256i mask(int n) {
@@ -63,6 +65,8 @@ struct V {
 
 }  // namespace attn_avx2
 
-attn::TaskFn attn::avx2_task() { return &attn_avx2::run_task; }
+attn::Kernels attn::avx2_kernels() {
+  return {&attn_avx2::run_task, &attn_avx2::pack_block, &attn_avx2::run_tile, attn_avx2::kChunk};
+}
 
 }  // namespace engine

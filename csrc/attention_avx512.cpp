@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "attention_kernels.h"
 
@@ -17,6 +18,7 @@ namespace engine {
 namespace attn_avx512 {
 
 struct V {
+  static constexpr int kTileVecs = 2;   // prefill register tiles: 6 rows x kTileVecs vectors
   static constexpr int W = 16;
   using vec = __m512;
   static __mmask16 mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
@@ -53,6 +55,8 @@ struct V {
 
 }  // namespace attn_avx512
 
-attn::TaskFn attn::avx512_task() { return &attn_avx512::run_task; }
+attn::Kernels attn::avx512_kernels() {
+  return {&attn_avx512::run_task, &attn_avx512::pack_block, &attn_avx512::run_tile, attn_avx512::kChunk};
+}
 
 }  // namespace engine

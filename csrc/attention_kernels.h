@@ -38,10 +38,58 @@ struct Scratch {
 
 using TaskFn = void (*)(const Task& task, const Scratch& scratch);
 
-// Null when the build has no such kernels (the dispatcher then falls back to the reference).
-TaskFn avx2_task();
-TaskFn avx512_task();
-TaskFn neon_task();
+// ---- Prefill (many query rows per kv head): packed keys / values, then tiles of rows in two passes ----
+// The keys k0 + x, x < n, of one (layer, slot, kv head) are packed once per call in f32 with the
+// int8 scales folded in, zero-padded to np = round_up(n, CW) keys and nc = ceil(D / CW) chunks of
+// CW = Kernels::chunk dims (one register-tile row), so the tile kernel streams contiguous memory:
+//   kp [np / CW, D, CW]: kp[(x / CW) * D * CW + d * CW + x % CW]    = kscale(k0 + x) * K[k0 + x][d]
+//   vp [nc, np, CW]:     vp[(d / CW) * np * CW + x * CW + d % CW]   = vscale(k0 + x) * V[k0 + x][d]
+// pack_block writes the rows [first, first + count) of one cache block (packed keys x0, x0 + 1, ...);
+// the job with last = true also zeroes the padding keys [x0 + count, np).
+struct PackJob {
+  const KVBlockView* view;   // the block
+  int first, count;          // its rows [first, first + count)
+  int D;
+  KVDtype dtype;
+  float* kp;                 // this (slot, kv head)'s packed keys and values
+  float* vp;
+  int np;
+  int x0;                    // packed index of row `first`
+  bool last;
+};
+
+// A tile: Task's rows (tokens x heads of one GQA group; lo / hi absolute key indices, all within
+// [k0, k0 + n) of the packed keys; Task::blocks and dtype unused) plus the packed keys / values.
+// out is written, not accumulated.
+struct TileTask {
+  Task rows;                 // rows.rows <= kMaxRows; rows.q scaled, rotated
+  const float* kp;
+  const float* vp;
+  int np;                    // a multiple of Kernels::chunk
+  int k0;                    // key index of packed key 0
+};
+// Scratch for one thread: scores / probabilities S [kMaxRows, ld] (ld >= the task's np) and
+// 1 / row sums [kMaxRows].
+struct TileScratch {
+  int ld;
+  float* s;
+  float* inv;
+};
+
+using PackFn = void (*)(const PackJob& job);
+using TileFn = void (*)(const TileTask& task, const TileScratch& scratch);
+
+struct Kernels {
+  TaskFn decode;   // blocked online softmax, any row count; used for decode / few rows
+  PackFn pack;     // prefill: key packing
+  TileFn tile;     // prefill: two-pass tile
+  int chunk;       // CW: floats per register-tile row of the tile kernel (a multiple of 16)
+};
+
+// Null members when the build has no such kernels (the dispatcher then falls back to the reference).
+Kernels avx2_kernels();
+Kernels avx512_kernels();
+Kernels neon_kernels();
 
 }  // namespace attn
 }  // namespace engine

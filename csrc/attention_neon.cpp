@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "attention_kernels.h"
 
@@ -14,6 +15,7 @@ namespace engine {
 namespace attn_neon {
 
 struct V {
+  static constexpr int kTileVecs = 4;   // prefill register tiles: 6 rows x kTileVecs vectors
   static constexpr int W = 4;
   using vec = float32x4_t;
   static vec zero() { return vdupq_n_f32(0.f); }
@@ -57,6 +59,8 @@ struct V {
 
 }  // namespace attn_neon
 
-attn::TaskFn attn::neon_task() { return &attn_neon::run_task; }
+attn::Kernels attn::neon_kernels() {
+  return {&attn_neon::run_task, &attn_neon::pack_block, &attn_neon::run_tile, attn_neon::kChunk};
+}
 
 }  // namespace engine

@@ -1,8 +1,10 @@
-// Blocked attention kernel, written once over a small vector-ops struct `V` and compiled per ISA:
+// Attention kernels, written once over a small vector-ops struct `V` and compiled per ISA:
 // attention_avx512.cpp, attention_avx2.cpp and attention_neon.cpp each define V (W floats per
 // vector) inside their own namespace and then #include this file, so each copy gets its own
-// -m flags and there is no ODR clash. The naive twin is attend_reference() in attention.cpp.
+// -m flags and there is no ODR clash. The naive twin of both kernels is attend_reference() in
+// attention.cpp. Two kernels:
 //
+// run_task, the blocked online-softmax kernel (decode and calls with few query rows per kv head).
 // For one task (rows = tokens x heads of one GQA group, one kv head) and each key block b:
 //   S[r, j]  = q_r . K_j (* kscale_j)          qk_block: 4 rows x 2 keys per register tile
 //   S        = softcap * tanh(S / softcap)      (if on)
@@ -12,10 +14,12 @@
 // and finally out_r = acc_r / l_r. Every dot product / accumulation is computed in the same order
 // whatever the row grouping, so results do not depend on how rows are split into tasks (threads).
 //
-// Requires from V:  W, vec, zero, set1, load(const E*), load_tail(const E*, n) (zero-filled),
-// store, store_tail, fma(a, b, c) = a*b + c, add, sub, mul, div, min, max, round (to nearest),
-// pow2(n) = 2^n for integral n in [-126, 127], reduce (horizontal sum)
-// (E = float, uint16_t (IEEE half), int8_t).
+// pack_block + run_tile, the prefill tile kernel (described further down).
+//
+// Requires from V:  W, kTileVecs (vectors per register-tile row of run_tile), vec, zero, set1,
+// load(const E*), load_tail(const E*, n) (zero-filled), store, store_tail, fma(a, b, c) = a*b + c,
+// add, sub, mul, div, min, max, round (to nearest), pow2(n) = 2^n for integral n in [-126, 127],
+// reduce (horizontal sum)  (E = float, uint16_t (IEEE half), int8_t).
 
 namespace {
 
@@ -195,6 +199,244 @@ void run_task(const attn::Task& t, const attn::Scratch& sc) {
     case KVDtype::F32: run_task_typed<float>(t, sc); break;
     case KVDtype::F16: run_task_typed<uint16_t>(t, sc); break;
     case KVDtype::I8: run_task_typed<int8_t>(t, sc); break;
+  }
+}
+
+
+// =====================================================================================
+// Prefill tile kernel (many query rows per kv head). The naive twin is still attend_reference().
+//
+// pack_block: kp / vp (attention_kernels.h): keys and values in f32, int8 scales folded in, in
+// chunks of CW = kChunk keys (K) or dims (V), so both passes stream contiguous memory. (The cache's
+// own rows of one kv head sit at power-of-two strides, which alias in L1 / L2.)
+// run_tile, for rows = tokens x heads of one GQA group and the columns [0, Lw) of S, i.e. packed
+// keys xs + [0, Lw) (xs: the tile's first visible key rounded down to CW; key0 = k0 + xs):
+//   pass 1  S [rows, Lw] = Q K^T                 qk_tile: kTileRows rows x kTileVecs vectors of
+//                                                keys per register tile, q[r][d] broadcast, sums
+//                                                over d in order (no horizontal reductions)
+//           per row r: softcap, mask to [lo_r, hi_r) (zero elsewhere), max, p = exp(s - max),
+//           inv_r = 1 / sum p
+//   pass 2  out_r = inv_r * sum_j p[r, j] V_j    pv_tile: kTileRows rows x kTileVecs vectors of
+//                                                head_dim per register tile, p broadcast, over the
+//                                                union of the group's visible keys (p = 0 outside
+//                                                a row's range, so adding it changes nothing)
+// Each row's sums run in the same order whatever rows it is grouped with, so results do not
+// depend on the tiling of rows into tasks or on the thread count.
+
+constexpr int kTileRows = 6;
+constexpr int kChunk = V::kTileVecs * V::W;   // CW
+
+template <class E>
+void pack_typed(const attn::PackJob& pj) {
+  constexpr int CW = kChunk;
+  const int D = pj.D, np = pj.np;
+  const E* K = static_cast<const E*>(pj.view->k);
+  const E* Vs = static_cast<const E*>(pj.view->v);
+  const float* ks = pj.view->kscale;
+  const float* vs = pj.view->vscale;
+  float tmp[V::W];
+  for (int j = 0; j < pj.count; ++j) {
+    const int row = pj.first + j, x = pj.x0 + j;
+    // K: kp[(x / CW) * D * CW + d * CW + x % CW]
+    const E* kr = K + size_t(row) * D;
+    const typename V::vec kscale = V::set1(ks ? ks[row] : 1.f);
+    float* kd = pj.kp + size_t(x / CW) * D * CW + x % CW;
+    for (int d = 0; d < D; d += V::W) {
+      const int n = std::min(V::W, D - d);
+      V::store(tmp, V::mul(n == V::W ? V::load(kr + d) : V::load_tail(kr + d, n), kscale));
+      for (int i = 0; i < n; ++i) kd[size_t(d + i) * CW] = tmp[i];
+    }
+    // V: vp[(d / CW) * np * CW + x * CW + d % CW], lanes past D zero
+    const E* vr = Vs + size_t(row) * D;
+    const typename V::vec vscale = V::set1(vs ? vs[row] : 1.f);
+    for (int d = 0; d < D; d += CW) {
+      float* vd = pj.vp + (size_t(d / CW) * np + x) * CW;
+      for (int c = 0; c < V::kTileVecs; ++c) {
+        const int n = std::max(0, std::min(V::W, D - d - c * V::W));
+        const typename V::vec v = n == V::W ? V::load(vr + d + c * V::W)
+                                            : n > 0 ? V::load_tail(vr + d + c * V::W, n) : V::zero();
+        V::store(vd + c * V::W, V::mul(v, vscale));
+      }
+    }
+  }
+  if (pj.last) {   // zero the padding keys [x0 + count, np)
+    const int xe = pj.x0 + pj.count;
+    for (int d = 0; d < D; ++d)
+      for (int x = xe; x < np; ++x) pj.kp[size_t(x / CW) * D * CW + size_t(d) * CW + x % CW] = 0.f;
+    for (int d = 0; d < D; d += CW)
+      for (int x = xe; x < np; ++x)
+        for (int i = 0; i < CW; ++i) pj.vp[(size_t(d / CW) * np + x) * CW + i] = 0.f;
+  }
+}
+
+void pack_block(const attn::PackJob& pj) {
+  switch (pj.dtype) {
+    case KVDtype::F32: pack_typed<float>(pj); break;
+    case KVDtype::F16: pack_typed<uint16_t>(pj); break;
+    case KVDtype::I8: pack_typed<int8_t>(pj); break;
+  }
+}
+
+// Calls fn(std::integral_constant<int, R>, r0) for row groups [r0, r0 + R) covering [0, rows):
+// full groups of kTileRows, then one group of the remaining rows.
+template <class Fn>
+inline void for_row_groups(int rows, Fn&& fn) {
+  static_assert(kTileRows == 6, "for_row_groups handles remainders up to 5 rows");
+  int r0 = 0;
+  for (; r0 + kTileRows <= rows; r0 += kTileRows) fn(std::integral_constant<int, kTileRows>(), r0);
+  switch (rows - r0) {
+    case 1: fn(std::integral_constant<int, 1>(), r0); break;
+    case 2: fn(std::integral_constant<int, 2>(), r0); break;
+    case 3: fn(std::integral_constant<int, 3>(), r0); break;
+    case 4: fn(std::integral_constant<int, 4>(), r0); break;
+    case 5: fn(std::integral_constant<int, 5>(), r0); break;
+    default: break;
+  }
+}
+
+// s[(r0 + r) * lds + i] = sum_d q[r0 + r][d] * kc[d * CW + i]   (r < R, i < CW; kc: one key chunk)
+template <int R>
+inline void qk_tile(const float* const* q, int r0, const float* kc, int D, float* s, int lds) {
+  constexpr int C = V::kTileVecs;
+  typename V::vec acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = V::zero();
+  const float* qr[R];
+  for (int r = 0; r < R; ++r) qr[r] = q[r0 + r];
+  for (int d = 0; d < D; ++d) {
+    typename V::vec k[C];
+    for (int c = 0; c < C; ++c) k[c] = V::load(kc + size_t(d) * kChunk + c * V::W);
+    for (int r = 0; r < R; ++r) {
+      const typename V::vec qv = V::set1(qr[r][d]);
+      for (int c = 0; c < C; ++c) acc[r][c] = V::fma(qv, k[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) V::store(s + size_t(r0 + r) * lds + c * V::W, acc[r][c]);
+}
+
+// out[r0 + r][d0 + i] = inv[r0 + r] * sum_{col in [ca, ce)} s[(r0 + r) * lds + col] * vc[col * CW + i]
+// for i < min(CW, D - d0); vc: the value chunk of dims [d0, d0 + CW), row col = packed key xs + col.
+template <int R>
+inline void pv_tile(const float* s, int lds, int r0, const float* vc, int ca, int ce, int D, int d0,
+                    const float* inv, float* const* out) {
+  constexpr int C = V::kTileVecs;
+  typename V::vec acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = V::zero();
+  const float* sr[R];
+  for (int r = 0; r < R; ++r) sr[r] = s + size_t(r0 + r) * lds;
+  for (int col = ca; col < ce; ++col) {
+    typename V::vec v[C];
+    for (int c = 0; c < C; ++c) v[c] = V::load(vc + size_t(col) * kChunk + c * V::W);
+    for (int r = 0; r < R; ++r) {
+      const typename V::vec p = V::set1(sr[r][col]);
+      for (int c = 0; c < C; ++c) acc[r][c] = V::fma(p, v[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const typename V::vec iv = V::set1(inv[r0 + r]);
+    for (int c = 0; c < C; ++c) {
+      const int n = std::min(V::W, D - d0 - c * V::W);   // valid lanes of this vector
+      if (n >= V::W)
+        V::store(out[r0 + r] + d0 + c * V::W, V::mul(acc[r][c], iv));
+      else if (n > 0)
+        V::store_tail(out[r0 + r] + d0 + c * V::W, V::mul(acc[r][c], iv), n);
+    }
+  }
+}
+
+// x[0, n) = c * tanh(x / c) (see softcap_row), any n.
+inline void softcap_span(float* x, int n, float c) {
+  const typename V::vec inv2 = V::set1(2.f / c), cv = V::set1(c), one = V::set1(1.f), two = V::set1(2.f);
+  for (int j = 0; j < n; j += V::W) {
+    const int m = std::min(V::W, n - j);
+    const typename V::vec xv = m == V::W ? V::load(x + j) : V::load_tail(x + j, m);
+    const typename V::vec ex = vexp(V::mul(xv, inv2));
+    const typename V::vec y = V::mul(cv, V::sub(one, V::div(two, V::add(ex, one))));
+    if (m == V::W)
+      V::store(x + j, y);
+    else
+      V::store_tail(x + j, y, m);
+  }
+}
+
+// x[0, n) = exp(x - m); returns the sum (n >= 1).
+inline float exp_sum_span(float* x, int n, float m) {
+  const typename V::vec mv = V::set1(m);
+  typename V::vec acc = V::zero();
+  int j = 0;
+  for (; j + V::W <= n; j += V::W) {
+    const typename V::vec e = vexp(V::sub(V::load(x + j), mv));
+    V::store(x + j, e);
+    acc = V::add(acc, e);
+  }
+  float sum = V::reduce(acc);
+  if (j < n) {
+    V::store_tail(x + j, vexp(V::sub(V::load_tail(x + j, n - j), mv)), n - j);
+    for (; j < n; ++j) sum += x[j];
+  }
+  return sum;
+}
+
+inline float max_span(const float* x, int n) {
+  float m = -std::numeric_limits<float>::infinity();
+  int j = 0;
+  if (n >= V::W) {
+    typename V::vec mv = V::load(x);
+    for (j = V::W; j + V::W <= n; j += V::W) mv = V::max(mv, V::load(x + j));
+    float tmp[V::W];
+    V::store(tmp, mv);
+    for (int i = 0; i < V::W; ++i) m = std::max(m, tmp[i]);
+  }
+  for (; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+void run_tile(const attn::TileTask& tt, const attn::TileScratch& sc) {
+  constexpr int CW = kChunk;
+  const attn::Task& t = tt.rows;
+  const int R = t.rows, D = t.D, lds = sc.ld, np = tt.np;
+  int ulo = t.lo[0], uhi = t.hi[0];
+  for (int r = 1; r < R; ++r) ulo = std::min(ulo, t.lo[r]), uhi = std::max(uhi, t.hi[r]);
+  const int xs = (ulo - tt.k0) / CW * CW;                   // first packed key used (chunk-aligned)
+  const int Lw = (uhi - tt.k0 + CW - 1) / CW * CW - xs;     // columns of S, a multiple of CW (<= np)
+  const int key0 = tt.k0 + xs;                              // key of S column 0
+
+  int ua[attn::kMaxRows], ue[attn::kMaxRows];   // per row group (at its first row): visible columns
+  for_row_groups(R, [&](auto rc, int r0) {
+    int a = t.lo[r0], e = t.hi[r0];
+    for (int r = 1; r < decltype(rc)::value; ++r) a = std::min(a, t.lo[r0 + r]), e = std::max(e, t.hi[r0 + r]);
+    ua[r0] = a - key0;
+    ue[r0] = e - key0;
+  });
+
+  // ---- pass 1: S = Q K^T, one key chunk at a time (it stays in L1 across the row groups); chunks
+  // a row group cannot see are skipped (their columns are zeroed below) ----
+  for (int x = 0; x < Lw; x += CW) {
+    const float* kc = tt.kp + size_t(xs + x) * D;   // chunk (xs + x) / CW: [D, CW]
+    for_row_groups(R, [&](auto rc, int r0) {
+      if (x + CW > ua[r0] && x < ue[r0]) qk_tile<decltype(rc)::value>(t.q, r0, kc, D, sc.s + x, lds);
+    });
+  }
+
+  // ---- softcap, mask, softmax (unnormalized; 1 / sum kept in inv) ----
+  for (int r = 0; r < R; ++r) {
+    float* s = sc.s + size_t(r) * lds;
+    const int a = t.lo[r] - key0, e = t.hi[r] - key0;   // visible columns [a, e), e > a
+    if (t.softcap > 0.f) softcap_span(s + a, e - a, t.softcap);
+    const float m = max_span(s + a, e - a);
+    sc.inv[r] = 1.f / exp_sum_span(s + a, e - a, m);
+    for (int j = 0; j < a; ++j) s[j] = 0.f;
+    for (int j = e; j < Lw; ++j) s[j] = 0.f;
+  }
+
+  // ---- pass 2: out = inv * (P V), one head_dim chunk at a time ----
+  for (int d0 = 0; d0 < D; d0 += CW) {
+    const float* vc = tt.vp + (size_t(d0 / CW) * np + xs) * CW;   // [Lw, CW] from column 0
+    for_row_groups(R, [&](auto rc, int r0) {
+      pv_tile<decltype(rc)::value>(sc.s, lds, r0, vc, ua[r0], ue[r0], D, d0, sc.inv, t.out);
+    });
   }
 }
 

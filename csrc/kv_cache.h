@@ -27,6 +27,8 @@
 #include <string>
 #include <vector>
 
+#include "attention_rope.h"
+
 namespace engine {
 
 enum class KVDtype { F32 = 0, F16 = 1, I8 = 2 };
@@ -89,6 +91,11 @@ class KVCache {
   void check_slot(int slot, const char* what) const;
   void check_layer(int layer, const char* what) const;
 
+  // RoPE cos/sin tables for this cache's head_dim (attention_rope.h): grown by attention() for the
+  // positions it is called with; independent of the cached tokens (reset() keeps them).
+  RopeTables& rope_tables() { return rope_; }
+  const RopeTables& rope_tables() const { return rope_; }
+
  private:
   int& table(int layer, int slot, int b) { return tables_[(size_t(layer) * S_ + slot) * NB_ + b]; }
   int table(int layer, int slot, int b) const { return tables_[(size_t(layer) * S_ + slot) * NB_ + b]; }
@@ -111,6 +118,7 @@ class KVCache {
   std::vector<std::vector<int>> free_;  // per layer: free physical blocks (stack)
   std::vector<int> len_;                // [L, S]
   std::vector<int> prefix_;             // [S]
+  RopeTables rope_;
 };
 
 // IEEE half <-> float, round-to-nearest-even (portable; used for stores and the scalar path).

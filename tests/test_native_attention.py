@@ -220,6 +220,132 @@ def test_threads_1_vs_2_identical(level):
         np.testing.assert_array_equal(a, b)
 
 
+# ---------------------------------------------------------------- prefill tile kernel: odd shapes
+# Calls with T * G >= 24 query rows per kv head take the packed-key tile kernel (6-row register
+# tiles, 16 / 32 keys or head dims per tile, ~48 rows per task); fewer rows take the blocked
+# decode kernel. These shapes straddle every tile edge; each SIMD level is compared with the
+# scalar reference (1e-5) and, for f32, with the float64 oracle.
+TILE_CASES = [  # D, KV, G, T, prefix, window, softcap, dtype
+    (256, 4, 2, 260, 260, 0, 50.0, "f32"),    # PaliGemma 2 at 224 px: whole prompt = prefix block
+    (256, 4, 2, 37, 0, 0, 0.0, "f32"),        # causal only (prefix 0), T not a multiple of the tile
+    (256, 1, 8, 29, 11, 0, 50.0, "f16"),      # GQA 8 (PaliGemma 1), partial prefix
+    (256, 2, 1, 1, 1, 0, 50.0, "f32"),        # T = 1 (decode kernel)
+    (64, 8, 1, 25, 25, 0, 5.0, "f32"),        # GQA 1, head_dim 64, full prefix
+    (64, 1, 8, 3, 2, 0, 0.0, "f32"),          # 24 rows: the smallest tile call; 3 tokens per task
+    (72, 2, 1, 61, 30, 16, 0.0, "int8"),      # head_dim 72 (chunk tail), window < T
+    (72, 4, 2, 100, 40, 9, 30.0, "f32"),      # window much smaller than T, softcap
+    (64, 2, 2, 300, 20, 40, 50.0, "f32"),     # long causal part, window 40: key chunks skipped
+    (20, 2, 2, 45, 7, 5, 0.0, "f16"),         # head_dim 20: a partial vector in every chunk
+    (36, 1, 8, 50, 0, 0, 20.0, "int8"),       # GQA 8, causal, head_dim 36
+]
+
+
+@pytest.mark.parametrize("D,KV,G,T,P,window,softcap,dtype", TILE_CASES)
+def test_prefill_tiles_every_level_matches_scalar(D, KV, G, T, P, window, softcap, dtype):
+    # Two slots: the tested prompt and one of another length; then decode steps over both.
+    args = dict(D=D, KV=KV, G=G, prompts=[T, T // 2 + 3], prefixes=[P, min(P, T // 2 + 3)], decode_steps=2,
+                dtype=dtype, softcap=softcap, window=window, qscale=2.0, seed=D + T)
+    ref = run_scenario("scalar", **args)
+    if dtype == "f32":
+        assert max_err(ref) < TOL_ORACLE["f32"]
+    for level in LEVELS[1:]:
+        res = run_scenario(level, **args)
+        for (o, _), (r, _) in zip(res, ref):
+            assert np.abs(o - r).max() < TOL_VS_SCALAR[dtype], level
+        if dtype == "f32":
+            assert max_err(res) < TOL_ORACLE["f32"], level
+
+
+def _chunked_batched(level, dtype, seed=0):
+    """Prefill the prefix blocks of 3 slots (one call each), then two batched multi-token calls over
+    all slots (so queries start after cached keys, k0 > 0 with the window), then a decode step."""
+    nat.set_simd_level(level)
+    rng = np.random.default_rng(seed)
+    D, KV, G = 64, 2, 4
+    H = KV * G
+    sim = Sim(1, KV, D, 3, 120, dtype, 16)
+    kw = dict(scale=D ** -0.5, softcap=20.0, window=12)
+    results = []
+    for s, P in enumerate([17, 30, 1]):
+        sim.set_prefix(s, P)
+        results.append(sim.step(0, randn(rng, P, H, D), randn(rng, P, KV, D), randn(rng, P, KV, D), [s],
+                                np.arange(P), **kw))
+    for T in (13, 7, 1):
+        slots = [0, 1, 2]
+        pos = np.concatenate([np.arange(T) + sim.cache.length(s) for s in slots])
+        M = 3 * T
+        results.append(sim.step(0, randn(rng, M, H, D, scale=2.0), randn(rng, M, KV, D), randn(rng, M, KV, D),
+                                slots, pos, **kw))
+    return results
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "int8"])
+def test_prefill_tiles_chunked_and_batched(dtype):
+    ref = _chunked_batched("scalar", dtype)
+    if dtype == "f32":
+        assert max_err(ref) < TOL_ORACLE["f32"]
+    for level in LEVELS[1:]:
+        res = _chunked_batched(level, dtype)
+        for (o, _), (r, _) in zip(res, ref):
+            assert np.abs(o - r).max() < TOL_VS_SCALAR[dtype], level
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_prefill_tiles_threads_identical(level):
+    args = dict(D=72, KV=2, G=4, prompts=[150, 31], prefixes=[70, 0], decode_steps=1, softcap=50.0, window=40)
+    one = run_scenario(level, threads=1, **args)
+    three = run_scenario(level, threads=3, **args)
+    for (a, _), (b, _) in zip(one, three):
+        np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------- RoPE tables
+def rope_f32(x, pos, theta):
+    """RoPE as the native core computes it: fp32 angles, cos / sin in float64 rounded to fp32, the
+    rotation in fp32 (x [M, heads, D] float32)."""
+    D = x.shape[-1]
+    half = D // 2
+    inv = (np.float32(1.0) / (np.float64(theta) ** (np.arange(0, D, 2) / np.float32(D)).astype(np.float32)
+                              .astype(np.float64)).astype(np.float32))
+    ang = np.asarray(pos).astype(np.float32)[:, None] * inv[None, :]
+    cos = np.cos(ang.astype(np.float64)).astype(np.float32)[:, None, :]
+    sin = np.sin(ang.astype(np.float64)).astype(np.float32)[:, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+@pytest.mark.parametrize("pos0", [0, 7, 100000])   # inside the cache's table, past it (computed rows)
+def test_rope_tables_match_direct_computation(pos0):
+    rng = np.random.default_rng(pos0)
+    D, KV, T = 64, 2, 40
+    c = nat.KVCache(1, KV, D, 1, T + 1)
+    k = randn(rng, T, KV, D)
+    nat.attention(c, 0, randn(rng, T, 2, D), k, k, [0], np.arange(T) + pos0, scale=0.1)
+    K, V = c.read(0, 0)
+    np.testing.assert_allclose(K.transpose(1, 0, 2), rope_f32(k, np.arange(T) + pos0, 10000.0), rtol=0, atol=2e-6)
+    np.testing.assert_array_equal(V.transpose(1, 0, 2), k)
+    # decode past the prefilled positions grows the table; the result still matches the oracle
+    sim = Sim(1, KV, D, 1, T + 3)
+    for step, n in enumerate([T, 1, 1, 1]):
+        p0 = 0 if step == 0 else T + step - 1
+        q, kk, vv = randn(rng, n, 4, D), randn(rng, n, KV, D), randn(rng, n, KV, D)
+        out, ref = sim.step(0, q, kk, vv, [0], np.arange(n) + p0 + pos0, scale=0.1)
+        np.testing.assert_allclose(out, ref, atol=TOL_ORACLE["f32"])
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_rope_two_thetas_in_one_cache(level):
+    # Layers with different rope_theta share one cache (one table per theta); both match the oracle.
+    nat.set_simd_level(level)
+    rng = np.random.default_rng(3)
+    sim = Sim(2, 1, 32, 1, 40)
+    for n, p0 in ((30, 0), (1, 30), (1, 31)):
+        for layer, theta in ((0, 10000.0), (1, 500.0)):
+            q, k, v = randn(rng, n, 2, 32), randn(rng, n, 1, 32), randn(rng, n, 1, 32)
+            out, ref = sim.step(layer, q, k, v, [0], np.arange(n) + p0, scale=0.2, rope_theta=theta)
+            np.testing.assert_allclose(out, ref, atol=TOL_ORACLE["f32"])
+
+
 # ---------------------------------------------------------------- compact caches
 def test_compact_cache_accuracy(capsys):
     """f16 / int8 cache error vs the float64 oracle, PG1-like shapes, 300-token prompt + decode."""

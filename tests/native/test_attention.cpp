@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "attention_rope.h"
 #include "cpu_features.h"
 #include "harness.h"
 #include "thread_pool.h"
@@ -102,6 +103,12 @@ std::vector<Scenario> scenarios() {
   s.push_back({20, 1, 3, {13}, {4}, 3, KVDtype::I8, 0.f, 4, 10000.f, 2.f});
   s.push_back({6, 2, 2, {7, 11}, {7, 2}, 2, KVDtype::F32, 3.f, 0, 100.f, 1.f});
   s.push_back({36, 1, 16, {40}, {25}, 2, KVDtype::I8, 20.f, 9, 10000.f, 2.f});
+  // Prefill tile kernel (>= 24 query rows per kv head): PaliGemma 2 shape, tails of rows, keys and
+  // head dims, GQA 1 / 2 / 8, prefix 0 / partial / full, window < T, softcap on / off.
+  s.push_back({256, 4, 2, {61, 26}, {61, 0}, 2, KVDtype::F32, 50.f, 9, 10000.f, 2.f});
+  s.push_back({64, 8, 1, {30, 47}, {30, 5}, 1, KVDtype::F16, 0.f, 0, 10000.f, 2.f});
+  s.push_back({20, 1, 8, {3, 50}, {2, 20}, 2, KVDtype::I8, 5.f, 0, 10000.f, 2.f});
+  s.push_back({72, 2, 2, {45}, {0}, 1, KVDtype::F32, 0.f, 7, 10000.f, 3.f});
   return s;
 }
 
@@ -187,4 +194,30 @@ TEST(attention_reference_vs_double_oracle) {
     CHECK_MSG(worst < 2e-5, "%s vs double oracle: max |diff| %.3g", engine::simd_name(lvl), worst);
   }
   engine::set_simd_level(engine::cpu_features().best);
+}
+
+// RoPE tables: tabulated rows, rows computed past the table and the naive rope_row are bit-identical;
+// a cache keeps one table per theta, grown on demand up to its bound.
+TEST(rope_table_rows_bit_identical) {
+  for (int D : {2, 6, 64, 256}) {
+    for (float theta : {10000.f, 500.f, 1e6f}) {
+      engine::RopeTable t(D, theta);
+      t.grow(100);
+      CHECK(t.size() == 100);
+      std::vector<float> naive(static_cast<size_t>(D)), tmp(static_cast<size_t>(D));
+      for (int32_t pos : {0, 1, 7, 99, 100, 4097, 123456, -3}) {
+        engine::rope_row(D, theta, pos, naive.data());
+        const float* row = t.row(pos, tmp.data());
+        CHECK((pos >= 0 && pos < 100) == (row != tmp.data()));
+        CHECK_MSG(std::equal(naive.begin(), naive.end(), row), "D=%d theta=%g pos=%d", D, theta, int(pos));
+      }
+    }
+  }
+  engine::RopeTables tabs;
+  const engine::RopeTable& a = tabs.prepare(64, 10000.f, 10, 50);
+  CHECK(a.size() >= 10 && a.size() <= 50);
+  CHECK(tabs.prepare(64, 10000.f, 1000, 50).size() == 50);   // bounded
+  CHECK(tabs.find(64, 10000.f) != nullptr && tabs.find(64, 500.f) == nullptr);
+  tabs.prepare(64, 500.f, 5, 50);
+  CHECK(tabs.find(64, 500.f) != nullptr && tabs.find(64, 10000.f) != nullptr);
 }
