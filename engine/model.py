@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -88,6 +89,7 @@ class PaliGemma:
         self.processor = Processor(tokenizer, v.image_size, self.config.num_image_tokens,
                                    self.config.image_token_index, **self.manifest.preprocessing.processor_kwargs())
         self.tokenizer = tokenizer
+        self._seg_lock = threading.Lock()
         t = self.config.text
         self._layer_windows = [t.layer_window(i) for i in range(t.num_hidden_layers)]
         self.warmup_seconds = 0.0
@@ -329,16 +331,20 @@ class PaliGemma:
     def seg_decoder(self):
         """The VQ-VAE mask decoder (engine.masks.SegDecoder) or None. Loaded on first use from the
         artifact's seg_decoder.npz when the manifest lists one; `load_seg_decoder` sets another."""
-        if not hasattr(self, "_seg_decoder"):
-            rel = self.manifest.seg_decoder
-            self._seg_decoder = None
-            if rel:
-                from .masks import SegDecoder
-                self._seg_decoder = SegDecoder.from_npz(self.artifact_dir / rel)
-        return self._seg_decoder
+        with self._seg_lock:                 # task helpers may ask from several threads at once
+            if not hasattr(self, "_seg_decoder"):
+                rel = self.manifest.seg_decoder
+                decoder = None
+                if rel:
+                    from .masks import SegDecoder
+                    decoder = SegDecoder.from_npz(self.artifact_dir / rel)
+                self._seg_decoder = decoder
+            return self._seg_decoder
 
     def load_seg_decoder(self, path):
         """Use the mask decoder in `path` (big_vision's vae-oid.npz) for segment(); returns it."""
         from .masks import SegDecoder
-        self._seg_decoder = SegDecoder.from_npz(path)
-        return self._seg_decoder
+        decoder = SegDecoder.from_npz(path)
+        with self._seg_lock:
+            self._seg_decoder = decoder
+        return decoder
