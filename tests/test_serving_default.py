@@ -1,10 +1,9 @@
 """The serving core on the bundled default model (engine.load()), whose answers are real: boxes,
 masks, captions. Oracle: the same call alone, serially, on the same model.
 
-Backends: OpenVINO int8 (the default load) and onnxruntime fp32. onnxruntime int8 artifacts use
-DynamicQuantizeMatMul, which quantizes a call's activations with ONE range for all its rows, so a
-decode row's logits depend on the other rows of the call; test_onnxruntime_int8_rows_are_independent
-records that gap (strict xfail) until the exporter quantizes each row on its own.
+Backends: OpenVINO int8 (the default load), onnxruntime int8 and onnxruntime fp32. Exact
+batching needs every row of a graph call to be independent of the others, which
+test_int8_rows_are_independent checks directly for the int8 graphs of both runtimes.
 """
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ import pytest
 import engine
 from engine import scenes
 
-CONFIGS = (("int8", "openvino"), ("fp32", "onnxruntime"))
+CONFIGS = (("int8", "openvino"), ("int8", "onnxruntime"), ("fp32", "onnxruntime"))
 
 
 @pytest.fixture(scope="module")
@@ -95,24 +94,28 @@ def test_concurrent_tasks_equal_lone_runs(model):
     assert model.serving_state().kv_cache_bytes == 0
 
 
-def test_onnxruntime_int8_rows_are_independent(cache_dir):
-    """Row i of a decoder-graph call must not depend on the other rows (what exact batching of
-    requests needs). OpenVINO int8 and every fp32 artifact pass; onnxruntime int8 does not yet."""
-    m = engine.load(None, backend="onnxruntime", weights="int8", progress=False)
+@pytest.mark.parametrize("backend", ("onnxruntime", "openvino"))
+def test_int8_rows_are_independent(cache_dir, backend):
+    """Row 0 of a decoder-graph / LM-head call gives the same numbers whatever the other rows are
+    (rows of very different scales), for any call of two or more rows (PaliGemma.run_rows pads a
+    one-row call to two)."""
+    m = engine.load(None, backend=backend, weights="int8", progress=False)
     try:
         t = m.config.text
         rng = np.random.default_rng(0)
-        rows = rng.standard_normal((9, t.hidden_size)).astype(np.float32)
-        rows[1:] *= np.linspace(0.1, 5, 8, dtype=np.float32)[:, None]
-        alone = m.logits(rows[:1])[0]
-        together = m.logits(rows)[0]
-        ok = np.array_equal(alone, together)
+        hidden = rng.standard_normal((9, t.hidden_size)).astype(np.float32)
+        attn = rng.standard_normal((9, t.num_attention_heads * t.head_dim)).astype(np.float32)
+        scale = np.linspace(0.05, 8, 8, dtype=np.float32)[:, None]
+        hidden[1:] *= scale
+        attn[1:] *= scale
+        for rows in ([0], [0, 1], [0, 3, 8], list(range(9))):
+            got = m.run_rows("decoder_1", {"hidden": hidden[rows], "attn": attn[rows]})
+            want = m.run_rows("decoder_1", {"hidden": hidden[:1], "attn": attn[:1]})
+            for name in got:
+                np.testing.assert_array_equal(got[name][0], want[name][0], err_msg=f"{backend} {name} {rows}")
+            np.testing.assert_array_equal(m.logits(hidden[rows])[0], m.logits(hidden[:1])[0])
     finally:
         m.close()
-    if not ok:
-        pytest.xfail("onnxruntime int8 (DynamicQuantizeMatMul) quantizes all rows of a call with one "
-                     "range: concurrent requests on an onnxruntime int8 artifact may differ from lone runs "
-                     "(the exporter needs a per-row activation quantization)")
 
 
 def _rss_bytes() -> int:
