@@ -43,7 +43,7 @@ def default_cache_dir():
 
 def load(path=None, backend: str = "openvino", threads: int | None = None, *, weights: str = "int8",
          group_size: int = 128, verify: bool = True, kv_dtype: str = "f32", progress: bool = True,
-         seg_decoder=None, warmup: bool | None = None, serving=None):
+         seg_decoder=None, serving=None):
     """Load a model for inference. The model serves any number of threads at once (see
     engine/model.py and engine/serving).
 
@@ -55,8 +55,6 @@ def load(path=None, backend: str = "openvino", threads: int | None = None, *, we
       are not hashed again (engine/artifact.py). False checks file sizes only.
     kv_dtype: KV cache storage, "f32", "f16" or "int8". seg_decoder: a `vae-oid.npz`-style mask
     decoder for segment() (an artifact exported with --seg-decoder carries its own).
-    warmup: run every graph once at load so that the first request is as fast as later ones
-      (None: on OpenVINO only, which repacks weights lazily at a graph's first inference).
     serving: an engine.serving.SchedulerConfig (max_queue, max_active, prefill_chunk_layers,
       image_cache_bytes); None: its defaults.
     """
@@ -77,7 +75,7 @@ def load(path=None, backend: str = "openvino", threads: int | None = None, *, we
                              "checkpoint (no config.json)")
         else:
             raise FileNotFoundError(f"{path} does not exist")
-    model = PaliGemma(path, backend, threads, verify=verify, kv_dtype=kv_dtype, warmup=warmup, serving=serving)
+    model = PaliGemma(path, backend, threads, verify=verify, kv_dtype=kv_dtype, serving=serving)
     if seg_decoder is not None:
         model.load_seg_decoder(seg_decoder)
     return model

@@ -63,7 +63,7 @@ class PaliGemma:
     max_queue, max_active, prefill_chunk_layers, image_cache_bytes)."""
 
     def __init__(self, artifact_dir: str | Path, backend: str = "openvino", threads: int | None = None,
-                 *, verify: bool = True, kv_dtype: str = "f32", warmup: bool | None = None,
+                 *, verify: bool = True, kv_dtype: str = "f32",
                  serving: SchedulerConfig | None = None):
         t0 = time.perf_counter()
         self.artifact_dir = Path(artifact_dir)
@@ -92,11 +92,6 @@ class PaliGemma:
         self._seg_lock = threading.Lock()
         t = self.config.text
         self._layer_windows = [t.layer_window(i) for i in range(t.num_hidden_layers)]
-        self.warmup_seconds = 0.0
-        if warmup if warmup is not None else backend == "openvino":
-            t1 = time.perf_counter()
-            self.warm_up()
-            self.warmup_seconds = time.perf_counter() - t1
         serving = serving if serving is not None else SchedulerConfig()
         self.image_cache = FeatureCache(serving.image_cache_bytes)
         self._scheduler = Scheduler(self, serving, self.image_cache)
@@ -107,20 +102,6 @@ class PaliGemma:
     @property
     def max_context(self) -> int:
         return self.config.text.max_position_embeddings
-
-    def warm_up(self) -> None:
-        """Run every graph once on one zero row (one zero image for the vision graph).
-
-        OpenVINO repacks each graph's weights at its first inference (1-2 s per graph at 3B
-        int4), which would otherwise land on the first request; load() does this by default on
-        that backend. onnxruntime prepacks at session creation and needs no warm-up."""
-        t, v = self.config.text, self.config.vision
-        self.encode_images(np.zeros((1, v.num_channels, v.image_size, v.image_size), np.float32))
-        hidden = np.zeros((1, t.hidden_size), np.float32)                     # [1, D]
-        attn = np.zeros((1, t.num_attention_heads * t.head_dim), np.float32)  # [1, H*hd]
-        for i in range(t.num_hidden_layers + 1):
-            self.runner.run(f"decoder_{i}", {"hidden": hidden} if i == 0 else {"hidden": hidden, "attn": attn})
-        self.logits(hidden)
 
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
         """pixel_values [N, 3, S, S] -> image features [N, P, D], in one graph call."""
