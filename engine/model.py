@@ -49,7 +49,7 @@ class GenerationResult:
     finish_reason: str                   # "eos", "stop", "length" or "cancelled"
     score: float | None = None           # beam score (HF sequences_scores) with num_beams > 1
     timings: dict = field(default_factory=dict)   # seconds; see PaliGemma.generate
-    stats: RequestStats | None = None    # where the request's time went (engine/serving/request.py)
+    stats: RequestStats | None = field(default=None, compare=False, repr=False)   # engine.serving.RequestStats
 
     def __str__(self) -> str:
         return self.text

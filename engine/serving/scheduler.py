@@ -170,14 +170,16 @@ class Scheduler:
             thread.join(timeout)
 
     def state(self) -> SchedulerState:
-        with self._cond:
+        with self._cond:                     # the scheduler thread moves requests under this lock
             live = list(self._prefilling) + self._ready + self._decoding
-            return SchedulerState(
-                queued=len(self._queue), prefilling=len(self._prefilling),
-                decoding=len(self._ready) + len(self._decoding),
-                kv_cache_bytes=sum(x.cache.nbytes for x in live if x.cache is not None),
-                image_cache_bytes=self.image_cache.nbytes, image_cache_entries=len(self.image_cache),
-                thread_alive=self._thread is not None and self._thread.is_alive())
+            queued, prefilling = len(self._queue), len(self._prefilling)
+            decoding = len(self._ready) + len(self._decoding)
+        caches = [x.cache for x in live]
+        return SchedulerState(
+            queued=queued, prefilling=prefilling, decoding=decoding,
+            kv_cache_bytes=sum(c.nbytes for c in caches if c is not None),
+            image_cache_bytes=self.image_cache.nbytes, image_cache_entries=len(self.image_cache),
+            thread_alive=self._thread is not None and self._thread.is_alive())
 
     # ------------------------------------------------------------------ the loop
     def _run(self) -> None:
@@ -206,7 +208,9 @@ class Scheduler:
             with self._cond:
                 self._closed = True
                 everyone = list(self._queue) + list(self._prefilling) + self._ready + self._decoding
-                self._queue.clear(), self._prefilling.clear(), self._ready.clear(), self._decoding.clear()
+                self._queue.clear()
+                self._prefilling.clear()
+                self._ready, self._decoding = [], []
             for live in everyone:
                 self._fail(live, SchedulerClosed("the model was closed before this request finished; "
                                                  "load it again and resend the request"))
@@ -237,12 +241,14 @@ class Scheduler:
             try:
                 done = self._prefill_some(model, live, whole=not others_decoding)
             except Exception as e:      # this request's own work: it fails alone
-                self._prefilling.popleft()
+                with self._cond:
+                    self._prefilling.popleft()
                 self._fail(live, e)
             else:
                 if done:
-                    self._prefilling.popleft()
-                    self._ready.append(live)
+                    with self._cond:
+                        self._prefilling.popleft()
+                        self._ready.append(live)
         if self._decoding or self._ready:
             self._decode_step(model)
 
@@ -326,7 +332,8 @@ class Scheduler:
             sel = _native.select_step([x.decoder for x in everyone], logits)
             times.select_s += now() - t_sel
         except Exception as e:         # a shared step: its requests fail, the scheduler goes on
-            self._decoding, self._ready = [], []
+            with self._cond:
+                self._decoding, self._ready = [], []
             for live in everyone:
                 self._fail(live, e)
             return
@@ -358,7 +365,8 @@ class Scheduler:
                 self._finish(live, live.decoder.results())
             else:
                 keep.append(live)
-        self._decoding, self._ready = keep, []
+        with self._cond:
+            self._decoding, self._ready = keep, []
 
     # ------------------------------------------------------------------ results
     def _finish(self, live: _Live, results: list[dict] | None) -> None:
