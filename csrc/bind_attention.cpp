@@ -151,6 +151,8 @@ slot-major (N = len(slots)); positions: N*T integers (RoPE positions). Returns [
 softcap (None/0 = off); window: sliding window (None/0 = off; the prefix block is exempt);
 rope_theta <= 0 skips RoPE. Uses the SIMD level of simd_level() and get_num_threads() threads.)doc");
 
-  m.def("set_num_threads", &engine::set_num_threads, py::arg("n"), "Threads used by the native kernels.");
-  m.def("get_num_threads", &engine::get_num_threads);
+  m.def("set_num_threads", &engine::set_num_threads, py::arg("n"),
+        "Threads of the process's default pool, used by attention() and the kernels when no pool is "
+        "given. A loaded model uses its own ThreadPool (sized by its `threads`) and never this one.");
+  m.def("get_num_threads", &engine::get_num_threads, "Threads of the default pool.");
 }

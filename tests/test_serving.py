@@ -307,6 +307,31 @@ def test_failing_request_fails_alone(model, monkeypatch):
     assert model.serving_state().kv_cache_bytes == 0
 
 
+def test_failing_decode_step_fails_its_requests_and_the_scheduler_goes_on(model, monkeypatch):
+    """A graph failure inside a shared decode step fails the requests of that step (they share
+    the call); requests submitted afterwards run normally."""
+    want = model.generate(noise_image(1), "caption en", max_new_tokens=6).tokens
+    run = model.runner.run
+    armed = threading.Event()
+
+    def failing_run(graph, inputs):
+        if graph == "lm_head" and armed.is_set() and len(inputs["hidden"]) == 2:
+            armed.clear()
+            raise ValueError("lm_head failed on purpose")
+        return run(graph, inputs)
+
+    monkeypatch.setattr(model.runner, "run", failing_run)
+    handles = [model.submit(noise_image(i), "caption en", max_new_tokens=400, ignore_eos=True) for i in (2, 3)]
+    for h in handles:
+        next(h.tokens())
+    armed.set()
+    for h in handles:
+        with pytest.raises(ValueError, match="failed on purpose"):
+            h.result(timeout=60)
+    assert model.generate(noise_image(1), "caption en", max_new_tokens=6).tokens == want
+    assert model.serving_state().kv_cache_bytes == 0
+
+
 def test_close_leaves_no_threads(artifact):
     def native_threads():
         return len(os.listdir("/proc/self/task"))
