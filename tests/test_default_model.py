@@ -38,15 +38,8 @@ MARGIN = 0.05
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("default-cache")
-    old = os.environ.get("PALIGEMMA_EDGE_CACHE")
-    os.environ["PALIGEMMA_EDGE_CACHE"] = str(root)
-    yield root
-    if old is None:
-        del os.environ["PALIGEMMA_EDGE_CACHE"]
-    else:
-        os.environ["PALIGEMMA_EDGE_CACHE"] = old
+def cache(module_cache):
+    return module_cache
 
 
 def test_bundle_is_a_complete_hf_checkpoint():

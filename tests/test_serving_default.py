@@ -21,15 +21,8 @@ CONFIGS = (("int8", "openvino"), ("int8", "onnxruntime"), ("fp32", "onnxruntime"
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serving-default-cache")
-    old = os.environ.get("PALIGEMMA_EDGE_CACHE")
-    os.environ["PALIGEMMA_EDGE_CACHE"] = str(root)
-    yield root
-    if old is None:
-        del os.environ["PALIGEMMA_EDGE_CACHE"]
-    else:
-        os.environ["PALIGEMMA_EDGE_CACHE"] = old
+def cache_dir(module_cache):
+    return module_cache
 
 
 @pytest.fixture(scope="module", params=CONFIGS, ids=lambda c: f"{c[1]}-{c[0]}")
