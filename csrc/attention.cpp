@@ -131,6 +131,38 @@ void attend_reference(const KVCache& cache, int layer, const float* q, int H, co
   });
 }
 
+// The query rows of one attention task: heads [h0, h1) of kv group g for tokens [t0, t1) of
+// sequence i, where task = ((i * KV + g) * hsplit + part) * ntiles + tile. Fills the row pointers
+// and each row's visible key range; returns the number of rows (0: an empty head range).
+struct TaskRows {
+  int i = 0, g = 0, n = 0;
+  const float* q[attn::kMaxRows];
+  float* out[attn::kMaxRows];
+  int lo[attn::kMaxRows], hi[attn::kMaxRows];
+};
+
+inline void task_rows(int task, int ntiles, int hsplit, int KV, int G, int gh, int tq, int T, int H, int D,
+                      const float* q, float* out, const int* lens, const int* prefixes, int window,
+                      TaskRows* rows) {
+  int rest = task;
+  const int tile = rest % ntiles; rest /= ntiles;
+  const int part = rest % hsplit; rest /= hsplit;
+  rows->g = rest % KV;
+  rows->i = rest / KV;
+  const int i = rows->i, len = lens[i], P = prefixes[i];
+  const int h0 = rows->g * G + part * gh, h1 = std::min(rows->g * G + G, h0 + gh);
+  const int t0 = tile * tq, t1 = std::min(T, t0 + tq);
+  int r = 0;
+  for (int t = t0; t < t1 && h0 < h1; ++t)
+    for (int h = h0; h < h1; ++h, ++r) {
+      const size_t m = size_t(i) * T + t;
+      rows->q[r] = q + (m * H + h) * D;
+      rows->out[r] = out + m * H * D + size_t(h) * D;
+      key_range(len - T + t, P, window, &rows->lo[r], &rows->hi[r]);
+    }
+  rows->n = r;
+}
+
 // ---- Blocked kernels: tasks of (slot, kv head, group of heads, tile of tokens) ----
 void attend_blocked(attn::TaskFn fn, const KVCache& cache, int layer, const float* q, int H,
                     const std::vector<int>& slots, int T, const AttentionParams& p, float* out) {
@@ -146,36 +178,26 @@ void attend_blocked(attn::TaskFn fn, const KVCache& cache, int layer, const floa
   const int ntiles = (T + tq - 1) / tq;
   const int ntasks = N * KV * hsplit * ntiles;
 
-  // Block views per (slot, kv head), built once per call.
+  // Block views per (slot, kv head), and each slot's length and prefix, built once per call.
   const int nb_max = (cache.capacity() + B - 1) / B;
   std::vector<KVBlockView> views(size_t(N) * KV * nb_max);
+  std::vector<int> lens(static_cast<size_t>(N)), prefixes(static_cast<size_t>(N));
   for (int i = 0; i < N; ++i) {
     const int len = cache.layer_length(layer, slots[i]);
+    lens[size_t(i)] = len;
+    prefixes[size_t(i)] = cache.prefix_length(slots[i]);
     for (int g = 0; g < KV; ++g)
       for (int b = 0; b * B < len; ++b) views[(size_t(i) * KV + g) * nb_max + b] = cache.block(layer, slots[i], g, b);
   }
   parallel_for(ntasks, [&](int task, int) {
-    int rest = task;
-    const int tile = rest % ntiles; rest /= ntiles;
-    const int part = rest % hsplit; rest /= hsplit;
-    const int g = rest % KV;
-    const int i = rest / KV;
-    const int slot = slots[i];
-    const int len = cache.layer_length(layer, slot), P = cache.prefix_length(slot);
-    const int h0 = g * G + part * gh, h1 = std::min(g * G + G, h0 + gh);
-    const int t0 = tile * tq, t1 = std::min(T, t0 + tq);
-    if (h0 >= h1) return;
-    const float* qrow[attn::kMaxRows];
-    float* orow[attn::kMaxRows];
-    int lo[attn::kMaxRows], hi[attn::kMaxRows];
-    int r = 0;
-    for (int t = t0; t < t1; ++t)
-      for (int h = h0; h < h1; ++h, ++r) {
-        const size_t m = size_t(i) * T + t;
-        qrow[r] = q + (m * H + h) * D;
-        orow[r] = out + m * H * D + size_t(h) * D;
-        key_range(len - T + t, P, p.window, &lo[r], &hi[r]);
-      }
+    TaskRows rows;
+    task_rows(task, ntiles, hsplit, KV, G, gh, tq, T, H, D, q, out, lens.data(), prefixes.data(), p.window, &rows);
+    if (rows.n == 0) return;
+    const int i = rows.i, g = rows.g, r = rows.n;
+    const float* const* qrow = rows.q;
+    float* const* orow = rows.out;
+    const int* lo = rows.lo;
+    const int* hi = rows.hi;
     thread_local std::vector<float> buf;
     const int ld = attn::scores_ld(B);
     float* base = scratch(buf, size_t(attn::kMaxRows) * (ld + D + 2));
@@ -237,26 +259,14 @@ void attend_tiles(const attn::Kernels& kn, const KVCache& cache, int layer, cons
   const int tq = std::max(1, std::min(T, kTileTarget / gh));          // tokens per task
   const int ntiles = (T + tq - 1) / tq;
   parallel_for(N * KV * hsplit * ntiles, [&](int task, int) {
-    int rest = task;
-    const int tile = rest % ntiles; rest /= ntiles;
-    const int part = rest % hsplit; rest /= hsplit;
-    const int g = rest % KV;
-    const int i = rest / KV;
-    const int len = lens[size_t(i)], P = prefixes[size_t(i)];
-    const int h0 = g * G + part * gh, h1 = std::min(g * G + G, h0 + gh);
-    const int t0 = tile * tq, t1 = std::min(T, t0 + tq);
-    if (h0 >= h1) return;
-    const float* qrow[attn::kMaxRows];
-    float* orow[attn::kMaxRows];
-    int lo[attn::kMaxRows], hi[attn::kMaxRows];
-    int r = 0;
-    for (int t = t0; t < t1; ++t)
-      for (int h = h0; h < h1; ++h, ++r) {
-        const size_t m = size_t(i) * T + t;
-        qrow[r] = q + (m * H + h) * D;
-        orow[r] = out + m * H * D + size_t(h) * D;
-        key_range(len - T + t, P, p.window, &lo[r], &hi[r]);
-      }
+    TaskRows rows;
+    task_rows(task, ntiles, hsplit, KV, G, gh, tq, T, H, D, q, out, lens.data(), prefixes.data(), p.window, &rows);
+    if (rows.n == 0) return;
+    const int i = rows.i, g = rows.g, r = rows.n;
+    const float* const* qrow = rows.q;
+    float* const* orow = rows.out;
+    const int* lo = rows.lo;
+    const int* hi = rows.hi;
     thread_local std::vector<float> buf;
     float* base = align64(scratch(buf, size_t(attn::kMaxRows) * (np + 1) + 16));
     const attn::TileScratch sc{np, base, base + size_t(attn::kMaxRows) * np};
