@@ -193,17 +193,13 @@ void attend_blocked(attn::TaskFn fn, const KVCache& cache, int layer, const floa
     TaskRows rows;
     task_rows(task, ntiles, hsplit, KV, G, gh, tq, T, H, D, q, out, lens.data(), prefixes.data(), p.window, &rows);
     if (rows.n == 0) return;
-    const int i = rows.i, g = rows.g, r = rows.n;
-    const float* const* qrow = rows.q;
-    float* const* orow = rows.out;
-    const int* lo = rows.lo;
-    const int* hi = rows.hi;
+    const int i = rows.i, g = rows.g;
     thread_local std::vector<float> buf;
     const int ld = attn::scores_ld(B);
     float* base = scratch(buf, size_t(attn::kMaxRows) * (ld + D + 2));
     attn::Scratch sc{ld, base, base + attn::kMaxRows * ld, base + attn::kMaxRows * (ld + D),
                      base + attn::kMaxRows * (ld + D + 1)};
-    attn::Task tk{r, D, B, cache.dtype(), qrow, orow, lo, hi, &views[(size_t(i) * KV + g) * nb_max], p.softcap};
+    attn::Task tk{rows.n, D, B, cache.dtype(), rows.q, rows.out, rows.lo, rows.hi, &views[(size_t(i) * KV + g) * nb_max], p.softcap};
     fn(tk, sc);
   });
 }
@@ -262,16 +258,12 @@ void attend_tiles(const attn::Kernels& kn, const KVCache& cache, int layer, cons
     TaskRows rows;
     task_rows(task, ntiles, hsplit, KV, G, gh, tq, T, H, D, q, out, lens.data(), prefixes.data(), p.window, &rows);
     if (rows.n == 0) return;
-    const int i = rows.i, g = rows.g, r = rows.n;
-    const float* const* qrow = rows.q;
-    float* const* orow = rows.out;
-    const int* lo = rows.lo;
-    const int* hi = rows.hi;
+    const int i = rows.i, g = rows.g;
     thread_local std::vector<float> buf;
     float* base = align64(scratch(buf, size_t(attn::kMaxRows) * (np + 1) + 16));
     const attn::TileScratch sc{np, base, base + size_t(attn::kMaxRows) * np};
     const float* kp = kv + (size_t(i) * KV + g) * stride;
-    const attn::TileTask tt{{r, D, B, cache.dtype(), qrow, orow, lo, hi, nullptr, p.softcap},
+    const attn::TileTask tt{{rows.n, D, B, cache.dtype(), rows.q, rows.out, rows.lo, rows.hi, nullptr, p.softcap},
                             kp, kp + size_t(np) * D, np, k0s[size_t(i)]};
     kn.tile(tt, sc);
   });
