@@ -10,15 +10,18 @@ What `linear` emits for each weight format, and what onnxruntime 1.32 (CPU) does
 (measured; the numbers are at the end of this docstring):
 
     fp32   MatMul(x, W^T) with W^T an fp32 initializer [K, O] (+ Add bias).
-    int8   com.microsoft MatMulNBits bits=8, block_size=128, accuracy_level=4. The per-channel
-           scale is repeated for every K block, so the numbers equal per-channel int8. K is
-           padded to a multiple of 128 with zero codes (MatMulNBits' own padding rule). No zero
-           point input: the default (128 for 8 bits) makes it symmetric. The weights stay int8 in
-           memory (MLAS prepacks them into its own blocked int8 layout).
+    int8   per-row int8 (int8_kernel "dq", the default; see _matmul_dynamic_int8): each row
+           scaled to max |x| = 1, QuantizeLinear to uint8 (scale 1/127, zero point 128),
+           com.microsoft MatMulIntegerToFloat with int8 W^T [K, O] in 7-bit codes and
+           per-channel scales, times the row max. MLAS's u8 x s8 GEMM, prepacked at load, stays
+           int8. int8_kernel "nbits": MatMulNBits bits=8 as described for the int8 matrices of
+           int4 below.
     int4   MatMulNBits bits=4, block_size=group_size, accuracy_level=4; codes packed two per
            byte, low nibble first (quantize.pack_uint4), default zero point 8, searched scales
            (negative ones included, as MLAS's own blockwise quantizer writes). Stays 4-bit.
-           The matrices int4 keeps at int8 (quantize.matrix_format) use the int8 path above.
+           The matrices int4 keeps at int8 (quantize.matrix_format) use MatMulNBits bits=8,
+           block_size=128: the per-channel scale repeated for every K block, K padded to a
+           multiple of 128 with zero codes, the default zero point 128 (symmetric).
            accuracy_level=4 means the activations are quantized to int8 per block inside the
            kernel (as onnxruntime-genai does for CPU): ~6x faster than accuracy_level 0/1 for
            int4, and for 8 bits levels 0-3 have no fast kernel at all in 1.32 (the whole matrix

@@ -15,7 +15,7 @@ Session settings (the same for every graph):
     peak activations.
 
 Weight formats in memory (see export/onnx_graphs.py): int8 and int4 stay compressed
-(MatMulNBits, prepacked by MLAS); fp32, fp16, bf16 and fp8 all end up fp32 in memory.
+(MatMulIntegerToFloat / MatMulNBits, prepacked by MLAS); fp32, fp16, bf16 and fp8 all end up fp32 in memory.
 """
 from __future__ import annotations
 
