@@ -69,7 +69,7 @@ class OrtRunner(RunnerBase):
         self.threads = threads
         self.graph_names = list(graphs)
         _register_env_arena(ort)
-        self._ort, self._threads, self._spinning = ort, threads, spinning
+        self._ort, self._spinning = ort, spinning
 
         def create(name: str):
             path = self.artifact_dir / graphs[name]
@@ -94,10 +94,11 @@ class OrtRunner(RunnerBase):
         self._outputs = {n: [o.name for o in s.get_outputs()] for n, s in self._sessions.items()}
 
     def _options(self):
+        """Options of one session (a fresh object per session: they are created on several threads)."""
         ort = self._ort
         opts = ort.SessionOptions()
-        if self._threads is not None:
-            opts.intra_op_num_threads = self._threads
+        if self.threads is not None:
+            opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
