@@ -66,7 +66,6 @@ import numpy as np
 WEIGHT_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4", "fp8")
 FLOAT_FORMATS = ("fp32", "fp16", "bf16")
 
-INT8_MAX = 127.0
 INT4_MAX = 7.0
 FP8_MAX = 448.0          # largest finite float8_e4m3fn
 ROW_CHUNK_ELEMENTS = 1 << 24   # ~64 MB of float32 per chunk

@@ -395,18 +395,17 @@ class Scheduler:
             text = model.tokenizer.decode(tokens) if model is not None else ""
             out.append(GenerationResult(text, tokens, reason, r["score"] if not cancelled else None, timings,
                                         live.stats))
-        self._release(live)
-        ch = live.channel
-        with ch.cond:
-            ch.results = out
-            ch.finished = True
-            ch.cond.notify_all()
+        self._hand_over(live, results=out)
 
     def _fail(self, live: _Live, error: BaseException) -> None:
+        self._hand_over(live, error=error)
+
+    def _hand_over(self, live: _Live, *, results: list | None = None, error: BaseException | None = None) -> None:
+        """Free the request's cache and hand its results (or its error) to the caller."""
         self._release(live)
         ch = live.channel
         with ch.cond:
-            ch.error = error
+            ch.results, ch.error = results, error
             ch.finished = True
             ch.cond.notify_all()
 
