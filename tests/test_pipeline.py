@@ -64,8 +64,9 @@ _HF_CACHE: dict = {}
 
 def hf_generate(hf, inputs, **kw):
     """transformers' generate on the engine processor's inputs; new tokens (until eos), and the
-    beam score when num_beams > 1. Memoized: both backends compare with the same references."""
-    key = (id(hf), inputs["input_ids"].tobytes(), inputs["pixel_values"].tobytes(), tuple(sorted(kw.items())))
+    beam score when num_beams > 1. Memoized: both backends compare with the same references. The
+    key holds the model itself, not id(hf): a freed model's id can be reused by the next one."""
+    key = (hf, inputs["input_ids"].tobytes(), inputs["pixel_values"].tobytes(), tuple(sorted(kw.items())))
     if key not in _HF_CACHE:
         _HF_CACHE[key] = _hf_generate(hf, inputs, **kw)
     return _HF_CACHE[key]

@@ -282,8 +282,8 @@ def follow_stream(handle: RequestHandle, tokenizer: "Tokenizer", stream: Callabl
     "cancelled" with the tokens so far when the stream stopped it)."""
     text = TextStream(tokenizer)
     for new in handle.tokens():
-        piece = text.add(new)
-        if piece and stream(piece) is False:
+        # one token at a time: the pieces do not depend on how many tokens each wake-up brought
+        if any(piece and stream(piece) is False for piece in map(text.add, ([t] for t in new))):
             handle.cancel()
             break
     result = handle.result()
