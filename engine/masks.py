@@ -19,6 +19,7 @@ read from the arrays and checked; the encoder arrays (`encoder.*`) are not used.
 from __future__ import annotations
 
 import os
+import zipfile
 
 import numpy as np
 from PIL import Image
@@ -69,6 +70,10 @@ class SegDecoder:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such mask decoder file; pass the path of vae-oid.npz "
                                     "(gs://big_vision/paligemma/vae-oid.npz)")
+        if not zipfile.is_zipfile(path):        # np.load would speak of pickled data for a text file
+            raise SegDecoderError(f"{path}: not a readable npz file (an npz is a zip archive of arrays, this "
+                                  "file is not one); pass the mask decoder vae-oid.npz "
+                                  "(gs://big_vision/paligemma/vae-oid.npz)")
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files if not k.startswith("encoder.")}

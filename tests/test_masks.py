@@ -156,6 +156,10 @@ def test_unreadable_or_absent_file(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(SegDecoderError, match="not a readable npz"):
         SegDecoder.from_npz(tmp_path / "junk.npz")
+    (tmp_path / "notes.txt").write_text("these are notes, not a mask decoder\n")
+    with pytest.raises(SegDecoderError, match="not a zip archive|not a readable npz") as err:
+        SegDecoder.from_npz(tmp_path / "notes.txt")
+    assert "pickle" not in str(err.value) and "vae-oid.npz" in str(err.value)
 
 
 def test_decode_rejects_bad_indices(reference):
