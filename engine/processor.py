@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,43 +31,63 @@ _16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")   # "I": 16-bit PNGs in 
 
 
 # --------------------------------------------------------------------------- loading
-def load_image(image) -> Image.Image:
+def load_image(image, max_pixels: int | None = None) -> Image.Image:
     """An RGB PIL image from a path, bytes, a PIL image or a numpy array.
 
     Arrays are channels-last: HxW (grey), HxWx1, HxWx3 (RGB) or HxWx4 (RGBA); uint8, uint16
     (scaled to 8 bits), other integers in 0..255, or floats in [0, 1].
+    max_pixels: the largest encoded image (path, bytes) decoded, width x height, a guard against
+    decompression bombs; None: PIL.Image.MAX_IMAGE_PIXELS as it is now (Pillow's default
+    89,478,485). Pillow itself refuses images over twice its own limit whatever this says.
     """
     if isinstance(image, Image.Image):
         return _to_rgb(_exif_transpose(image))
     if isinstance(image, np.ndarray):
         return _to_rgb(_from_array(image))
     if isinstance(image, (bytes, bytearray, memoryview)):
-        return _open(io.BytesIO(bytes(image)), "image bytes")
+        return _open(io.BytesIO(bytes(image)), "image bytes", max_pixels)
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
         if path.startswith(("http://", "https://")):
             raise ImageError(f"{path}: URLs are not fetched; download the image and pass its path or bytes")
+        if os.path.isdir(path):
+            raise ImageError(f"{path} is a directory, not an image file; pass the path of one image file")
         if not os.path.isfile(path):
             raise ImageError(f"{path}: no such image file")
-        return _open(path, path)
+        return _open(path, path, max_pixels)
     raise ImageError(f"unsupported image type {type(image).__name__}; pass a file path, bytes, "
                      "a PIL.Image.Image or a numpy array (H, W[, C])")
 
 
-def _open(src, name: str) -> Image.Image:
+def _open(src, name: str, max_pixels: int | None = None) -> Image.Image:
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
-        with Image.open(src) as im:
+        with warnings.catch_warnings():        # our own limit below says it better than Pillow's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(src)               # reads the header only
+        with im:
+            _check_pixels(im.size, limit, name)
             im.load()      # decode now: Image.open is lazy, and errors belong here
             return _to_rgb(_exif_transpose(im))
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{name}: refused to decode a possible decompression bomb ({e}). If you "
-                         "trust this image, downscale it first or raise PIL.Image.MAX_IMAGE_PIXELS "
-                         f"(now {Image.MAX_IMAGE_PIXELS})") from None
+        raise ImageError(f"{name}: refused to decode a possible decompression bomb ({e}); Pillow refuses "
+                         "any image over twice PIL.Image.MAX_IMAGE_PIXELS, so downscale it first (e.g. with "
+                         "an image editor or `convert -resize`)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"{name}: cannot decode the image ({type(e).__name__}: {e}); "
                          "pass a valid image file such as PNG, JPEG, WebP, GIF, BMP or TIFF") from None
+
+
+def _check_pixels(size: tuple[int, int], limit: int | None, name: str) -> None:
+    """Refuse an image over `limit` pixels before decoding it (None: no limit)."""
+    pixels = size[0] * size[1]
+    if limit is not None and pixels > limit:
+        raise ImageError(f"{name}: the image is {size[0]}x{size[1]} = {pixels:,} pixels, more than the limit of "
+                         f"{limit:,} that guards against decompression bombs; if you trust it, raise the limit "
+                         f"(CLI: --max-image-pixels {pixels}; Python: load_image(..., max_pixels={pixels})) "
+                         "or downscale the image")
 
 
 def _exif_transpose(im: Image.Image) -> Image.Image:

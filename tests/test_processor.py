@@ -224,6 +224,39 @@ def test_decompression_bomb(monkeypatch):
         load_image(data)
 
 
+def png_header_of_size(width: int, height: int) -> bytes:
+    """A PNG whose header says width x height (its pixel data is a 1x1 image's): enough to be
+    refused by size before any decoding."""
+    import struct
+    import zlib
+    data = bytearray(_encode(rgb(1, 1), "PNG"))
+    ihdr = bytes(data[12:16]) + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(ihdr) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+def test_pixel_limit_per_call_without_warnings(monkeypatch):
+    """A 12000 x 12000 header is refused by our own per-call limit, with what to do, and no raw
+    Pillow DecompressionBombWarning; max_pixels lifts the limit for one call only."""
+    import warnings
+    before = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                       # any warning fails the test
+        with pytest.raises(ImageError, match=r"12000x12000 = 144,000,000 pixels.*--max-image-pixels 144000000"):
+            load_image(png_header_of_size(12000, 12000))
+        data = _encode(rgb(40, 40), "PNG")                   # 1600 pixels
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow would warn (1000 < 1600 < 2000)
+        with pytest.raises(ImageError, match="max_pixels=1600"):
+            load_image(data)
+        assert load_image(data, max_pixels=1600).size == (40, 40)
+        with pytest.raises(ImageError, match="max_pixels=1600"):
+            load_image(data, max_pixels=1599)
+    assert Image.MAX_IMAGE_PIXELS == 1000                    # untouched by the calls
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", before)
+    assert load_image(data).size == (40, 40)
+
+
 def test_bad_inputs(tmp_path):
     with pytest.raises(ImageError, match="cannot decode"):
         load_image(b"definitely not an image")
@@ -231,7 +264,7 @@ def test_bad_inputs(tmp_path):
         load_image(_encode(rgb(30, 30), "PNG")[:80])         # truncated file
     with pytest.raises(ImageError, match="no such image file"):
         load_image(tmp_path / "missing.png")
-    with pytest.raises(ImageError, match="no such image file"):
+    with pytest.raises(ImageError, match="is a directory, not an image file"):
         load_image(str(tmp_path))                            # a directory
     with pytest.raises(ImageError, match="URLs"):
         load_image("https://example.com/cat.jpg")
