@@ -49,7 +49,8 @@ def load(path=None, backend: str = "openvino", threads: int | None = None, *, we
 
     path: an exported artifact directory (made by `python -m export`), or an HF PaliGemma
       checkpoint directory, which is exported once (with `weights` / `group_size`, for `backend`)
-      into the cache directory and reused on later calls.
+      into the cache directory and reused on later calls; a cached export that fails
+      verification is exported again, with a warning (engine/cache.py).
     backend: "openvino" or "onnxruntime". threads: threads for graphs and native kernels.
     verify: check the artifact's file checksums; files unchanged since a recorded verification
       are not hashed again (engine/artifact.py). False checks file sizes only.
@@ -60,22 +61,32 @@ def load(path=None, backend: str = "openvino", threads: int | None = None, *, we
     """
     from pathlib import Path
 
-    from .artifact import MANIFEST
+    from .artifact import MANIFEST, ArtifactError
+    from .cache import ExportRequest, cached_export, manifest_identity, reexport
     from .model import PaliGemma
     from .runtime import BACKENDS
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     path = Path(path) if path is not None else default_model_path()
+    export = None        # what the cached artifact is made from, when `path` is a checkpoint
     if not (path / MANIFEST).is_file():
         if (path / "config.json").is_file():
-            path = _export_cached(path, backend, weights, group_size, progress)
+            export = ExportRequest(path, "onnx" if backend == "onnxruntime" else "openvino", weights, group_size)
+            path = cached_export(export, progress)
         elif path.exists():
             raise ValueError(f"{path} is neither an exported artifact (no manifest.json) nor an HF "
                              "checkpoint (no config.json)")
         else:
             raise FileNotFoundError(f"{path} does not exist")
-    model = PaliGemma(path, backend, threads, verify=verify, kv_dtype=kv_dtype, serving=serving)
+    seen = manifest_identity(path)
+    try:
+        model = PaliGemma(path, backend, threads, verify=verify, kv_dtype=kv_dtype, serving=serving)
+    except ArtifactError as e:
+        if export is None:        # the user's own artifact: theirs to fix, the error says how
+            raise
+        path = reexport(export, path, e, seen, progress)     # a cached export heals itself
+        model = PaliGemma(path, backend, threads, verify=verify, kv_dtype=kv_dtype, serving=serving)
     if seg_decoder is not None:
         model.load_seg_decoder(seg_decoder)
     return model
@@ -87,26 +98,12 @@ EXPORT_REVISION = 3    # 3: ONNX int8 as per-row MatMulIntegerToFloat with 7-bit
 
 
 def _export_cached(checkpoint, backend: str, weights: str, group_size: int, progress: bool):
-    """Export an HF checkpoint once into the cache; the key covers its files and the options."""
-    import hashlib
-    import sys
+    """The cached export of the HF checkpoint `checkpoint`, made now if missing (engine/cache.py)."""
+    from pathlib import Path
 
+    from .cache import ExportRequest, cached_export
     fmt = "onnx" if backend == "onnxruntime" else "openvino"
-    h = hashlib.sha256()
-    h.update(f"{checkpoint.resolve()}|{fmt}|{weights}|{group_size}|{__version__}|{EXPORT_REVISION}".encode())
-    for f in sorted(checkpoint.iterdir()):
-        if f.is_file():
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    out = default_cache_dir() / "artifacts" / f"{checkpoint.resolve().name}-{fmt}-{weights}-{h.hexdigest()[:12]}"
-    if not (out / "manifest.json").is_file():
-        from export.pipeline import export_checkpoint
-        if progress:
-            print(f"exporting {checkpoint} ({weights}, {fmt}) once into {out}", file=sys.stderr)
-        seg = checkpoint / "vae-oid.npz"      # a mask decoder next to the weights ships with the export
-        export_checkpoint(checkpoint, out, formats=(fmt,), weights=weights, group_size=group_size,
-                          progress=progress, seg_decoder=seg if seg.is_file() else None)
-    return out
+    return cached_export(ExportRequest(Path(checkpoint), fmt, weights, group_size), progress)
 
 
 def default_model_path():

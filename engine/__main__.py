@@ -316,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--weights", default="int8", help="weight format of the export (default int8)")
     dm.add_argument("--threads", type=_positive_int, default=None)
     dm.set_defaults(func=_demo)
+
+    from .cache import add_cache_parser
+    add_cache_parser(sub)       # python -m engine cache list|verify|clear (engine/cache.py)
     return p
 
 

@@ -349,6 +349,27 @@ def write_stamp(directory: Path, text: str) -> Path | None:
     return None
 
 
+def stamp_covers(directory: str | os.PathLike, manifest: Manifest) -> bool:
+    """Whether a verification stamp records every listed file as it is now (a load hashes nothing)."""
+    directory = Path(directory)
+    try:
+        manifest_sha256 = hashlib.sha256((directory / MANIFEST).read_bytes()).hexdigest()
+        keys = {rel: _file_key((directory / rel).stat()) for rel in manifest.files}
+    except OSError:
+        return False
+    stamps = [s for s in (_read_stamp(p, manifest_sha256) for p in _stamp_paths(directory)) if s]
+    return all(any(s.get(rel) == key for s in stamps) for rel, key in keys.items())
+
+
+def remove_stamps(directory: str | os.PathLike) -> None:
+    """Forget recorded verifications of `directory` (the next load hashes every file)."""
+    for p in _stamp_paths(Path(directory)):
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
 def write_atomic(target: Path, text: str) -> None:
     """Write `text` to `target` through a temporary file in the same directory and os.replace."""
     target.parent.mkdir(parents=True, exist_ok=True)
