@@ -69,6 +69,8 @@ SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx5
               "amx_bf16", "amx_int8", "asimd", "asimddp", "sve")
 QUICK = {"preset": "tiny-pg2", "new_tokens": 8, "repeats": 1, "systems": "openvino:int8,onnxruntime:int8,pytorch:bf16",
          "bandwidth_bytes": 256 << 20, "detect_tokens": 8}
+CONCURRENCY = {"preset": "paligemma2-3b-224", "systems": "onnxruntime:int8,pytorch:fp32", "detect_tokens": 20,
+               "quick_detect_tokens": 4, "quick_arrival_tokens": 16}
 FULL = {"preset": "paligemma-3b-224", "new_tokens": 32, "repeats": 3, "systems": "openvino,onnxruntime,pytorch",
         "bandwidth_bytes": 1 << 30, "detect_tokens": None}
 # Fields of a worker result that belong to the process, copied into each workload's sample.
@@ -325,11 +327,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per worker (default 1800)")
     p.add_argument("--quick", action="store_true", help="the whole path on tiny-pg2 in well under a minute")
     p.add_argument("--prepare-only", action="store_true", help="create the checkpoint and exports (cached), then stop")
+    c = p.add_argument_group("concurrency mode (engine/bench/concurrency.py)")
+    c.add_argument("--concurrency", metavar="N,N,...",
+                   help="instead of the workloads: N clients at once on one loaded model, for each N (e.g. "
+                        "1,2,4,8); transformers runs the same requests one after another. Defaults in this mode: "
+                        f"--preset {CONCURRENCY['preset']}, --systems {CONCURRENCY['systems']}, "
+                        f"--detect-tokens {CONCURRENCY['detect_tokens']}")
+    c.add_argument("--concurrency-requests", type=int, default=2,
+                   help="requests per client, alternating caption and detect (default 2)")
+    c.add_argument("--arrival-tokens", type=int, default=400,
+                   help="tokens of the 7 long captions that decode while the arrival prefills (0: no arrival test)")
+    c.add_argument("--arrival-whole", action="store_true",
+                   help="also run the arrival test with whole (unchunked) prefills, in a second load")
     return p
 
 
 def resolve_args(args) -> argparse.Namespace:
     defaults = QUICK if args.quick else FULL
+    if args.concurrency:
+        args.levels = parse_levels(args.concurrency)
+        defaults = {**defaults, "systems": defaults["systems"] if args.quick else CONCURRENCY["systems"],
+                    "preset": defaults["preset"] if args.quick else CONCURRENCY["preset"],
+                    "detect_tokens": CONCURRENCY["quick_detect_tokens" if args.quick else "detect_tokens"]}
+        if args.quick:
+            args.arrival_tokens = min(args.arrival_tokens, CONCURRENCY["quick_arrival_tokens"])
+        if args.concurrency_requests < 1 or args.arrival_tokens < 0:
+            raise ValueError("--concurrency-requests must be >= 1 and --arrival-tokens >= 0")
     if args.preset is None and args.checkpoint is None:
         args.preset = defaults["preset"]
     for key in ("new_tokens", "repeats", "systems"):
@@ -350,8 +373,60 @@ def resolve_args(args) -> argparse.Namespace:
         from ..synth import preset_config
         preset_config(args.preset)    # ConfigError for an unknown preset, before any work
     name = args.preset or Path(args.checkpoint).resolve().name
+    if args.concurrency:
+        name += "-concurrency"
     args.out = Path(args.out) if args.out else Path("bench-results") / name
     return args
+
+
+def parse_levels(text: str) -> list[int]:
+    try:
+        levels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise ValueError(f"--concurrency takes client counts >= 1, comma separated (e.g. 1,2,4,8), got {text!r}")
+    return levels
+
+
+def run_concurrency(systems: list[dict], checkpoint: Path, cfg, machine: dict, notes: list[str], args,
+                    argv) -> int:
+    """The concurrency mode: one worker per system (engine/bench/concurrency.py)."""
+    from . import concurrency
+    for s in systems:
+        log(f"concurrency: {s['id']}")
+        spec = {"kind": f"{s['kind']}-concurrency", "id": s["id"], "backend": s["backend"], "weights": s["weights"],
+                "checkpoint": str(checkpoint), "artifact": s.get("artifact"), "threads": args.threads,
+                "levels": args.levels, "per_client": args.concurrency_requests, "new_tokens": args.new_tokens,
+                "detect_tokens": args.detect_tokens, "arrival_tokens": args.arrival_tokens,
+                "arrival_whole": args.arrival_whole}
+        res = run_worker(spec, args.threads, args.timeout * max(1, len(args.levels)), show_output=False)
+        s["result"] = res
+        if "error" in res:
+            log(f"  {s['id']} FAILED {res['error']}")
+    machine["loadavg_end"] = loadavg()
+    results = {
+        "schema": "paligemma-edge-bench-concurrency/1",
+        "command": "python -m engine.bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+        "settings": {"preset": args.preset, "checkpoint": str(checkpoint), "levels": args.levels,
+                     "per_client": args.concurrency_requests, "new_tokens": args.new_tokens,
+                     "detect_tokens": args.detect_tokens, "arrival_tokens": args.arrival_tokens,
+                     "threads": args.threads, "caption_prompt": concurrency.CAPTION,
+                     "detect_prompt": concurrency.DETECT},
+        "machine": machine, "versions": versions(),
+        "model": {"name": args.preset or checkpoint.name, "version": cfg.version,
+                  "image_size": cfg.vision.image_size},
+        "systems": systems,
+        "notes": notes_for(machine, args, "") + notes,
+    }
+    results["goals"] = concurrency.goals(systems)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    (args.out / "results.md").write_text(concurrency.markdown_report(results, report.machine_lines(machine)))
+    print("\n".join(report.machine_lines(machine)))
+    print(concurrency.table(results, markdown=False))
+    log(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}")
+    return 1 if any("error" in (s.get("result") or {}) for s in systems) else 0
 
 
 def notes_for(machine: dict, args, source: str) -> list[str]:
@@ -390,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{s['id']}: {s['artifact']} ({s['disk_bytes'] / 1e9:.2f} GB)")
         return 0
 
+    if args.concurrency:
+        return run_concurrency(systems, checkpoint, cfg, machine, notes, args, argv)
     log(f"memory bandwidth ({args.bandwidth_bytes >> 20} MiB, {args.threads} threads)")
     bw = [measure_bandwidth(args.bandwidth_bytes, args.threads)]
     run_samples(systems, checkpoint, args)

@@ -245,73 +245,86 @@ class HFRun:
         return self.token_times[0] - self.start
 
 
+class TransformersRunner:
+    """transformers' PaliGemmaForConditionalGeneration loaded as a user would (sdpa attention where
+    the model has it), with clock marks: vision tower start / projector end (forward hooks), and
+    the logits of every generated token (a pass-through logits processor, called right before the
+    token is chosen)."""
+
+    def __init__(self, spec: dict):
+        t0 = time.perf_counter()
+        import torch
+        import transformers
+        from transformers import AutoProcessor, LogitsProcessorList, PaliGemmaForConditionalGeneration
+        self.import_s = time.perf_counter() - t0
+        transformers.logging.set_verbosity_error()
+        torch.set_num_threads(spec["threads"])
+        self.torch, self.processors = torch, LogitsProcessorList
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["weights"]]
+        t0 = time.perf_counter()
+        try:
+            model = PaliGemmaForConditionalGeneration.from_pretrained(spec["checkpoint"], dtype=self.dtype,
+                                                                      attn_implementation="sdpa")
+            self.attn = "sdpa"
+        except ValueError:          # Gemma 2 (PaliGemma 2) has no sdpa path in transformers
+            model = PaliGemmaForConditionalGeneration.from_pretrained(spec["checkpoint"], dtype=self.dtype,
+                                                                      attn_implementation="eager")
+            self.attn = "eager"
+        self.model = model.eval()
+        self.processor = AutoProcessor.from_pretrained(spec["checkpoint"])
+        self.load_s = time.perf_counter() - t0
+        from ..config import PaliGemmaConfig
+        self.cfg = PaliGemmaConfig.from_file(Path(spec["checkpoint"]) / "config.json")  # the EOS id we use
+        self.marks: dict[str, float] = {}
+
+        def vision_start(module, args) -> None:         # a hook's return value would replace the input
+            self.marks.setdefault("vision0", time.perf_counter())
+
+        def vision_end(module, args, output) -> None:
+            self.marks.setdefault("vision1", time.perf_counter())
+
+        model.model.vision_tower.register_forward_pre_hook(vision_start)
+        model.model.multi_modal_projector.register_forward_hook(vision_end)
+
+    def generate(self, image, prompt: str, max_new_tokens: int, *, ignore_eos: bool = True) -> HFRun:
+        from transformers import LogitsProcessor
+
+        class Stamp(LogitsProcessor):
+            def __init__(self):
+                self.times: list[float] = []
+
+            def __call__(self, input_ids, scores):
+                self.times.append(time.perf_counter())
+                return scores
+
+        self.marks.clear()
+        stamp = Stamp()
+        start = time.perf_counter()
+        enc = self.processor(images=image, text=prompt, return_tensors="pt")
+        inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids", "pixel_values")}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        preprocess_s = time.perf_counter() - start
+        stop = {"min_new_tokens": max_new_tokens} if ignore_eos else {"eos_token_id": self.cfg.eos_token_id}
+        with self.torch.inference_mode():
+            ids = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                      logits_processor=self.processors([stamp]), **stop)
+        end = time.perf_counter()
+        n_prompt = int(inputs["input_ids"].shape[1])
+        vision0, vision1 = self.marks["vision0"], self.marks["vision1"]
+        return HFRun(start, preprocess_s, vision1 - vision0, vision1, stamp.times, end, ids[0, n_prompt:].tolist(),
+                     n_prompt)
+
+
 def run_transformers(spec: dict) -> dict:
-    t0 = time.perf_counter()
-    import torch
-    import transformers
-    from transformers import AutoProcessor, LogitsProcessor, LogitsProcessorList, PaliGemmaForConditionalGeneration
-    import_s = time.perf_counter() - t0
-    transformers.logging.set_verbosity_error()
-    torch.set_num_threads(spec["threads"])
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["weights"]]
-
-    t0 = time.perf_counter()
-    try:
-        model = PaliGemmaForConditionalGeneration.from_pretrained(spec["checkpoint"], dtype=dtype,
-                                                                  attn_implementation="sdpa")
-        attn = "sdpa"
-    except ValueError:          # Gemma 2 (PaliGemma 2) has no sdpa path in transformers
-        model = PaliGemmaForConditionalGeneration.from_pretrained(spec["checkpoint"], dtype=dtype,
-                                                                  attn_implementation="eager")
-        attn = "eager"
-    model.eval()
-    processor = AutoProcessor.from_pretrained(spec["checkpoint"])
-    load_s = time.perf_counter() - t0
-    out = {"import_s": import_s, "load_s": load_s, "rss_after_load_bytes": _status_bytes("VmRSS"),
-           "peak_rss_after_load_bytes": _status_bytes("VmHWM"), "attn_implementation": attn,
-           "torch_threads": torch.get_num_threads()}
-
-    # Clock marks: vision tower start / projector end (forward hooks), and the logits of every
-    # generated token (a pass-through logits processor, called right before the token is chosen).
-    marks: dict[str, float] = {}
-
-    def vision_start(module, args):
-        marks.setdefault("vision0", time.perf_counter())
-
-    def vision_end(module, args, output):
-        marks.setdefault("vision1", time.perf_counter())
-
-    model.model.vision_tower.register_forward_pre_hook(vision_start)
-    model.model.multi_modal_projector.register_forward_hook(vision_end)
-
-    class Stamp(LogitsProcessor):
-        def __init__(self):
-            self.times: list[float] = []
-
-        def __call__(self, input_ids, scores):
-            self.times.append(time.perf_counter())
-            return scores
-
-    from ..config import PaliGemmaConfig
-    cfg = PaliGemmaConfig.from_file(Path(spec["checkpoint"]) / "config.json")   # the EOS id our engine uses
+    hf = TransformersRunner(spec)
+    out = {"import_s": hf.import_s, "load_s": hf.load_s, "rss_after_load_bytes": _status_bytes("VmRSS"),
+           "peak_rss_after_load_bytes": _status_bytes("VmHWM"), "attn_implementation": hf.attn,
+           "torch_threads": hf.torch.get_num_threads()}
+    cfg, processor = hf.cfg, hf.processor
     image = example_image()
 
     def generate(prompt: str, max_new_tokens: int, *, ignore_eos: bool) -> HFRun:
-        marks.clear()
-        stamp = Stamp()
-        start = time.perf_counter()
-        enc = processor(images=image, text=prompt, return_tensors="pt")
-        inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids", "pixel_values")}
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        preprocess_s = time.perf_counter() - start
-        stop = {"min_new_tokens": max_new_tokens} if ignore_eos else {"eos_token_id": cfg.eos_token_id}
-        with torch.inference_mode():
-            ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 logits_processor=LogitsProcessorList([stamp]), **stop)
-        end = time.perf_counter()
-        n_prompt = int(inputs["input_ids"].shape[1])
-        return HFRun(start, preprocess_s, marks["vision1"] - marks["vision0"], marks["vision1"], stamp.times, end,
-                     ids[0, n_prompt:].tolist(), n_prompt)
+        return hf.generate(image, prompt, max_new_tokens, ignore_eos=ignore_eos)
 
     def caption() -> dict:
         n = spec["new_tokens"]
@@ -356,7 +369,15 @@ def run_transformers(spec: dict) -> dict:
     return out
 
 
-WORKERS = {"export": run_export, "engine": run_engine, "transformers": run_transformers}
+def _concurrency(kind: str):
+    def run(spec: dict) -> dict:
+        from . import concurrency
+        return getattr(concurrency, f"run_{kind}")(spec)
+    return run
+
+
+WORKERS = {"export": run_export, "engine": run_engine, "transformers": run_transformers,
+           "engine-concurrency": _concurrency("engine"), "transformers-concurrency": _concurrency("transformers")}
 
 
 def main(argv: list[str] | None = None) -> int:
