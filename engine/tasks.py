@@ -29,6 +29,13 @@ Fixed rather than skipped:
   the box is real model output, callers can filter it. Zero-area boxes are kept as well.
 - parse_detections also reads segment answers (the seg tokens are ignored).
 Instances keep the model's order, and several instances may share a label.
+
+Several labels (`multi_label`): "per_label" (the default) asks one prompt per label
+(`detect a`, `detect b`), submitted together so that the serving core batches them (the image
+is encoded once), and returns the instances of each answer in label order: each label's result
+equals a call with that label alone. "joint" sends them in one prompt (`detect a ; b`), which
+only checkpoints trained on multi-label prompts answer well (PaliGemma's mix checkpoints); the
+bundled default model was trained on one label per prompt and mislabels joint answers.
 """
 from __future__ import annotations
 
@@ -54,6 +61,9 @@ NUM_SEG_TOKENS = 16
 DEFAULT_MAX_NEW_TOKENS = {"caption": 64, "answer": 64, "ocr": 128, "detect": 128, "segment": 256}
 
 Labels = Union[str, Sequence[str]]
+
+MULTI_LABEL_MODES = ("per_label", "joint")
+DEFAULT_MULTI_LABEL = "per_label"
 
 
 @dataclass
@@ -122,6 +132,26 @@ def detect_prompt(labels: Labels) -> str:
 
 def segment_prompt(labels: Labels) -> str:
     return "segment " + " ; ".join(normalize_labels(labels))
+
+
+def check_multi_label(multi_label: str | None) -> str:
+    """The multi-label mode: "per_label" or "joint" (None: DEFAULT_MULTI_LABEL)."""
+    if multi_label is None:
+        return DEFAULT_MULTI_LABEL
+    if multi_label not in MULTI_LABEL_MODES:
+        raise ValueError(f"multi_label must be one of {', '.join(map(repr, MULTI_LABEL_MODES))} or None, "
+                         f"got {multi_label!r}")
+    return multi_label
+
+
+def label_prompts(task: str, labels: Labels, multi_label: str | None = None) -> list[str]:
+    """The prompts of a detect / segment query: one per label ("per_label") or one for all ("joint")."""
+    if task not in ("detect", "segment"):
+        raise ValueError(f"label prompts are for 'detect' or 'segment', got {task!r}")
+    labels = normalize_labels(labels)
+    if check_multi_label(multi_label) == "joint":
+        return [f"{task} " + " ; ".join(labels)]
+    return [f"{task} {label}" for label in labels]
 
 
 # --------------------------------------------------------------------------- parsers
@@ -206,22 +236,24 @@ def ocr(model: "PaliGemma", image, **gen) -> "GenerationResult":
     return _generate(model, image, ocr_prompt(), "ocr", gen)
 
 
-def detect(model: "PaliGemma", image, labels: Labels, **gen) -> list[Detection]:
+def detect(model: "PaliGemma", image, labels: Labels, multi_label: str | None = None, **gen) -> list[Detection]:
     """Detect objects of the given labels; boxes in pixels of the image (after EXIF orientation).
-    max_new_tokens defaults to 128 (about 16 instances)."""
-    prompt = detect_prompt(labels)
+    multi_label: "per_label" (default) or "joint", see the module docstring. max_new_tokens
+    defaults to 128 per prompt (about 16 instances)."""
+    prompts = label_prompts("detect", labels, multi_label)
     width, height = load_image(image).size
-    result = _generate(model, image, prompt, "detect", gen)
-    return parse_detections(result.text, width, height)
+    results = generate_prompts(model, image, prompts, "detect", gen)
+    return [d for r in results for d in parse_detections(r.text, width, height)]
 
 
-def segment(model: "PaliGemma", image, labels: Labels, **gen) -> list[Segment]:
+def segment(model: "PaliGemma", image, labels: Labels, multi_label: str | None = None, **gen) -> list[Segment]:
     """Segment objects of the given labels: boxes plus bool masks of the image size.
 
-    Masks need the VQ-VAE mask decoder (model.seg_decoder); without one the segments carry
-    boxes only (mask None) and a warning says how to add it. max_new_tokens defaults to 256.
+    multi_label: "per_label" (default) or "joint", see the module docstring. Masks need the
+    VQ-VAE mask decoder (model.seg_decoder); without one the segments carry boxes only (mask
+    None) and a warning says how to add it. max_new_tokens defaults to 256 per prompt.
     """
-    prompt = segment_prompt(labels)
+    prompts = label_prompts("segment", labels, multi_label)
     width, height = load_image(image).size
     decoder = model.seg_decoder
     if decoder is None:
@@ -230,19 +262,51 @@ def segment(model: "PaliGemma", image, labels: Labels, **gen) -> list[Segment]:
                       "(gs://big_vision/paligemma/vae-oid.npz) and attach it with "
                       "model.load_seg_decoder(PATH), or export the model with "
                       "`python -m export CHECKPOINT --out DIR --seg-decoder PATH`", stacklevel=3)
-    result = _generate(model, image, prompt, "segment", gen)
-    return parse_segments(result.text, width, height, decoder)
+    results = generate_prompts(model, image, prompts, "segment", gen)
+    return [s for r in results for s in parse_segments(r.text, width, height, decoder)]
 
 
-def _generate(model: "PaliGemma", image, prompt: str, task: str, gen: dict) -> "GenerationResult":
+def generate_prompts(model: "PaliGemma", image, prompts: Sequence[str], task: str,
+                     gen: dict) -> list["GenerationResult"]:
+    """Run the prompts of one task on one image; results in prompt order, each equal to running
+    its prompt alone (same options and seed). Several prompts are submitted together as separate
+    requests, so the scheduler batches them and encodes the image once (its feature cache)."""
+    if len(prompts) == 1:
+        return [_generate(model, image, prompts[0], task, dict(gen))]
+    _check_task_call(image, prompts[0], task, gen)
+    if gen.get("stream") is not None:
+        raise ValueError(f"stream works with one prompt, and this {task} call runs {len(prompts)} (one per "
+                         "label, multi_label='per_label'); call it once per label to stream each")
+    handles = []
+    try:
+        for prompt in prompts:
+            g = dict(gen)
+            if g.get("max_new_tokens") is None:
+                g["max_new_tokens"] = _default_max_new_tokens(model, prompt, task)
+            handles.append(model.submit(image, prompt, **g))
+        return [_clean_result(h.result(), prompt) for h, prompt in zip(handles, prompts)]
+    except BaseException:
+        for h in handles:
+            h.cancel()
+        raise
+
+
+def _check_task_call(image, prompt: str, task: str, gen: dict) -> None:
     if isinstance(image, (list, tuple)):
         raise ValueError(f"{task} takes one image; for several, call it once per image "
                          "(or use model.generate with a list of prompts)")
     if "prompt" in gen:
         raise ValueError(f"{task} builds its own prompt ({prompt!r}); use model.generate for a custom prompt")
+
+
+def _generate(model: "PaliGemma", image, prompt: str, task: str, gen: dict) -> "GenerationResult":
+    _check_task_call(image, prompt, task, gen)
     if gen.get("max_new_tokens") is None:
         gen["max_new_tokens"] = _default_max_new_tokens(model, prompt, task)
-    result = model.generate(image, prompt, **gen)
+    return _clean_result(model.generate(image, prompt, **gen), prompt)
+
+
+def _clean_result(result: "GenerationResult", prompt: str) -> "GenerationResult":
     text = result.text
     echo = prompt + "\n"
     if text.startswith(echo):           # some decoders repeat the prompt; ours returns new tokens only

@@ -267,12 +267,17 @@ def test_default_max_new_tokens(tiny, monkeypatch):
 
 
 def test_detect_is_consistent_with_the_parser(tiny):
-    """Random weights emit loc tokens among noise; detect() must equal parsing generate()'s text."""
+    """Random weights emit loc tokens among noise; detect() must equal parsing generate()'s text:
+    one prompt per label by default, one prompt for all with multi_label="joint"."""
     _, model = tiny
     found = 0
     for seed in range(3):
         image = np.random.default_rng(seed).integers(0, 256, (30, 40, 3), dtype=np.uint8)
         dets = model.detect(image, ["cat", "dog"], max_new_tokens=40)
+        per_label = [d for label in ("cat", "dog")
+                     for d in parse_detections(model.generate(image, f"detect {label}", max_new_tokens=40).text, 40, 30)]
+        assert dets == per_label
+        dets = model.detect(image, ["cat", "dog"], max_new_tokens=40, multi_label="joint")
         raw = model.generate(image, "detect cat ; dog", max_new_tokens=40)
         assert all(isinstance(d, Detection) for d in dets)
         assert dets == parse_detections(raw.text, 40, 30)
@@ -304,7 +309,7 @@ def test_detect_uses_the_upright_image_size(tiny, monkeypatch):
         return GenerationResult("<loc0512><loc0256><loc1023><loc0768> cat<eos>", [], "eos")
 
     monkeypatch.setattr(model, "generate", fake_generate)
-    dets = model.detect(_exif_rotated_jpeg(), "cat ; dog")
+    dets = model.detect(_exif_rotated_jpeg(), "cat ; dog", multi_label="joint")
     assert prompts == ["detect cat ; dog"]
     # x = v * 20 / 1024, y = v * 60 / 1024
     assert dets == [Detection("cat", (5.0, 30.0, 15.0, 59.94140625))]
@@ -368,9 +373,23 @@ def test_seg_decoder_from_the_artifact(tiny, seg_npz, tmp_path):
     fresh.close()
 
 
+def test_label_prompts():
+    from engine.tasks import label_prompts
+    assert label_prompts("detect", "a ; b c") == ["detect a", "detect b c"]
+    assert label_prompts("segment", ["a", "b"], "per_label") == ["segment a", "segment b"]
+    assert label_prompts("detect", ["a", " b "], "joint") == ["detect a ; b"]
+    assert label_prompts("segment", "a", "joint") == label_prompts("segment", "a") == ["segment a"]
+    with pytest.raises(ValueError, match="multi_label must be one of 'per_label', 'joint'"):
+        label_prompts("detect", "a", "both")
+
+
 def test_task_argument_errors(tiny):
     _, model = tiny
     image = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match="multi_label"):
+        model.detect(image, "cat", multi_label="per-label")
+    with pytest.raises(ValueError, match="stream works with one prompt"):
+        model.detect(image, "cat ; dog", stream=print)
     with pytest.raises(ValueError, match="empty label"):
         model.detect(image, [])
     with pytest.raises(ValueError, match="one image"):
