@@ -92,12 +92,13 @@ def reexport(req: ExportRequest, out: Path, error: ArtifactError, seen: tuple | 
              progress: bool = True) -> Path:
     """Export the cached artifact `out` again after `error` (it failed verification); `seen`:
     `manifest_identity(out)` before the failed load. When another process replaced the artifact
-    since (the manifest's identity changed), its fresh copy is kept."""
+    since (the manifest's identity changed), its fresh copy is kept. The export's progress is
+    shown on a terminal only: in a log the warning is the one line a heal writes."""
     with export_lock(out):
         if manifest_identity(out) == seen or not (out / MANIFEST).is_file():
             log.warning("engine: the cached export %s failed verification (%s); exporting it again",
                         out, _reason(error, out))
-            _export(req, out, progress)
+            _export(req, out, progress and sys.stderr.isatty())   # in a log: that one line only
     return out
 
 
