@@ -7,6 +7,7 @@
     python -m engine segment --image cat.jpg --labels cat [--seg-decoder vae-oid.npz] [--draw masks.png]
     python -m engine run     --image cat.jpg --prompt "caption de"      (any prompt, sent as is)
     python -m engine demo [--image scene.png] [--out demo.png]          (default model: caption, detect, segment)
+    python -m engine serve [--port 8000] ...                            (HTTP server: engine/serve, `serve --help`)
 
 Common options: --model (an exported artifact dir, or an HF checkpoint dir exported once into
 the cache with --weights; default: the default model), --image PATH (`-` reads the image bytes
@@ -323,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:                      # the HTTP server parses its own options (engine/serve)
+        from .serve.cli import main as serve_main
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     if getattr(args, "draw", None) and not args.draw.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp")):
         print(f"error: --draw {args.draw}: give an image file name ending in .png, .jpg, .webp or .bmp",
