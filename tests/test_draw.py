@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.draw import PALETTE, draw_detections, draw_segments, label_colors
+from engine.draw import (NAMED_COLOURS, PALETTE, PALETTE_NAMES, draw_detections, draw_segments, font_size,
+                         halo_color, label_colors)
 from engine.tasks import Detection, Segment
 
 W, H = 640, 480
@@ -35,9 +36,11 @@ def test_detections_png(tmp_path):
     assert tuple(a[200, 100]) == PALETTE[0] and tuple(a[150, 200]) == PALETTE[0]
     assert tuple(a[269, 200]) == PALETTE[0] and tuple(a[200, 299]) == PALETTE[0]
     assert tuple(a[380, 400]) == PALETTE[1]
+    # a 1 px halo just outside the line (black around light colours, white around dark ones)
+    assert tuple(a[200, 99]) == halo_color(PALETTE[0]) == (255, 255, 255)
     # inside the boxes (away from the edges) and far outside: untouched
     assert not diff[170:250, 120:280].any() and not diff[320:440, 420:580].any()
-    assert not diff[:100].any() and not diff[:, 610:].any() and not diff[:, :100].any()
+    assert not diff[:100].any() and not diff[:, 610:].any() and not diff[:, :99].any()
     # the labels sit above their boxes, in a filled band of at most ~40 px
     assert diff[110:150, 100:160].any() and not diff[:105, 100:300].any()
 
@@ -58,6 +61,35 @@ def test_colours_per_label():
     assert label_colors(many)[str(len(PALETTE))] == PALETTE[0]       # cycles after the palette
 
 
+def test_a_label_that_names_a_colour_is_drawn_in_it():
+    """The defect: "blue square" was drawn orange (palette by index). Named colours are used as
+    such, and the others skip every palette colour that a label names."""
+    dets = [Detection("purple circle", (0, 0, 1, 1)), Detection("blue square", (0, 0, 1, 1)),
+            Detection("cat", (0, 0, 1, 1)), Detection("dog", (0, 0, 1, 1))]
+    colors = label_colors(dets)
+    assert colors["purple circle"] == NAMED_COLOURS["purple"] and colors["blue square"] == NAMED_COLOURS["blue"]
+    named = {"purple", "blue"}
+    allowed = [c for c, n in zip(PALETTE, PALETTE_NAMES) if n not in named]
+    assert [colors["cat"], colors["dog"]] == allowed[:2]               # orange, green: no blue, no purple
+    out = np.asarray(draw_detections(grey_image(), [Detection("blue square", (100.0, 100.0, 300.0, 300.0))]))
+    assert tuple(out[200, 100]) == NAMED_COLOURS["blue"]
+    assert tuple(out[200, 99]) == halo_color(NAMED_COLOURS["blue"])     # the halo keeps it visible on blue
+    assert tuple(out[200, 100 + 2]) == halo_color(NAMED_COLOURS["blue"])   # inside halo (line width 2)
+
+
+def test_font_grows_with_the_image():
+    assert font_size((640, 480)) == 20 and font_size((224, 224)) == 12 and font_size((1920, 1080)) == 45
+
+    def band_height(w, h):
+        img = np.full((h, w, 3), GREY, np.uint8)
+        diff = changed(draw_detections(img, [Detection("Hg", (10.0, h / 2, w / 2, h - 10))]))
+        rows = np.flatnonzero(diff[: int(h / 2) - 2, 12:14].any(axis=1))    # the filled band above the box
+        return rows.max() - rows.min() + 1
+
+    small, large = band_height(640, 480), band_height(1920, 1440)
+    assert small >= 20 and large >= 2.5 * small                          # ~10 px before on 640 x 480
+
+
 def test_segments_png(tmp_path):
     mask = np.zeros((H, W), bool)
     yy, xx = np.mgrid[:H, :W]
@@ -69,16 +101,17 @@ def test_segments_png(tmp_path):
     a = np.asarray(png.convert("RGB")).astype(int)
     diff = changed(png)
     assert diff[mask].all()                                              # every mask pixel tinted
+    assert tuple(a[180, 320]) == halo_color(PALETTE[0])                  # the mask's edge: halo colour
     # tint = 55% grey + 45% colour
     expect = np.round(0.55 * GREY + 0.45 * np.array(PALETTE[0])).astype(int)
     assert np.abs(a[240, 320] - expect).max() <= 1
     outside = ~mask
-    outside[170:310, 250:390] = False                                    # box outline
-    outside[130:175, 250:330] = False                                    # label above the box
-    outside[300:400, 20:120] = False                                     # second box
-    outside[260:305, 20:120] = False                                     # its label
+    outside[169:311, 249:391] = False                                    # box outline and its halo
+    outside[120:175, 249:330] = False                                    # label above the box
+    outside[299:401, 19:121] = False                                     # second box
+    outside[250:305, 19:140] = False                                     # its label
     assert not diff[outside].any()
-    assert not diff[320:380, 40:100].any()                               # no mask: box interior untouched
+    assert not diff[322:378, 40:100].any()                               # no mask: box interior untouched
     assert out.size == (W, H)
 
 
