@@ -116,7 +116,8 @@ def evaluate(model, n_scenes: int, seed: int = 0, size: int | None = None, progr
     size = size or scenes.SIZE
     scores = Scores()
     seeds = scenes.eval_seeds(n_scenes, seed)
-    for s in tqdm(seeds, desc="eval scenes", disable=not progress, file=sys.stderr, dynamic_ncols=True):
+    show = progress and sys.stderr.isatty()          # a bar on a terminal, never \r lines in a log
+    for s in tqdm(seeds, desc="eval scenes", disable=not show, file=sys.stderr, dynamic_ncols=True):
         evaluate_scene(model, scenes.make_scene(s, size), np.random.default_rng(s), scores)
     return scores.summary()
 

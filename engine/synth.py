@@ -406,7 +406,7 @@ def write_synthetic_checkpoint(preset_or_config: str | PaliGemmaConfig, out_dir:
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     bar = None
-    if progress and total >= PROGRESS_MIN_BYTES:
+    if progress and total >= PROGRESS_MIN_BYTES and sys.stderr.isatty():     # no \r lines in logs
         from tqdm import tqdm
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"writing {out.name}",
                    file=sys.stderr, dynamic_ncols=True)
