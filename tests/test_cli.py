@@ -7,6 +7,7 @@ answer, to check the JSON of detections and segments (boxes, RLE masks) and the 
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -68,7 +69,7 @@ SUBCOMMANDS = {
     "caption": (["--lang", "de"], "caption de"),
     "answer": (["--question", "what  is\nthis?"], "answer en what is this?"),
     "ocr": ([], "ocr"),
-    "detect": (["--labels", "cat ; dog"], "detect cat ; dog"),
+    "detect": (["--labels", "cat ; dog"], "detect cat\ndetect dog"),         # one prompt per label
     "segment": (["--labels", "cat"], "segment cat"),
 }
 
@@ -81,11 +82,15 @@ def test_subcommand_json(work, model, command, backend):
                "--max-new-tokens", "8", *args)
     assert proc.returncode == 0, proc.stderr.decode()
     out = json.loads(text_of(proc))                           # exactly one JSON object on stdout
-    expected = model.generate(str(work["image"]), prompt, max_new_tokens=8)
+    each = [model.generate(str(work["image"]), p, max_new_tokens=8) for p in prompt.split("\n")]
     assert out["task"] == command and out["prompt"] == prompt
-    assert out["tokens"] == expected.tokens
-    assert out["text"] == (expected.text if command == "run" else expected.text.strip())
-    assert out["finish_reason"] == expected.finish_reason
+    assert out["tokens"] == [t for e in each for t in e.tokens]
+    assert out["text"] == (each[0].text if command == "run" else " ; ".join(e.text.strip() for e in each))
+    assert out["finish_reason"] == next((e.finish_reason for e in each if e.finish_reason != "eos"), "eos")
+    if command in ("detect", "segment"):
+        assert [(r["prompt"], r["tokens"]) for r in out["requests"]] == \
+            [(p, e.tokens) for p, e in zip(prompt.split("\n"), each)]
+        assert out["multi_label"] == "per_label"
     assert out["image"] == {"width": IMAGE_SIZE[0], "height": IMAGE_SIZE[1]}
     assert {"image_encode", "prefill", "first_token", "decode", "total"} <= set(out["timings"])
     if command == "detect":
@@ -143,8 +148,9 @@ def test_default_model_when_model_is_omitted(work):
     proc = cli(work, "caption", "--image", str(work["image"]), "--max-new-tokens", "4", "--json", model=False)
     assert proc.returncode == 0, proc.stderr.decode()
     assert 1 <= len(json.loads(text_of(proc))["tokens"]) <= 4
-    exported = list((work["cache"] / "artifacts").iterdir())           # the bundled model, exported once
-    assert [p.name.startswith("default_model-onnx-int8") for p in exported] == [True]
+    exported = [p for p in (work["cache"] / "artifacts").iterdir() if not p.name.startswith(".")]   # no locks
+    assert [p.name.startswith("default_model-onnx-int8") for p in exported] == [True]   # exported once
+    assert "\r" not in proc.stderr.decode()              # stderr is a pipe: no progress bars in the log
 
 
 # --------------------------------------------------------------------------- user errors
@@ -159,11 +165,28 @@ def test_default_model_when_model_is_omitted(work):
     (["caption", "--image", "IMAGE", "--model", "/nonexistent/model"], None, "/nonexistent/model does not exist"),
     (["segment", "--image", "IMAGE", "--labels", "cat", "--seg-decoder", "/nonexistent/vae.npz"], None,
      "no such mask decoder file"),
-    (["caption", "--image", "IMAGE", "--max-new-tokens", "9999"], None, "exceeds the model's context"),
+    (["caption", "--image", "IMAGE", "--max-new-tokens", "9999"], None, "--max-new-tokens 9999 does not fit"),
     (["detect", "--image", "IMAGE", "--labels", "cat", "--draw", "out.txt"], None, "ending in .png"),
+    # found by a new user (issue 16): each said something the user could not act on
+    (["detect", "--image", "IMAGE", "--labels", "cat", "--draw", "/nonexistent/dir/out.png"], None,
+     "the directory /nonexistent/dir does not exist"),
+    (["caption", "--image", "DIR"], None, "is a directory, not an image file"),
+    (["segment", "--image", "IMAGE", "--labels", "cat", "--seg-decoder", "TEXTFILE"], None, "not a readable npz"),
+    (["caption", "--image", "IMAGE", "--weights", "int3"], None, "argument --weights: invalid choice: 'int3'"),
+    (["caption", "--image", "IMAGE", "--sample", "--temperature", "0"], None,
+     "--temperature must be a finite number > 0 with --sample"),
+    (["caption", "--image", "IMAGE", "--sample", "--num-beams", "2"], None, "drop --sample for beam search"),
+    (["caption", "--image", "IMAGE", "--top-p", "0"], None, "--top-p must be in (0, 1]"),
+    (["answer", "--image", "IMAGE", "--question", "why " * 400], None, "--question is too long"),
+    (["caption", "--image", "BOMB"], None, "--max-image-pixels 144000000"),
 ])
-def test_user_errors_exit_2_with_one_line(work, args, stdin, message):
-    args = [str(work["image"]) if a == "IMAGE" else a for a in args]
+def test_user_errors_exit_2_with_one_line(work, args, stdin, message, tmp_path):
+    from test_processor import png_header_of_size
+    (tmp_path / "notes.txt").write_text("not a mask decoder\n")
+    (tmp_path / "bomb.png").write_bytes(png_header_of_size(12000, 12000))
+    paths = {"IMAGE": str(work["image"]), "DIR": str(tmp_path), "TEXTFILE": str(tmp_path / "notes.txt"),
+             "BOMB": str(tmp_path / "bomb.png")}
+    args = [paths.get(a, a) for a in args]
     has_model = "--model" in args
     proc = cli(work, *args, stdin=stdin, model=not has_model)
     err = proc.stderr.decode().strip()
@@ -171,6 +194,56 @@ def test_user_errors_exit_2_with_one_line(work, args, stdin, message):
     assert err.startswith("error: ") and message in err, err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert proc.stdout == b""
+    # no API words reach a CLI user, and nothing was exported before a bad option was found
+    for api_word in ("do_sample", "max_new_tokens", "prompt 0", "pickle", "Warning", "exporting"):
+        assert api_word not in err, err
+
+
+def test_every_option_has_help():
+    from engine.__main__ import build_parser
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {'/'.join(action.option_strings)}" for name, sub in subparsers.choices.items()
+               for action in sub._actions if action.option_strings and not action.help]
+    assert missing == []
+
+
+def test_version():
+    proc = subprocess.run([sys.executable, "-m", "engine", "--version"], capture_output=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.decode().strip() == f"paligemma-edge {engine.__version__}"
+
+
+def test_weight_formats_agree_with_the_exporter():
+    from export.quantize import WEIGHT_FORMATS
+    from engine.__main__ import WEIGHT_FORMATS as CLI_FORMATS
+    assert CLI_FORMATS == WEIGHT_FORMATS
+
+
+def test_threads_above_the_cores_warn_and_are_capped(work, model):
+    from engine.__main__ import available_cores
+    cores = available_cores()
+    proc = cli(work, "caption", "--image", str(work["image"]), "--max-new-tokens", "4", "--json",
+               "--threads", str(cores + 3))
+    assert proc.returncode == 0, proc.stderr.decode()
+    err = proc.stderr.decode()
+    assert f"--threads {cores + 3} is more than the {cores} CPU cores" in err and f"using {cores}" in err
+    assert json.loads(text_of(proc))["tokens"] == model.generate(str(work["image"]), "caption en",
+                                                                 max_new_tokens=4).tokens
+    proc = cli(work, "caption", "--image", str(work["image"]), "--max-new-tokens", "2", "--threads", str(cores))
+    assert proc.returncode == 0 and "warning" not in proc.stderr.decode()
+
+
+def test_empty_prompt_as_in_the_api(work, model):
+    """model.generate(image, "") is accepted, so `run --prompt ''` is too, with the same tokens."""
+    proc = cli(work, "run", "--image", str(work["image"]), "--prompt", "", "--max-new-tokens", "5", "--json")
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = json.loads(text_of(proc))
+    assert out["prompt"] == "" and out["tokens"] == model.generate(str(work["image"]), "", max_new_tokens=5).tokens
+
+
+def test_sampling_flags_without_sample_are_noted(work):
+    proc = cli(work, "caption", "--image", str(work["image"]), "--max-new-tokens", "2", "--top-k", "5")
+    assert proc.returncode == 0 and "note: --top-k: only used with --sample" in proc.stderr.decode()
 
 
 # --------------------------------------------------------------------------- detections, masks (in process)
@@ -231,7 +304,8 @@ def test_json_instances_and_drawing(work, command, tmp_path, monkeypatch, capsys
     drawn = tmp_path / "drawn.png"
     extra = ["--seg-decoder", str(npz)] if command == "segment" else []
     rc = cli_main.main([command, "--model", str(work["artifact"]), "--backend", "onnxruntime", "--image",
-                        str(work["image"]), "--labels", "cat ; dog", "--json", "--draw", str(drawn), *extra])
+                        str(work["image"]), "--labels", "cat ; dog", "--multi-label", "joint", "--json", "--draw",
+                        str(drawn), *extra])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     w, h = IMAGE_SIZE
@@ -260,5 +334,20 @@ def test_demo_with_another_model_and_image(work):
     assert proc.returncode == 0, proc.stderr.decode()
     text = text_of(proc)
     assert "caption  :" in text and "['cat', 'dog']" in text
+    assert "caption: timings: image " in proc.stderr.decode()
     with Image.open(out) as im:
         assert im.size == IMAGE_SIZE
+
+
+def test_demo_json(work, model):
+    out = work["root"] / "demo-json.png"
+    proc = cli(work, "demo", "--image", str(work["image"]), "--labels", "cat ; dog", "--out", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr.decode()
+    got = json.loads(text_of(proc))
+    assert got["labels"] == ["cat", "dog"] and got["prompts"] == ["detect cat", "detect dog"]
+    assert got["caption"]["tokens"] == model.caption(str(work["image"])).tokens
+    expected = model.detect(str(work["image"]), ["cat", "dog"])
+    assert [d["label"] for d in got["detections"]] == [d.label for d in expected]
+    assert got["overlay"] == str(out) and {"caption", "detections"} <= set(got["timings"])
+    err = proc.stderr.decode()
+    assert "caption: timings: image " in err and "detections (2 prompts, batched): timings: " in err
