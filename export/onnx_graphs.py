@@ -43,6 +43,15 @@ in fp32; onnxruntime fuses it into SimplifiedLayerNormalization), layer_norm is
 LayerNormalization (opset 17+), gelu_tanh is Gelu(approximate="tanh") (opset 20+; max abs
 error 7e-7 against the float64 formula). Opset 21 (DequantizeLinear with float8 inputs).
 
+Versions written (pinned, whatever onnx package exports): ONNX IR version IR_VERSION (10) and
+opset OPSET (21), the pair onnx 1.16 defined, which the oldest supported onnxruntime loads.
+`helper.make_model` would stamp the installed onnx's own IR version (onnx 1.23: IR 14), which
+an older onnxruntime refuses ("Unsupported model IR version: 14, max supported IR version:
+13" on 1.30; 1.22 reads IR <= 10). Measured floors (tests/compat/run_floor_versions.sh): the
+com.microsoft ops used exist in onnxruntime 1.22 as used here (MatMulIntegerToFloat;
+MatMulNBits bits 4 and 8 with accuracy_level 4; bits=8 is refused by 1.20 and 1.21), and onnx
+1.15 builds these graphs.
+
 Measured on a synthetic PaliGemma 3B (paligemma-3b-224, bf16 checkpoint 5.85 GB; 2 shared cores,
 OrtRunner with 2 threads; timings are noisy on that machine):
     artifact     files     OrtRunner RSS   decode step (all graphs, T=1)
@@ -70,6 +79,7 @@ from . import graph_def
 from .quantize import check_format, check_group_size, matrix_format, pack_uint4, quantize, ROW_CHUNK_ELEMENTS
 
 OPSET = 21
+IR_VERSION = 10               # ONNX IR of opset 21 (onnx 1.16); onnxruntime 1.22 reads IR <= 10
 MS_DOMAIN = "com.microsoft"
 INT8_BLOCK = 128               # MatMulNBits block size used for per-channel int8
 # The matrices of an int8 artifact: per-row int8 MatMulIntegerToFloat ("dq", ~2x faster prefill than
@@ -199,9 +209,11 @@ class OnnxBuilder:
                     if v in self._aliases:
                         values[j] = self._aliases[v]
         graph = helper.make_graph(self.nodes, self.name, self.graph_inputs, self.graph_outputs, self.initializers)
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
-                                                       helper.make_opsetid(MS_DOMAIN, 1)],
-                                 producer_name="paligemma-edge export")
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                        helper.make_opsetid(MS_DOMAIN, 1)],
+                                  producer_name="paligemma-edge export")
+        model.ir_version = IR_VERSION   # not the installed onnx's own (see the module docstring)
+        return model
 
     # ------------------------------------------------------------------ Builder ops
     def input(self, name, shape, dtype="float32"):

@@ -48,7 +48,11 @@ from pathlib import Path
 
 import numpy as np
 import openvino as ov
-import openvino.opset13 as ops
+
+try:
+    import openvino.opset13 as ops            # OpenVINO 2025.0+
+except ImportError:                           # 2024.x (the floor): only under openvino.runtime
+    import openvino.runtime.opset13 as ops
 
 from engine.config import PaliGemmaConfig
 

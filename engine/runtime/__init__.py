@@ -59,6 +59,14 @@ class RunnerBase:
         return ValueError(f"graph {graph} failed on inputs {shapes}: {e}")
 
 
+def exporter_info(manifest: Manifest, backend: str) -> dict:
+    """What the exporter recorded for `backend` ("onnx", "openvino") in manifest.weights
+    (opset, ir_version, onnx_version / openvino_version); {} when absent (older manifests)."""
+    backends = manifest.weights.get("backends")
+    info = backends.get(backend) if isinstance(backends, dict) else None
+    return info if isinstance(info, dict) else {}
+
+
 def open_runner(backend: str, artifact_dir: str | Path, manifest: Manifest, threads: int | None = None) -> GraphRunner:
     """The runner of `backend` for a loaded, validated artifact manifest (engine.artifact.load_manifest)."""
     if backend == "onnxruntime":

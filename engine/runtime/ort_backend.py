@@ -20,13 +20,14 @@ Weight formats in memory (see export/onnx_graphs.py): int8 and int4 stay compres
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from ..artifact import ArtifactError, Manifest
-from . import RunnerBase
+from ..artifact import REEXPORT, ArtifactError, Manifest
+from . import RunnerBase, exporter_info
 
 _ENV_ARENA_REGISTERED = False
 
@@ -39,6 +40,26 @@ def _register_env_arena(ort) -> None:
     mem_info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
     ort.create_and_register_allocator(mem_info, ort.OrtArenaCfg(0, -1, -1, -1))
     _ENV_ARENA_REGISTERED = True
+
+
+_IR_TOO_NEW = re.compile(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)")
+
+
+def load_error(path: Path, graph: str, e: Exception, ort_version: str, manifest: Manifest) -> ArtifactError:
+    """The error for a graph onnxruntime cannot load. A graph whose ONNX IR version is newer than
+    the installed onnxruntime reads (an artifact exported by another exporter version, or with
+    an IR the exporter did not pin) gets both versions and the two ways out."""
+    too_new = _IR_TOO_NEW.search(str(e))
+    if too_new:
+        onnx_info = exporter_info(manifest, "onnx")
+        writer = f", written with onnx {onnx_info['onnx_version']}" if onnx_info.get("onnx_version") else ""
+        return ArtifactError(
+            f"{path}: graph {graph} has ONNX IR version {too_new[1]}{writer}, but the installed onnxruntime "
+            f"{ort_version} reads IR versions up to {too_new[2]}. Upgrade onnxruntime "
+            f"(pip install -U onnxruntime), or {REEXPORT} with this version of paligemma-edge, whose "
+            f"exporter writes an IR version that every supported onnxruntime reads")
+    return ArtifactError(f"{path}: onnxruntime {ort_version} cannot load graph {graph} ({e}); the artifact may "
+                         f"be corrupted or from an incompatible exporter: {REEXPORT}")
 
 
 class OrtRunner(RunnerBase):
@@ -76,8 +97,7 @@ class OrtRunner(RunnerBase):
             try:
                 return name, ort.InferenceSession(str(path), self._options(), providers=["CPUExecutionProvider"])
             except Exception as e:  # onnxruntime raises its own exception types
-                raise ArtifactError(f"{path}: onnxruntime cannot load graph {name} ({e}); the artifact may "
-                                    "be corrupted or from an incompatible exporter: re-export it") from None
+                raise load_error(path, name, e, ort.__version__, manifest) from None
 
         from concurrent.futures import ThreadPoolExecutor
         from tqdm import tqdm

@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import ArtifactError, Manifest
-from . import RunnerBase
+from . import RunnerBase, exporter_info
 
 PRECISIONS = {"f32": "f32", "fp32": "f32", "bf16": "bf16"}
 _MADV_DONTNEED = 4
@@ -115,8 +115,12 @@ class OvRunner(RunnerBase):
             try:
                 compiled = self.core.compile_model(str(xml), "CPU", config)
             except Exception as e:  # OpenVINO raises RuntimeError with its own message
-                raise ArtifactError(f"{xml}: OpenVINO cannot load graph {name} ({e}); the artifact may be "
-                                    "corrupted or from an incompatible exporter: re-export it") from None
+                exported = exporter_info(manifest, "openvino").get("openvino_version")
+                versions = (f" (exported with OpenVINO {exported}, installed OpenVINO {ov.get_version()}: upgrade "
+                            "openvino, pip install -U openvino, or re-export with this one)"
+                            if exported and exported != ov.get_version() else "")
+                raise ArtifactError(f"{xml}: OpenVINO cannot load graph {name} ({e}){versions}; the artifact "
+                                    "may be corrupted or from an incompatible exporter: re-export it") from None
             self._compiled[name] = compiled
             self._requests[name] = compiled.create_infer_request()
             self._inputs[name] = [p.get_any_name() for p in compiled.inputs]
