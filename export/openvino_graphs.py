@@ -48,11 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import openvino as ov
-
-try:
-    import openvino.opset13 as ops            # OpenVINO 2025.0+
-except ImportError:                           # 2024.x (the floor): only under openvino.runtime
-    import openvino.runtime.opset13 as ops
+import openvino.opset13 as ops      # OpenVINO >= 2025.0 (2024.x has neither this path nor ov.Node)
 
 from engine.config import PaliGemmaConfig
 
