@@ -164,8 +164,8 @@ def load_manifest(directory: str | os.PathLike, *, verify_checksums: bool = True
     try:
         raw = path.read_bytes()
         data = json.loads(raw)
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"{path}: unreadable manifest ({e}); {REEXPORT}") from None
+    except (OSError, ValueError, RecursionError) as e:   # RecursionError: absurdly nested JSON
+        raise ArtifactError(f"{path}: unreadable manifest ({type(e).__name__}: {e}); {REEXPORT}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise ArtifactError(f"{path}: not a {FORMAT_NAME} manifest")
     version = data.get("format_version")
@@ -388,17 +388,38 @@ def write_atomic(target: Path, text: str) -> None:
 
 
 def check_onnx_external_data(directory: Path, onnx_path: Path) -> None:
-    """Reject ONNX external-data locations that point outside the artifact directory."""
+    """Check an ONNX graph's external data: the graph parses, every location lies inside the
+    artifact directory, and every tensor's bytes (offset + length) lie inside its data file."""
     import onnx
     from onnx.external_data_helper import _get_all_tensors
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError, onnx's own errors, ...
+        raise ArtifactError(f"{onnx_path}: not a readable ONNX graph ({type(e).__name__}: {e}); the artifact "
+                            f"is corrupted, {REEXPORT}") from None
+    sizes: dict[Path, int] = {}
     for tensor in _get_all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        location = {e.key: e.value for e in tensor.external_data}.get("location", "")
-        _inside(directory, os.path.join(os.path.dirname(os.path.relpath(onnx_path, directory)), location),
-                onnx_path, what=f"external data of tensor {tensor.name!r}")
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        data = _inside(directory, os.path.join(os.path.dirname(os.path.relpath(onnx_path, directory)), location),
+                       onnx_path, what=f"external data of tensor {tensor.name!r}")
+        if data not in sizes:
+            try:
+                sizes[data] = data.stat().st_size
+            except OSError:
+                raise ArtifactError(f"{data}: external data file of {onnx_path} is missing; {REEXPORT}") from None
+        try:
+            offset, length = int(info.get("offset", 0)), int(info.get("length", 0))
+        except ValueError:
+            raise ArtifactError(f"{onnx_path}: tensor {tensor.name!r} has a malformed external data offset or "
+                                f"length; {REEXPORT}") from None
+        if offset < 0 or length < 0 or offset + length > sizes[data]:
+            raise ArtifactError(f"{data}: tensor {tensor.name!r} of {onnx_path.name} needs bytes "
+                                f"[{offset}, {offset + length}) but the file holds {sizes[data]}; the artifact "
+                                f"is truncated or corrupted, {REEXPORT}")
 
 
 def _inside(directory: Path, rel: str, source, what: str = "file") -> Path:

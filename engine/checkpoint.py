@@ -142,8 +142,9 @@ def _load_json(path: str, what: str):
     try:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh, object_pairs_hook=no_dups)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read the {what} ({e})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:   # Recursion: absurd nesting
+        raise CheckpointError(f"{path}: cannot read the {what} ({type(e).__name__}: {e}); restore "
+                              f"{os.path.basename(path)} from the checkpoint's repository") from None
 
 
 def _open_weight_files(path: str) -> list[SafetensorsFile]:
@@ -256,7 +257,8 @@ def _check_against_config(path: str, files: list[SafetensorsFile],
         got = f.info(key).shape
         if got != shape:
             raise CheckpointError(f"{f.path}: tensor {key!r} has shape {got}, but config.json implies "
-                                  f"{shape} for {name!r}; config.json does not match the weights")
+                                  f"{shape} for {name!r}; config.json does not match the weights: use the "
+                                  "config.json that came with them")
     linear = {}
     for name in expected:
         if _is_linear(name):

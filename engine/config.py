@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
+RESTORE_CONFIG = "restore config.json from the checkpoint's repository (it is corrupt or was edited)"
+
 
 # Defaults of transformers' SiglipVisionConfig, GemmaConfig and Gemma2Config.
 _SIGLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -119,7 +121,7 @@ class PaliGemmaConfig:
     @classmethod
     def from_hf(cls, d: dict) -> "PaliGemmaConfig":
         if not isinstance(d, dict):
-            raise ConfigError("config.json must hold a JSON object")
+            raise ConfigError(f"config.json must hold a JSON object, not a {type(d).__name__}; {RESTORE_CONFIG}")
         if d.get("model_type", "paligemma") != "paligemma":
             raise ConfigError(f"config.json has model_type={d.get('model_type')!r}; "
                               "this engine runs PaliGemma checkpoints (model_type 'paligemma')")
@@ -193,17 +195,29 @@ class PaliGemmaConfig:
                 d = json.load(f)
         except FileNotFoundError:
             raise ConfigError(f"{path}: no config.json; point to an HF PaliGemma checkpoint directory") from None
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{path}: cannot read config.json ({e})") from None
+        except (OSError, ValueError, RecursionError) as e:   # RecursionError: absurdly nested JSON
+            raise ConfigError(f"{path}: cannot read config.json ({type(e).__name__}: {e}); {RESTORE_CONFIG}") from None
         try:
             return cls.from_hf(d)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
-        except (KeyError, TypeError, ValueError) as e:
-            raise ConfigError(f"{path}: malformed config.json ({type(e).__name__}: {e})") from None
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as e:
+            raise ConfigError(f"{path}: malformed config.json ({type(e).__name__}: {e}); {RESTORE_CONFIG}") from None
 
     def validate(self) -> None:
         v, t = self.vision, self.text
+        for what, value in (("vision hidden_size", v.hidden_size), ("vision intermediate_size", v.intermediate_size),
+                            ("vision num_hidden_layers", v.num_hidden_layers),
+                            ("vision num_attention_heads", v.num_attention_heads), ("image_size", v.image_size),
+                            ("patch_size", v.patch_size), ("text vocab_size", t.vocab_size),
+                            ("text hidden_size", t.hidden_size), ("text intermediate_size", t.intermediate_size),
+                            ("text num_hidden_layers", t.num_hidden_layers),
+                            ("text num_attention_heads", t.num_attention_heads),
+                            ("text num_key_value_heads", t.num_key_value_heads), ("head_dim", t.head_dim),
+                            ("max_position_embeddings", t.max_position_embeddings)):
+            if value < 1:
+                raise ConfigError(f"{what} is {value}; it must be a positive integer: fix config.json "
+                                  "or restore it from the checkpoint's repository")
         if v.hidden_size % v.num_attention_heads:
             raise ConfigError(f"vision hidden_size {v.hidden_size} is not a multiple of {v.num_attention_heads} heads")
         if v.image_size % v.patch_size:

@@ -74,12 +74,7 @@ class SegDecoder:
             raise SegDecoderError(f"{path}: not a readable npz file (an npz is a zip archive of arrays, this "
                                   "file is not one); pass the mask decoder vae-oid.npz "
                                   "(gs://big_vision/paligemma/vae-oid.npz)")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files if not k.startswith("encoder.")}
-        except (OSError, ValueError) as e:
-            raise SegDecoderError(f"{path}: not a readable npz file ({e}); pass vae-oid.npz") from None
-        return cls(arrays, source=path)
+        return cls(_read_npz(path), source=path)
 
     # ---------------------------------------------------------------- decoding
     def decode(self, seg_indices) -> np.ndarray:
@@ -171,6 +166,58 @@ def _conv_transpose_s2(x: np.ndarray, w: np.ndarray, bias: np.ndarray) -> np.nda
 
 
 # --------------------------------------------------------------------------- loading / checks
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """The decoder's arrays (all but `encoder.*`) of the npz archive at `path`.
+
+    Every array's .npy header is checked against the bytes its archive member holds before the
+    array is read, so a corrupt header cannot make numpy allocate terabytes. A corrupt archive
+    makes zipfile / zlib / numpy raise many exception types (BadZipFile, zlib.error, EOFError,
+    struct.error, NotImplementedError, ...): all become SegDecoderError naming the file."""
+    def fail(why: str) -> SegDecoderError:
+        return SegDecoderError(f"{path}: {why}; pass big_vision's mask decoder vae-oid.npz "
+                               "(gs://big_vision/paligemma/vae-oid.npz)")
+
+    try:
+        z = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        if "pickle" in str(e):
+            raise fail("not an npz archive (numpy reads it as pickled data)") from None
+        raise fail(f"not a readable npz archive ({e})") from None
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        raise fail(f"not a readable npz archive ({type(e).__name__}: {e})") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise fail("holds a single .npy array, not an npz archive of the decoder's arrays")
+    with z:
+        try:
+            names = [k for k in z.files if not k.startswith("encoder.")]
+            for name in names:
+                _check_npy_member(z.zip, name, fail)
+            return {name: z[name] for name in names}
+        except SegDecoderError:
+            raise
+        except MemoryError:
+            raise fail("an array is too large to load") from None
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            raise fail(f"the archive is corrupt ({type(e).__name__}: {e})") from None
+
+
+def _check_npy_member(zf, name: str, fail) -> None:
+    """The .npy header of archive member `name` describes at most the bytes the member holds."""
+    from numpy.lib import format as npy
+    member = name if name in zf.namelist() else f"{name}.npy"
+    info = zf.getinfo(member)
+    with zf.open(member) as f:
+        version = npy.read_magic(f)
+        read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+    if dtype.hasobject:
+        raise fail(f"array {name!r} holds Python objects, not numbers")
+    need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if need > info.file_size:
+        raise fail(f"array {name!r} claims shape {shape} of {dtype} ({need} bytes) but its archive "
+                   f"member holds {info.file_size} bytes; the file is truncated or corrupt")
+
+
 class _Getter:
     """Fetches arrays by name as float32 and checks their shapes, with errors naming the file."""
 

@@ -32,6 +32,7 @@ import numpy as np
 from . import _native
 from .artifact import Manifest, load_manifest
 from .config import PaliGemmaConfig
+from .embedding import load_embedding
 from .processor import Processor
 from .runtime import open_runner
 from .serving.image_cache import FeatureCache, image_key
@@ -81,8 +82,7 @@ class PaliGemma:
         self.identity = hashlib.sha256(manifest_bytes + f"|{backend}|{getattr(self.runner, 'config', '')}".encode()
                                        ).hexdigest()
         emb = self.manifest.embedding
-        self._embed_table = np.load(self.artifact_dir / emb.table, mmap_mode="r")        # [V, D]
-        self._embed_scales = np.load(self.artifact_dir / emb.scales) if emb.scales else None  # [V]
+        self._embed_table, self._embed_scales = load_embedding(self.artifact_dir, emb, self.config)  # [V, D], [V]
         self._embed_scale = np.float32(emb.scale)
         tokenizer = Tokenizer(self.artifact_dir / self.manifest.tokenizer, self.config.image_token_index)
         v = self.config.vision

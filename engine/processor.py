@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from .config import PaliGemmaConfig
 from .errors import ConfigError, ImageError, TokenizerError
@@ -75,7 +75,9 @@ def _open(src, name: str, max_pixels: int | None = None) -> Image.Image:
         raise ImageError(f"{name}: refused to decode a possible decompression bomb ({e}); Pillow refuses "
                          "any image over twice PIL.Image.MAX_IMAGE_PIXELS, so downscale it first (e.g. with "
                          "an image editor or `convert -resize`)") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+    except MemoryError:
+        raise ImageError(f"{name}: the image is too large to decode in memory; downscale it first") from None
+    except Exception as e:   # a corrupt file makes PIL raise anything (TypeError, struct.error, ...)
         raise ImageError(f"{name}: cannot decode the image ({type(e).__name__}: {e}); "
                          "pass a valid image file such as PNG, JPEG, WebP, GIF, BMP or TIFF") from None
 
@@ -93,7 +95,7 @@ def _check_pixels(size: tuple[int, int], limit: int | None, name: str) -> None:
 def _exif_transpose(im: Image.Image) -> Image.Image:
     try:
         return ImageOps.exif_transpose(im)
-    except (SyntaxError, ValueError, TypeError, KeyError, OSError):
+    except Exception:  # noqa: BLE001 - PIL raises anything on a corrupt EXIF block
         return im      # unreadable EXIF: use the pixels as stored rather than fail
 
 

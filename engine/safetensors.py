@@ -111,14 +111,14 @@ class SafetensorsFile:
                 size = os.fstat(f.fileno()).st_size
                 if size < 8:
                     raise self._error(f"file is {size} bytes, shorter than the 8-byte header size; "
-                                      "the file is truncated or not a safetensors file")
+                                      "the file is truncated or not a safetensors file; download it again")
                 (n,) = struct.unpack("<Q", f.read(8))
                 if n > MAX_HEADER_BYTES:
                     raise self._error(f"header size {n} is absurd (limit {MAX_HEADER_BYTES}); "
-                                      "this is not a safetensors file or it is corrupt")
+                                      "this is not a safetensors file or it is corrupt; download it again")
                 if 8 + n > size:
                     raise self._error(f"header size {n} runs past the end of the {size}-byte file; "
-                                      "the file is truncated")
+                                      "the file is truncated; download it again")
                 header = f.read(n)
                 self._data_start = 8 + n
                 self._data_size = size - 8 - n
@@ -139,20 +139,21 @@ class SafetensorsFile:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise self._error(f"header is not valid UTF-8 ({e}); the file is corrupt") from None
+            raise self._error(f"header is not valid UTF-8 ({e}); the file is corrupt; download it again") from None
         try:
             header = json.loads(text, object_pairs_hook=_no_duplicates)
         except _DuplicateKey as e:
-            raise self._error(f"header lists {e.args[0]!r} twice; the file is corrupt") from None
-        except ValueError as e:
-            raise self._error(f"header is not valid JSON ({e}); the file is corrupt or truncated") from None
+            raise self._error(f"header lists {e.args[0]!r} twice; the file is corrupt; download it again") from None
+        except (ValueError, RecursionError) as e:   # RecursionError: absurdly nested JSON
+            raise self._error(f"header is not valid JSON ({type(e).__name__}: {e}); the file is corrupt or "
+                              "truncated; download it again") from None
         if not isinstance(header, dict):
-            raise self._error(f"header is a JSON {type(header).__name__}, not an object; the file is corrupt")
+            raise self._error(f"header is a JSON {type(header).__name__}, not an object; the file is corrupt; download it again")
 
         metadata = header.pop(_METADATA_KEY, {})
         if not isinstance(metadata, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-            raise self._error("__metadata__ must map strings to strings; the file is corrupt")
+            raise self._error("__metadata__ must map strings to strings; the file is corrupt; download it again")
 
         infos = {name: self._parse_entry(name, entry) for name, entry in header.items()}
         # Data order: lets callers stream the file front to back. Ties keep header order.
@@ -163,16 +164,16 @@ class SafetensorsFile:
                 continue
             if prev is not None and info.begin < prev.end:
                 raise self._error(f"data bytes [{info.begin}, {info.end}) overlap tensor {prev.name!r} "
-                                  f"[{prev.begin}, {prev.end}); the file is corrupt", info.name)
+                                  f"[{prev.begin}, {prev.end}); the file is corrupt; download it again", info.name)
             prev = info
         return metadata, {i.name: i for i in ordered}
 
     def _parse_entry(self, name: str, entry) -> TensorInfo:
         if not isinstance(entry, dict):
-            raise self._error("header entry is not a JSON object; the file is corrupt", name)
+            raise self._error("header entry is not a JSON object; the file is corrupt; download it again", name)
         for field in ("dtype", "shape", "data_offsets"):
             if field not in entry:
-                raise self._error(f"header entry lacks {field!r}; the file is corrupt", name)
+                raise self._error(f"header entry lacks {field!r}; the file is corrupt; download it again", name)
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if not isinstance(dtype, str) or dtype not in DTYPES:
             raise self._error(f"unknown dtype {dtype!r} (this reader knows {sorted(DTYPES)})", name)
@@ -184,11 +185,11 @@ class SafetensorsFile:
         begin, end = offsets
         if end > self._data_size:
             raise self._error(f"data ends at byte {end} but the data area holds only {self._data_size} "
-                              "bytes; the file is truncated", name)
+                              "bytes; the file is truncated; download it again", name)
         expected = math.prod(shape) * DTYPES[dtype].itemsize
         if end - begin != expected:
             raise self._error(f"holds {end - begin} bytes but shape {shape} of {dtype} needs {expected}; "
-                              "the file is corrupt", name)
+                              "the file is corrupt; download it again", name)
         return TensorInfo(name, dtype, tuple(shape), begin, end)
 
     # ---------------------------------------------------------------------- public API

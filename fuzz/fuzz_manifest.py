@@ -1,0 +1,38 @@
+"""Fuzz target: engine.artifact.load_manifest on a tiny ONNX artifact with manifest.json (or
+preprocessor_config.json) replaced.
+
+The first input byte: bit 0 picks the file (0 manifest.json, 1 preprocessor_config.json),
+bit 1 verify_checksums. Only EngineError may escape.
+"""
+import shutil
+
+import atheris
+
+with atheris.instrument_imports(include=["engine"]):
+    from engine import artifact
+    from engine.errors import EngineError
+
+from fuzz.harness import main, scratch, tiny_artifact, write
+
+ART = tiny_artifact()
+WORK = scratch("w-art")
+shutil.copytree(ART, WORK, ignore=shutil.ignore_patterns(".verified*"))
+FILES = ("manifest.json", "preprocessor_config.json")
+
+
+def test_one_input(data: bytes) -> None:
+    if not data:
+        return
+    name, verify = FILES[data[0] & 1], bool(data[0] & 2)
+    target = WORK / name
+    write(target, data[1:])
+    try:
+        artifact.load_manifest(WORK, verify_checksums=verify)
+    except EngineError:
+        pass
+    finally:
+        shutil.copyfile(ART / name, target)
+
+
+if __name__ == "__main__":
+    main(test_one_input)
