@@ -11,7 +11,6 @@ internals. Needs the `serve` extra (FastAPI + uvicorn + python-multipart).
     generation.py     requests -> model.submit -> text pieces / outcomes; stop strings; cancel
     schemas.py        request bodies (pydantic)
     images.py         data: / base64 / file:// (inside --media-dir) -> images; remote URLs refused
-    rle.py            COCO RLE of masks (encode / decode)
     metrics.py        Prometheus counters and histograms, per app
     sse.py            server-sent events that cancel the generation on disconnect
     static/           the kiosk page (index.html, kiosk.js, kiosk.css), no CDN

@@ -9,12 +9,17 @@ or multipart/form-data with the same fields and the image as a file part named `
      "overlay_png": base64 PNG drawn by engine.draw}                            (overlay: true)
 
 Boxes are in pixels of the original image (EXIF orientation applied); masks are uncompressed
-COCO RLE (engine/serve/rle.py). With "stream": true the answer is SSE: {"text": piece} events as
-the text comes, then {"result": <the JSON above>}, then [DONE]. Prompts, parsing and default
+COCO RLE (engine/rle.py). With "stream": true the answer is SSE: {"text": piece} events as the
+text comes, then {"result": <the JSON above>}, then [DONE]. Prompts, parsing and default
 max_tokens are engine.tasks', so each endpoint returns what model.caption / detect / ... return.
+
+Several labels (detect / segment) follow engine.tasks' `multi_label`: "per_label" (the default)
+sends one request per label, submitted together so the serving core batches them, and returns
+their instances in label order ("text" joins the answers with " ; "); "joint" sends one prompt.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -23,10 +28,10 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
 from .. import draw, tasks
+from ..rle import encode as rle_encode
 from .errors import ApiError
 from .generation import Job
 from .images import decode_bytes, decode_source
-from .rle import encode as rle_encode
 from .schemas import TaskRequest
 from .sse import DONE, SSEResponse, event
 
@@ -92,37 +97,51 @@ def _validate(fields: dict) -> TaskRequest:
         raise validation_error(e.errors()) from None
 
 
-def task_prompt(task: str, body: TaskRequest) -> str:
-    """engine.tasks' prompt of the task; its ValueErrors become 400s."""
+def task_prompts(task: str, body: TaskRequest) -> list[str]:
+    """engine.tasks' prompts of the task (one, or one per label); its ValueErrors become 400s."""
     try:
         if task == "caption":
-            return tasks.caption_prompt(body.lang)
+            return [tasks.caption_prompt(body.lang)]
         if task == "answer":
             if body.question is None:
                 raise ApiError(400, "answer needs a 'question'", param="question")
-            return tasks.answer_prompt(body.question, body.lang)
+            return [tasks.answer_prompt(body.question, body.lang)]
         if task == "ocr":
-            return tasks.ocr_prompt()
+            return [tasks.ocr_prompt()]
         if body.labels is None:
             raise ApiError(400, f"{task} needs 'labels', e.g. [\"cat\", \"dog\"] or \"cat ; dog\"", param="labels")
-        return tasks.detect_prompt(body.labels) if task == "detect" else tasks.segment_prompt(body.labels)
+        return tasks.label_prompts(task, body.labels, body.multi_label)
     except ValueError as e:
         raise ApiError(400, str(e), code="invalid_value") from None
 
 
-def task_result(task: str, model, image, outcome, overlay: bool) -> dict:
-    """The task's JSON, from the model's raw text (parsed like engine.tasks does)."""
+def combined_usage(outcomes) -> dict:
+    """Tokens summed over the task's requests; the timings of the one that ended last."""
+    last = max(outcomes, key=lambda o: o.timings.get("total", 0.0))
+    usage = {"prompt_tokens": sum(o.prompt_tokens for o in outcomes),
+             "completion_tokens": sum(o.completion_tokens for o in outcomes), "timings": last.timings}
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    return usage
+
+
+def task_result(task: str, model, image, prompts: list[str], outcomes: list, overlay: bool) -> dict:
+    """The task's JSON, from the model's raw texts (parsed like engine.tasks does)."""
     width, height = image.size
-    raw = outcome.raw_texts[0]
-    out = {"task": task, "text": raw.strip(), "finish_reason": outcome.finish_reasons[0],
-           "image": {"width": width, "height": height}, "usage": outcome.usage()}
+    raws = [o.raw_texts[0] for o in outcomes]
+    reasons = [o.finish_reasons[0] for o in outcomes]
+    out = {"task": task, "text": " ; ".join(r.strip() for r in raws),
+           "finish_reason": next((r for r in reasons if r != "stop"), "stop"),
+           "image": {"width": width, "height": height}, "usage": combined_usage(outcomes)}
+    if len(prompts) > 1:
+        out["requests"] = [{"prompt": p, "text": r.strip(), "finish_reason": f}
+                           for p, r, f in zip(prompts, raws, reasons)]
     items = []
     if task == "detect":
-        items = tasks.parse_detections(raw, width, height)
+        items = [d for raw in raws for d in tasks.parse_detections(raw, width, height)]
         out["detections"] = [{"label": d.label, "box": [float(v) for v in d.box]} for d in items]
     elif task == "segment":
         decoder = model.seg_decoder
-        items = tasks.parse_segments(raw, width, height, decoder)
+        items = [sg for raw in raws for sg in tasks.parse_segments(raw, width, height, decoder)]
         out["segments"] = [{"label": s.label, "box": [float(v) for v in s.box],
                             "mask": None if s.mask is None else rle_encode(s.mask),
                             "mask_area": None if s.mask is None else int(s.mask.sum())} for s in items]
@@ -134,6 +153,22 @@ def task_result(task: str, model, image, outcome, overlay: bool) -> dict:
         drawn.save(buf, format="PNG")
         out["overlay_png"] = base64.b64encode(buf.getvalue()).decode()
     return out
+
+
+def start_runs(generations, task: str, image, prompts: list[str], body: TaskRequest, endpoint: str) -> list:
+    """Submit the task's prompts together (all or none: a refused one cancels those already in)."""
+    runs = []
+    try:
+        for prompt in prompts:
+            n_prompt = generations.prompt_tokens(1, prompt)
+            max_tokens = body.max_tokens or generations.default_max_tokens(task, n_prompt)
+            runs.append(generations.start(Job((image,), prompt, max_tokens, temperature=body.temperature,
+                                              top_p=body.top_p, seed=body.seed, endpoint=endpoint)))
+    except BaseException:
+        for run in runs:
+            run.cancel()
+        raise
+    return runs
 
 
 def _make_route(task: str):
@@ -151,38 +186,53 @@ def _make_route(task: str):
             raise ApiError(400, f"{task} takes no labels (they are for detect and segment)", param="labels")
         if body.question is not None and task != "answer":
             raise ApiError(400, f"{task} takes no question (it is for answer)", param="question")
-        prompt = task_prompt(task, body)
+        if body.multi_label is not None and task not in ("detect", "segment"):
+            raise ApiError(400, f"{task} takes no multi_label (it is for detect and segment)", param="multi_label")
+        prompts = task_prompts(task, body)
         if data is not None:
             image = await state.call(decode_bytes, data, config.max_image_pixels, "image")
         else:
             image = await state.call(decode_source, body.image, config.media_dir, config.max_image_pixels, "image")
-        n_prompt = generations.prompt_tokens(1, prompt)
-        max_tokens = body.max_tokens or generations.default_max_tokens(task, n_prompt)
-        job = Job((image,), prompt, max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                  endpoint=endpoint)
-        run = await state.call(generations.start, job)
+        runs = await state.call(start_runs, generations, task, image, prompts, body, endpoint)
         log = request.scope.get("paligemma.log", {})
 
-        async def finish(outcome) -> dict:
-            log.update(prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens)
-            return await state.call(task_result, task, generations.model, image, outcome, body.overlay)
+        async def finish(outcomes) -> dict:
+            log.update(prompt_tokens=sum(o.prompt_tokens for o in outcomes),
+                       completion_tokens=sum(o.completion_tokens for o in outcomes))
+            return await state.call(task_result, task, generations.model, image, prompts, outcomes, body.overlay)
+
+        def cancel_all():
+            for run in runs:
+                run.cancel()
 
         if not body.stream:
-            return await finish(await run.wait(request.is_disconnected))
+            try:
+                outcomes = await asyncio.gather(*(run.wait(request.is_disconnected) for run in runs))
+            finally:
+                for run in runs:                 # one failed (or the client left): stop the others
+                    if run.outcome is None:
+                        run.cancel()
+            return await finish(list(outcomes))
 
         async def events():
-            pieces = run.pieces()
             try:
-                async for piece in pieces:
-                    yield event({"text": piece})
-                yield event({"result": await finish(run.outcome)})
+                for i, run in enumerate(runs):       # they decode together; their text goes out in order
+                    if i:
+                        yield event({"text": " ; "})
+                    pieces = run.pieces()
+                    try:
+                        async for piece in pieces:
+                            yield event({"text": piece})
+                    finally:
+                        await pieces.aclose()
+                yield event({"result": await finish([run.outcome for run in runs])})
             except ApiError as e:
                 yield event(e.body())
             finally:
-                await pieces.aclose()
+                cancel_all()
             yield DONE
 
-        return SSEResponse(events(), on_disconnect=run.cancel)
+        return SSEResponse(events(), on_disconnect=cancel_all)
 
     route.__name__ = f"task_{task}"
     router.add_api_route(endpoint, route, methods=["POST"], summary=f"PaliGemma {task}")

@@ -113,6 +113,7 @@ class TaskRequest(_Strict):
     fields with the image as a file part named `image`)."""
     image: Optional[str] = None            # data URL, raw base64, or file:// inside --media-dir
     labels: Union[str, list[str], None] = None       # detect / segment: ["cat", "dog"] or "cat ; dog"
+    multi_label: Optional[Literal["per_label", "joint"]] = None   # engine.tasks' (None: per_label)
     question: Optional[str] = None                   # answer
     lang: str = "en"                                 # caption / answer
     max_tokens: Optional[int] = Field(default=None, ge=1)
