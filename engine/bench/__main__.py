@@ -23,7 +23,7 @@ Workloads (--workload, comma separated, default caption):
             time goes: the prefill split (share of the TTFT: vision graph, decoder graphs,
             attention, LM head, overhead) and the decode-step split;
   detect3   three labels on one image, end to end as users run it: ours `model.detect(image,
-            [a, b, c])` (engine.tasks.detect: one prompt "detect a ; b ; c", greedy, EOS allowed,
+            [a, b, c], multi_label="joint")` (one prompt "detect a ; b ; c", greedy, EOS allowed,
             its default max_new_tokens or --detect-tokens), transformers the same prompt, EOS id
             and max_new_tokens through processor -> generate -> decode -> parse. Reported: the
             seconds of the whole call (after one warm-up call), its TTFT and the generated tokens.
