@@ -11,18 +11,33 @@
 
 Common options: --model (an exported artifact dir, or an HF checkpoint dir exported once into
 the cache with --weights; default: the default model), --image PATH (`-` reads the image bytes
-from stdin), --backend, --threads, --max-new-tokens, --num-beams, --sample / --temperature /
---top-k / --top-p / --seed, --json.
+from stdin), --backend, --threads (capped, with a warning, to the cores this process may use),
+--max-new-tokens, --num-beams, --sample / --temperature / --top-k / --top-p / --seed,
+--max-image-pixels, --json; `python -m engine --version`.
 
-Output: the generated text is streamed to stdout token by token (greedy or sampling; beam search
-prints it at the end), followed for detect / segment by one line per instance. With --json,
-stdout is one JSON object instead:
+Several labels (detect / segment --labels "a ; b", --multi-label): per_label (the default) sends
+one prompt per label ("detect a", "detect b"), submitted together so that the serving core
+batches them; every checkpoint answers these, the bundled default model included (it was
+trained on one label per prompt). joint sends one prompt ("detect a ; b"), for checkpoints
+trained on multi-label prompts (PaliGemma mix). demo always asks per label.
+
+Output: the generated text is streamed to stdout token by token (greedy or sampling with one
+prompt; beam search and several prompts print it at the end, the answers joined by " ; "),
+followed for detect / segment by one line per instance. With --json, stdout is one JSON object:
 
     {"task", "prompt", "text", "tokens", "finish_reason", "score", "timings",
      "image": {"width", "height"},
+     "multi_label", "requests": [{"prompt", "text", "tokens", "finish_reason", "score",
+                                  "timings"}],                               (detect, segment)
      "detections": [{"label", "box": [x0, y0, x1, y1]}],                      (detect)
      "segments": [{"label", "box", "mask": {"size": [h, w], "counts": [...]} or null,
                    "mask_area"}]}                                           (segment)
+
+With several prompts, "prompt" is the prompts one per line, "text" the answers joined by " ; "
+(which parse_detections reads like one joint answer), "tokens" the requests' tokens one after
+another, "finish_reason" the first that is not "eos", "score" null, and "timings" those of the
+requests together (see _combined_timings); "requests" has each one. An empty --prompt is sent
+as is, as model.generate(image, "") does.
 
 Boxes are in pixels of the input image. Masks are COCO-style uncompressed RLE: run lengths of
 the flattened mask in column-major order, starting with a run of zeros (pycocotools reads it

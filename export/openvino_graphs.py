@@ -282,7 +282,7 @@ def export_openvino_graphs(cfg: PaliGemmaConfig, weights: Mapping[str, np.ndarra
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = _param_counts(cfg, weights)
     bar = tqdm(total=sum(counts.values()), desc=f"openvino graphs ({weight_format})", unit=" params",
-               unit_scale=True, disable=not progress, file=sys.stderr, dynamic_ncols=True)
+               unit_scale=True, disable=not (progress and sys.stderr.isatty()), file=sys.stderr, dynamic_ncols=True)
     files, formats = {}, {}
     try:
         for name in graph_def.graph_names(cfg):

@@ -333,4 +333,5 @@ def _size(n: int) -> str:
 
 def _bar(iterable, progress: bool, desc: str, **kw):
     from tqdm import tqdm
-    return tqdm(iterable, desc=desc, disable=not progress, file=sys.stderr, dynamic_ncols=True, **kw)
+    show = progress and sys.stderr.isatty()          # a bar on a terminal, never \r lines in a log
+    return tqdm(iterable, desc=desc, disable=not show, file=sys.stderr, dynamic_ncols=True, **kw)

@@ -177,7 +177,7 @@ def test_default_model_when_model_is_omitted(work):
      "--temperature must be a finite number > 0 with --sample"),
     (["caption", "--image", "IMAGE", "--sample", "--num-beams", "2"], None, "drop --sample for beam search"),
     (["caption", "--image", "IMAGE", "--top-p", "0"], None, "--top-p must be in (0, 1]"),
-    (["answer", "--image", "IMAGE", "--question", "why " * 400], None, "--question is too long"),
+    (["answer", "--image", "IMAGE", "--question", "why " * 9000], None, "--question is too long"),   # > 8192 tokens
     (["caption", "--image", "BOMB"], None, "--max-image-pixels 144000000"),
 ])
 def test_user_errors_exit_2_with_one_line(work, args, stdin, message, tmp_path):
