@@ -6,6 +6,7 @@ or multipart/form-data with the same fields and the image as a file part named `
     {"task", "text", "finish_reason", "image": {"width", "height"}, "usage": {..., "timings"},
      "detections": [{"label", "box": [x0, y0, x1, y1]}],                       (detect)
      "segments": [{"label", "box", "mask": COCO RLE or null, "mask_area"}],    (segment)
+     "colors": {label: [r, g, b]},         (detect / segment: engine.draw's colour of each label)
      "overlay_png": base64 PNG drawn by engine.draw}                            (overlay: true)
 
 Boxes are in pixels of the original image (EXIF orientation applied); masks are uncompressed
@@ -147,6 +148,8 @@ def task_result(task: str, model, image, prompts: list[str], outcomes: list, ove
                             "mask_area": None if s.mask is None else int(s.mask.sum())} for s in items]
         if decoder is None:
             out["warning"] = "this model has no mask decoder, so segments carry boxes only (mask null)"
+    if task in ("detect", "segment"):
+        out["colors"] = {label: list(c) for label, c in draw.label_colors(items).items()}   # engine.draw's
     if overlay:
         drawn = draw.draw_detections(image, items) if task == "detect" else draw.draw_segments(image, items)
         buf = io.BytesIO()

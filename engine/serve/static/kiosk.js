@@ -59,9 +59,12 @@ function rleDecode(rle) {         // COCO uncompressed RLE, column-major -> Uint
   return out;
 }
 
-function colors(items) {
+function colors(items, given) {    // the server's (engine.draw's) colour per label; a palette otherwise
   const map = new Map();
-  for (const it of items) if (!map.has(it.label)) map.set(it.label, PALETTE[map.size % PALETTE.length]);
+  for (const it of items) {
+    if (map.has(it.label)) continue;
+    map.set(it.label, given && given[it.label] ? given[it.label] : PALETTE[map.size % PALETTE.length]);
+  }
   return map;
 }
 
@@ -69,7 +72,7 @@ function drawResult(result) {
   drawPicture();
   const items = result.detections || result.segments || [];
   const sx = canvas.width / result.image.width, sy = canvas.height / result.image.height;
-  const cmap = colors(items);
+  const cmap = colors(items, result.colors);
   for (const it of items) {                      // masks first, boxes and labels on top
     if (!it.mask) continue;
     const [h, w] = it.mask.size, bits = rleDecode(it.mask), c = cmap.get(it.label);
@@ -88,6 +91,10 @@ function drawResult(result) {
   for (const it of items) {
     const c = cmap.get(it.label), css = `rgb(${c[0]},${c[1]},${c[2]})`;
     const [x0, y0, x1, y1] = it.box;
+    const light = 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2] > 100;     // engine.draw's halo rule
+    ctx.lineWidth = 6;                                                    // a halo keeps the box visible
+    ctx.strokeStyle = light ? "#000" : "#fff";
+    ctx.strokeRect(x0 * sx, y0 * sy, (x1 - x0) * sx, (y1 - y0) * sy);
     ctx.lineWidth = 3;
     ctx.strokeStyle = css;
     ctx.strokeRect(x0 * sx, y0 * sy, (x1 - x0) * sx, (y1 - y0) * sy);
