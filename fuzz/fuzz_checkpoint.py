@@ -22,7 +22,8 @@ WORK = {0: scratch("w-single"), 1: scratch("w-single"), 2: scratch("w-sharded"),
 shutil.copytree(SINGLE, WORK[0])
 shutil.copytree(SHARDED, WORK[2])
 FILE = {0: "config.json", 1: "model.safetensors", 2: "model.safetensors.index.json", 3: "preprocessor_config.json"}
-_raw = (SINGLE / "model.safetensors").read_bytes()
+ORIGINAL = {m: ((SHARDED if m == 2 else SINGLE) / name).read_bytes() for m, name in FILE.items()}
+_raw = ORIGINAL[1]
 DATA_AREA = _raw[8 + int.from_bytes(_raw[:8], "little"):]     # the real tensor bytes
 
 
@@ -34,7 +35,6 @@ def test_one_input(data: bytes) -> None:
     if mode == 1:
         body = len(body).to_bytes(8, "little") + body + DATA_AREA
     target = d / FILE[mode]
-    original = (SHARDED if mode == 2 else SINGLE) / FILE[mode]
     write(target, body)
     try:
         with Checkpoint.open(d) as ckpt:
@@ -43,7 +43,7 @@ def test_one_input(data: bytes) -> None:
     except EngineError:
         pass
     finally:
-        shutil.copyfile(original, target)
+        write(target, ORIGINAL[mode])
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ ART = tiny_artifact()
 WORK = scratch("w-art")
 shutil.copytree(ART, WORK, ignore=shutil.ignore_patterns(".verified*"))
 FILES = ("manifest.json", "preprocessor_config.json")
+ORIGINAL = {name: (ART / name).read_bytes() for name in FILES}
 
 
 def test_one_input(data: bytes) -> None:
@@ -31,7 +32,7 @@ def test_one_input(data: bytes) -> None:
     except EngineError:
         pass
     finally:
-        shutil.copyfile(ART / name, target)
+        write(target, ORIGINAL[name])
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 TARGETS = ("safetensors", "checkpoint", "manifest", "parsers", "tokenizer", "image", "masks")
-MAX_LEN = {"safetensors": 4096, "checkpoint": 16384, "manifest": 16384, "parsers": 4096,
+MAX_LEN = {"safetensors": 4096, "checkpoint": 16384, "manifest": 16384, "parsers": 1024,
            "tokenizer": 2048, "image": 8192, "masks": 65536}
 _DONE = re.compile(r"Done (\d+) runs in (\d+) second")
 _STAT = re.compile(r"^#(\d+)\s+(?:pulse|NEW|REDUCE|DONE|INITED)\b.*?cov: (\d+)", re.M)
