@@ -298,15 +298,18 @@ class PaliGemma:
         from . import tasks
         return tasks.ocr(self, image, **gen)
 
-    def detect(self, image, labels, **gen):
-        """Detect objects: labels ["cat", "dog"] or "cat ; dog" -> list[engine.Detection]."""
+    def detect(self, image, labels, multi_label: str | None = None, **gen):
+        """Detect objects: labels ["cat", "dog"] or "cat ; dog" -> list[engine.Detection].
+        multi_label: "per_label" (default: one prompt per label, submitted together) or "joint"
+        (one prompt "detect cat ; dog", for checkpoints trained on it); see engine/tasks.py."""
         from . import tasks
-        return tasks.detect(self, image, labels, **gen)
+        return tasks.detect(self, image, labels, multi_label, **gen)
 
-    def segment(self, image, labels, **gen):
-        """Segment objects -> list[engine.Segment] (masks need a mask decoder, see seg_decoder)."""
+    def segment(self, image, labels, multi_label: str | None = None, **gen):
+        """Segment objects -> list[engine.Segment] (masks need a mask decoder, see seg_decoder).
+        multi_label: as in detect."""
         from . import tasks
-        return tasks.segment(self, image, labels, **gen)
+        return tasks.segment(self, image, labels, multi_label, **gen)
 
     @property
     def seg_decoder(self):
