@@ -351,3 +351,16 @@ def test_demo_json(work, model):
     assert got["overlay"] == str(out) and {"caption", "detections"} <= set(got["timings"])
     err = proc.stderr.decode()
     assert "caption: timings: image " in err and "detections (2 prompts, batched): timings: " in err
+
+
+def test_api_words_become_flag_names():
+    """The safety net behind the CLI's own checks: an API message reaching a CLI user is
+    rephrased with the flags the user can type."""
+    from engine.__main__ import _cli_words
+    assert _cli_words("prompt 0: 64 image tokens + 9 text tokens + max_new_tokens 9999 = 10072 exceeds the "
+                      "model's context") == \
+        "64 image tokens + 9 text tokens + --max-new-tokens 9999 = 10072 exceeds the model's context"
+    assert _cli_words("temperature must be > 0 when do_sample=True; for deterministic output use "
+                      "do_sample=False (greedy)") == \
+        "--temperature must be > 0 when --sample; for deterministic output use no --sample (greedy)"
+    assert _cli_words("--top-k must be >= 0; seeds and top_k") == "--top-k must be >= 0; seeds and --top-k"
