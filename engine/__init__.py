@@ -22,6 +22,11 @@ __all__ = ["load", "default_model_path", "default_cache_dir", "cpu_features", "p
            "parse_segments", "Detection", "Segment", "__version__"]
 
 
+# Weight formats of an export: export.quantize.WEIGHT_FORMATS, repeated so that load() and the CLI
+# check them without importing the exporter (tests/test_cli.py checks that the two agree).
+WEIGHT_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4", "fp8")
+
+
 def cpu_features() -> dict:
     """The CPU's SIMD features as the native core sees them.
 
@@ -68,6 +73,8 @@ def load(path=None, backend: str = "openvino", threads: int | None = None, *, we
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if weights not in WEIGHT_FORMATS:           # before any "exporting ... once" line
+        raise ValueError(f"unknown weight format {weights!r}; use one of {', '.join(WEIGHT_FORMATS)}")
     path = Path(path) if path is not None else default_model_path()
     export = None        # what the cached artifact is made from, when `path` is a checkpoint
     if not (path / MANIFEST).is_file():

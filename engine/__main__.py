@@ -54,6 +54,8 @@ import re
 import sys
 from pathlib import Path
 
+from . import WEIGHT_FORMATS          # export.quantize's, without importing the exporter
+
 EXAMPLES = """examples:
   python -m engine caption --image cat.jpg --model ARTIFACT_OR_CHECKPOINT
   python -m engine answer  --image cat.jpg --question "what is the cat doing?"
@@ -422,9 +424,6 @@ def _positive_int(s: str) -> int:
     return v
 
 
-# Weight formats of an export (export.quantize.WEIGHT_FORMATS; repeated here so that the CLI
-# starts without importing the exporter; tests/test_cli.py checks that they agree).
-WEIGHT_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4", "fp8")
 DRAW_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PIL_MAX_IMAGE_PIXELS = 89_478_485        # Pillow's default PIL.Image.MAX_IMAGE_PIXELS
 

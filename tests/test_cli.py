@@ -213,10 +213,14 @@ def test_version():
     assert proc.returncode == 0 and proc.stdout.decode().strip() == f"paligemma-edge {engine.__version__}"
 
 
-def test_weight_formats_agree_with_the_exporter():
+def test_weight_formats_agree_with_the_exporter(tmp_path, monkeypatch, capsys):
     from export.quantize import WEIGHT_FORMATS
     from engine.__main__ import WEIGHT_FORMATS as CLI_FORMATS
-    assert CLI_FORMATS == WEIGHT_FORMATS
+    assert CLI_FORMATS == engine.WEIGHT_FORMATS == WEIGHT_FORMATS
+    monkeypatch.setenv("PALIGEMMA_EDGE_CACHE", str(tmp_path))
+    with pytest.raises(ValueError, match="unknown weight format 'int3'"):
+        engine.load(weights="int3")                          # the API too: refused before any export
+    assert "exporting" not in capsys.readouterr().err and not (tmp_path / "artifacts").exists()
 
 
 def test_threads_above_the_cores_warn_and_are_capped(work, model):
