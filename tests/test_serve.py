@@ -302,6 +302,15 @@ def test_limits_api_key_body_and_queue(limited, example_bytes):
         big = b64(png_bytes(noisy))                                   # ~640 KB of base64
         assert len(big) > 256 << 10
         assert_error(c.post("/v1/chat/completions", json=chat_body("caption en", big), headers=key), 413, "limit")
+        def chunks(data, size=64 << 10):                              # no Content-Length: chunked upload
+            for i in range(0, len(data), size):
+                yield data[i:i + size]
+
+        for path, payload, ctype in [
+                ("/v1/chat/completions", json.dumps(chat_body("caption en", big)).encode(), "application/json"),
+                ("/v1/detect", json.dumps({"image": big, "labels": "x"}).encode(), "application/json")]:
+            r = c.post(path, content=chunks(payload), headers={**key, "content-type": ctype})
+            assert_error(r, 413, "limit")
         small_bomb = Image.new("1", (2000, 1000))                     # 2 MP > the 1 MP limit, tiny as PNG
         assert_error(c.post("/v1/detect", headers=key, json={"image": b64(png_bytes(small_bomb)), "labels": "x"}),
                      400, "decompression bomb")

@@ -23,12 +23,12 @@ EXAMPLE = engine.default_model_path() / "example.png"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_server(tmp_path, *args):
+def start_server(tmp_path, *args, env=None):
     log = tmp_path / "server.log"
     f = open(log, "w")
     proc = subprocess.Popen([sys.executable, "-m", "engine", "serve", "--port", "0", *args], cwd=ROOT,
                             stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     f.close()
     found = []
 
@@ -57,7 +57,7 @@ def test_bad_flags_exit_2(tmp_path):
 
 
 def test_sigterm_finishes_in_flight_requests_and_exits_0(tmp_path):
-    proc, url, log = start_server(tmp_path, "--grace-seconds", "60", "--api-key", "k")
+    proc, url, log = start_server(tmp_path, "--grace-seconds", "60", env={"PALIGEMMA_API_KEY": "k"})
     try:
         t0 = time.monotonic()
         assert wait_until(lambda: _ready(url), 120), log.read_text()

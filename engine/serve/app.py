@@ -134,7 +134,8 @@ def create_app(model_or_loader: Union[object, Callable[[], object]], config: Ser
     async def _http(request: Request, e: StarletteHTTPException):
         message = {404: f"no such endpoint: {request.method} {request.url.path}; see GET /v1/models and the "
                         "README's Server section", 405: f"{request.method} is not allowed on {request.url.path}"}
-        return JSONResponse(error_body(e.status_code, message.get(e.status_code, str(e.detail))),
+        code = "body_too_large" if e.status_code == 413 else None
+        return JSONResponse(error_body(e.status_code, message.get(e.status_code, str(e.detail)), code),
                             status_code=e.status_code, headers=getattr(e, "headers", None))
 
     @app.exception_handler(Exception)

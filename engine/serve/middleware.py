@@ -16,6 +16,8 @@ import logging
 import time
 import uuid
 
+from starlette.exceptions import HTTPException
+
 from .errors import ApiError
 
 ACCESS_LOG = logging.getLogger("engine.serve.access")
@@ -23,8 +25,17 @@ KNOWN_ENDPOINTS = ("/v1/chat/completions", "/v1/models", "/v1/caption", "/v1/ans
                    "/v1/segment", "/health", "/metrics", "/")
 
 
-class _BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(HTTPException):
+    """Raised from `receive` when a body without Content-Length (chunked) passes the limit. An
+    HTTPException, so that FastAPI's body parsing lets it through and the app answers 413."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, too_large_message(limit))
+
+
+def too_large_message(limit: int) -> str:
+    return (f"the request body is over the server's limit of {limit / 2 ** 20:g} MiB; send a smaller image "
+            "(downscale or recompress it), or start the server with a larger --max-body-mb")
 
 
 def endpoint_of(path: str) -> str:
@@ -77,12 +88,12 @@ class HttpGuard:
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > limit:
-                        raise _BodyTooLarge()
+                        raise BodyTooLarge(limit)
                 return message
 
             try:
                 await self.app(scope, receive_limited, send_wrapper)
-            except _BodyTooLarge:
+            except BodyTooLarge:
                 if not status["started"]:
                     await self._send_error(send_wrapper, self._too_large(limit))
         finally:
@@ -112,9 +123,7 @@ class HttpGuard:
 
     @staticmethod
     def _too_large(limit: int) -> ApiError:
-        return ApiError(413, f"the request body is over the server's limit of {limit / 2 ** 20:g} MiB; send a "
-                             "smaller image (downscale or recompress it), or start the server with a larger "
-                             "--max-body-mb", code="body_too_large")
+        return ApiError(413, too_large_message(limit), code="body_too_large")
 
     @staticmethod
     async def _send_error(send, error: ApiError) -> None:

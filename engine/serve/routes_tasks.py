@@ -27,6 +27,7 @@ import json
 
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
 
 from .. import draw, tasks
 from ..rle import encode as rle_encode
@@ -47,6 +48,8 @@ async def read_task_request(request: Request, config) -> tuple[TaskRequest, byte
     if ctype.startswith("multipart/form-data"):
         try:
             form = await request.form(max_part_size=config.max_body_bytes, max_files=1)
+        except HTTPException:                   # the body limit (413)
+            raise
         except Exception as e:  # noqa: BLE001 - malformed multipart
             raise ApiError(400, f"cannot read the multipart form ({e}); send the image as a file part named "
                                 "'image' and the other fields as text parts") from None
