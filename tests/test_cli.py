@@ -179,6 +179,8 @@ def test_default_model_when_model_is_omitted(work):
     (["caption", "--image", "IMAGE", "--top-p", "0"], None, "--top-p must be in (0, 1]"),
     (["answer", "--image", "IMAGE", "--question", "why " * 9000], None, "--question is too long"),   # > 8192 tokens
     (["caption", "--image", "BOMB"], None, "--max-image-pixels 144000000"),
+    (["demo", "--out", "/nonexistent/dir/demo.png"], None, "the directory /nonexistent/dir does not exist"),
+    (["demo", "--image", "DIR"], None, "is a directory, not an image file"),
 ])
 def test_user_errors_exit_2_with_one_line(work, args, stdin, message, tmp_path):
     from test_processor import png_header_of_size
