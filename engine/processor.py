@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -243,20 +244,26 @@ class Processor:
 
 def _read_preprocessor_config(path: str, cfg: PaliGemmaConfig) -> dict:
     """Processor kwargs from HF's preprocessor_config.json; {} when the file is absent."""
+    fix = "fix preprocessor_config.json or restore it from the checkpoint's repository"
     try:
         with open(path, encoding="utf-8") as f:
             pp = json.load(f)
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: cannot read preprocessor_config.json ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:   # RecursionError: absurdly nested JSON
+        raise ConfigError(f"{path}: cannot read preprocessor_config.json ({type(e).__name__}: {e}); {fix}") from None
+    if not isinstance(pp, dict):
+        raise ConfigError(f"{path}: must hold a JSON object, not a {type(pp).__name__}; {fix}")
     size = pp.get("size") or {}
+    if not isinstance(size, dict):
+        raise ConfigError(f"{path}: size must be an object such as {{\"height\": 224, \"width\": 224}}, "
+                          f"got {size!r}; {fix}")
     h, w = size.get("height", cfg.vision.image_size), size.get("width", cfg.vision.image_size)
     if (h, w) != (cfg.vision.image_size, cfg.vision.image_size) or "shortest_edge" in size:
         raise ConfigError(f"{path}: size {size} differs from the model's {cfg.vision.image_size}x"
                           f"{cfg.vision.image_size} input; fix preprocessor_config.json")
     seq = pp.get("image_seq_length")
-    if seq is not None and int(seq) != cfg.num_image_tokens:
+    if seq is not None and seq != cfg.num_image_tokens:
         raise ConfigError(f"{path}: image_seq_length {seq} differs from the model's "
                           f"{cfg.num_image_tokens} image tokens; fix preprocessor_config.json")
     if pp.get("do_resize") is False:
@@ -273,4 +280,30 @@ def _read_preprocessor_config(path: str, cfg: PaliGemmaConfig) -> dict:
     for k in ("image_mean", "image_std"):
         if isinstance(kw[k], (int, float)):
             kw[k] = (float(kw[k]),) * 3
-    return kw
+    return _checked_preprocessing(kw, path, fix)
+
+
+_RESAMPLE_FILTERS = {int(f) for f in Image.Resampling}
+
+
+def _checked_preprocessing(kw: dict, path: str, fix: str) -> dict:
+    """kw with 3 finite means, 3 finite non-zero stds, a finite positive rescale factor and a PIL
+    resampling filter; ConfigError naming the file otherwise."""
+    def numbers(key: str) -> tuple[float, ...]:
+        v = kw[key]
+        if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v):
+            raise ConfigError(f"{path}: {key} needs 3 values (R, G, B), finite numbers, got {v!r}; {fix}")
+        return tuple(float(x) for x in v)
+
+    mean, std = numbers("image_mean"), numbers("image_std")
+    if 0.0 in std:
+        raise ConfigError(f"{path}: image_std {list(std)} has a zero, which divides by zero; {fix}")
+    rescale = kw["rescale_factor"]
+    if not isinstance(rescale, (int, float)) or isinstance(rescale, bool) or not math.isfinite(rescale) or rescale <= 0:
+        raise ConfigError(f"{path}: rescale_factor must be a positive number, got {rescale!r}; {fix}")
+    resample = kw["resample"]
+    if isinstance(resample, bool) or resample not in _RESAMPLE_FILTERS:
+        raise ConfigError(f"{path}: resample {resample!r} is not a PIL resampling filter "
+                          f"({sorted(_RESAMPLE_FILTERS)}; 3 is bicubic); {fix}")
+    return dict(image_mean=mean, image_std=std, rescale_factor=float(rescale), resample=int(resample))

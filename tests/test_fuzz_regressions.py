@@ -97,3 +97,21 @@ def test_zero_sizes_in_config(tmp_path, field):
     d["text_config"][field] = 0
     with pytest.raises(ConfigError, match=f"{field} is 0; it must be a positive integer"):
         PaliGemmaConfig.from_hf(d)
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("[]", "must hold a JSON object"),                           # was AttributeError
+    ('{"size": 5}', "size must be an object"),                   # was AttributeError
+    ("[" * 100_000, "RecursionError"),                           # was RecursionError
+    ('{"image_seq_length": 1e999}', "image_seq_length inf differs"),   # was OverflowError
+    ('{"resample": 1e999}', "not a PIL resampling filter"),      # was OverflowError
+    ('{"resample": 99}', "not a PIL resampling filter"),         # was accepted; PIL failed at resize
+    ('{"image_std": [0, 0, 0]}', "divides by zero"),             # was accepted: inf pixel values
+    ('{"image_mean": [1e999, 0, 0]}', "finite numbers"),         # was accepted: inf pixel values
+])
+def test_bad_preprocessor_config(tmp_path, content, fragment):
+    from engine.artifact import ArtifactError, read_preprocessing
+    p = tmp_path / "preprocessor_config.json"
+    p.write_text(content)
+    with pytest.raises(ArtifactError, match=f"{p}: invalid image preprocessing .*{fragment}.*re-export"):
+        read_preprocessing(p, PaliGemmaConfig())
