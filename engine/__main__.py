@@ -60,6 +60,7 @@ EXAMPLES = """examples:
   python -m engine caption --image cat.jpg --model ARTIFACT_OR_CHECKPOINT
   python -m engine answer  --image cat.jpg --question "what is the cat doing?"
   python -m engine detect  --image cat.jpg --labels "cat ; dog" --draw boxes.png --json
+      (several labels: one prompt per label, batched; --multi-label joint sends "detect cat ; dog")
   cat cat.jpg | python -m engine run --image - --prompt "caption de" --num-beams 2
 Run `python -m engine COMMAND --help` for a command's options."""
 
