@@ -8,7 +8,6 @@ import io
 import json
 import shutil
 import statistics
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 

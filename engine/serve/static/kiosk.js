@@ -79,9 +79,15 @@ function drawResult(result) {
     const layer = document.createElement("canvas");
     layer.width = w; layer.height = h;
     const lctx = layer.getContext("2d"), data = lctx.createImageData(w, h);
+    const halo = 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2] > 100 ? 0 : 255;     // engine.draw's halo rule
+    const at = (y, x) => y >= 0 && y < h && x >= 0 && x < w && bits[y * w + x];
     for (let i = 0; i < bits.length; i++) if (bits[i]) {
-      data.data[4 * i] = c[0]; data.data[4 * i + 1] = c[1]; data.data[4 * i + 2] = c[2];
-      data.data[4 * i + 3] = Math.round(255 * MASK_ALPHA);
+      const y = Math.floor(i / w), x = i % w;
+      const edge = !(at(y - 1, x) && at(y + 1, x) && at(y, x - 1) && at(y, x + 1));   // as engine.draw's _edge
+      data.data[4 * i] = edge ? halo : c[0];
+      data.data[4 * i + 1] = edge ? halo : c[1];
+      data.data[4 * i + 2] = edge ? halo : c[2];
+      data.data[4 * i + 3] = edge ? 255 : Math.round(255 * MASK_ALPHA);
     }
     lctx.putImageData(data, 0, 0);
     ctx.drawImage(layer, 0, 0, canvas.width, canvas.height);
