@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
+MAX_LAYERS = 10_000      # sanity bound (PaliGemma 2 10B has 42); a corrupt count must not build huge lists
 RESTORE_CONFIG = "restore config.json from the checkpoint's repository (it is corrupt or was edited)"
 
 
@@ -143,6 +144,9 @@ class PaliGemmaConfig:
         if rope.get("rope_type", "default") != "default" or td.get("rope_scaling"):
             raise ConfigError("RoPE scaling is not supported; PaliGemma uses plain RoPE")
         n_layers = int(td["num_hidden_layers"])
+        if not 0 < n_layers <= MAX_LAYERS:     # checked before the per-layer list below is built
+            raise ConfigError(f"text_config.num_hidden_layers is {n_layers}; it must be 1..{MAX_LAYERS}: "
+                              "fix config.json or restore it from the checkpoint's repository")
         layer_types = td.get("layer_types")
         if model_type == "gemma2":
             if layer_types is None:   # transformers 4.x: sliding on even layers
@@ -215,9 +219,9 @@ class PaliGemmaConfig:
                             ("text num_attention_heads", t.num_attention_heads),
                             ("text num_key_value_heads", t.num_key_value_heads), ("head_dim", t.head_dim),
                             ("max_position_embeddings", t.max_position_embeddings)):
-            if value < 1:
-                raise ConfigError(f"{what} is {value}; it must be a positive integer: fix config.json "
-                                  "or restore it from the checkpoint's repository")
+            if value < 1 or (what.endswith("num_hidden_layers") and value > MAX_LAYERS):
+                raise ConfigError(f"{what} is {value}; it must be a positive integer (layers: at most "
+                                  f"{MAX_LAYERS}): fix config.json or restore it from the checkpoint's repository")
         if v.hidden_size % v.num_attention_heads:
             raise ConfigError(f"vision hidden_size {v.hidden_size} is not a multiple of {v.num_attention_heads} heads")
         if v.image_size % v.patch_size:

@@ -115,3 +115,12 @@ def test_bad_preprocessor_config(tmp_path, content, fragment):
     p.write_text(content)
     with pytest.raises(ArtifactError, match=f"{p}: invalid image preprocessing .*{fragment}.*re-export"):
         read_preprocessing(p, PaliGemmaConfig())
+
+
+@pytest.mark.parametrize("part", ["text_config", "vision_config"])
+def test_absurd_layer_count_is_refused_before_building_per_layer_lists(part):
+    d = PaliGemmaConfig().to_hf()
+    d[part]["num_hidden_layers"] = 10**9
+    d[part].pop("layer_types", None)
+    with pytest.raises(ConfigError, match="num_hidden_layers is 1000000000.*10000"):
+        PaliGemmaConfig.from_hf(d)
