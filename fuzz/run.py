@@ -52,7 +52,7 @@ class Result:
 
 
 def run_target(target: str, runs: int, max_seconds: int | None, timeout: int, rss_mb: int,
-               corpus_out: Path, log=None) -> Result:
+               corpus_out: Path, log: Path | None = None) -> Result:
     """One libFuzzer run of fuzz/fuzz_<target>.py; returns what it did."""
     seeds = HERE / "corpus" / target
     findings = HERE / "findings" / target
@@ -63,14 +63,15 @@ def run_target(target: str, runs: int, max_seconds: int | None, timeout: int, rs
            f"-rss_limit_mb={rss_mb}", f"-artifact_prefix={findings}{os.sep}", "-print_final_stats=1"]
     if max_seconds:
         cmd.append(f"-max_total_time={max_seconds}")
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          errors="replace")
-    seconds = time.perf_counter() - t0
-    out = proc.stdout
-    if log is not None:
-        log.write(out)
-        log.flush()
+    # libFuzzer's output goes straight to a file (the --log file, so that a long run can be
+    # watched with tail -f), and is read back from where this run started.
+    with open(log or corpus_out.parent / f".{target}.log", "ab+") as sink:
+        start = sink.seek(0, os.SEEK_END)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
+        seconds = time.perf_counter() - t0
+        sink.seek(start)
+        out = sink.read().decode("utf-8", "replace")
     done = _DONE.search(out)
     stats = _STAT.findall(out)
     runs_done = int(done.group(1)) if done else (int(stats[-1][0]) if stats else 0)
@@ -117,18 +118,15 @@ def main(argv: list[str] | None = None) -> int:
         print("atheris is not installed: pip install -e '.[fuzz]'", file=sys.stderr)
         return 2
     scratch = Path(tempfile.mkdtemp(prefix="pg-fuzz-corpus-"))
-    log = open(args.log, "a") if args.log else None
     failed = False
     try:
         for target in args.targets or TARGETS:
             out = (args.keep_corpus / target) if args.keep_corpus else scratch / target
-            r = run_target(target, args.runs, args.max_seconds, args.timeout, args.rss_mb, out, log)
+            r = run_target(target, args.runs, args.max_seconds, args.timeout, args.rss_mb, out, args.log)
             print(r.line(), flush=True)
             failed |= r.finding is not None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-        if log is not None:
-            log.close()
     return 1 if failed else 0
 
 
