@@ -182,12 +182,12 @@ def test_media_dir_file_url(client, model, media_dir):
 
 
 # --------------------------------------------------------------------------- task endpoints
-def test_detect_equals_model_detect(http, model, example_bytes):
+def test_detect_equals_model_detect(client, model, example_bytes):
+    """Through the openai client's own POST (its auth, retries off, error mapping)."""
     want = model.detect(EXAMPLE, LABELS)
     assert want, "the default model finds something in its example scene"
-    r = http.post("/v1/detect", json={"image": b64(example_bytes), "labels": LABELS, "overlay": True})
-    assert r.status_code == 200, r.text
-    body = r.json()
+    body = client.post("/detect", body={"image": b64(example_bytes), "labels": LABELS, "overlay": True},
+                       cast_to=object)
     assert [(d["label"], tuple(d["box"])) for d in body["detections"]] == [(d.label, d.box) for d in want]
     assert body["image"] == {"width": 224, "height": 224}
     overlay = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["overlay_png"]))))
@@ -202,22 +202,32 @@ def test_detect_boxes_in_original_pixels(http, model, example_bytes):
     assert r.status_code == 200, r.text
     assert r.json()["image"] == {"width": 448, "height": 336}
     assert [(d["label"], tuple(d["box"])) for d in r.json()["detections"]] == [(d.label, d.box) for d in want]
-
-
-def test_segment_rle_decodes_to_model_masks(http, model, example_bytes):
-    want = model.segment(EXAMPLE, "blue square")
-    assert want and all(s.mask is not None for s in want)
-    r = http.post("/v1/segment", files={"image": ("example.png", example_bytes, "image/png")},
+    segs = model.segment(big, "blue square")
+    r = http.post("/v1/segment", files={"image": ("big.png", png_bytes(big), "image/png")},
                   data={"labels": "blue square", "overlay": "true"})
     assert r.status_code == 200, r.text
     got = r.json()["segments"]
+    assert [(s["label"], tuple(s["box"])) for s in got] == [(s.label, s.box) for s in segs]
+    assert all(np.array_equal(rle_decode(g["mask"]), w.mask) for g, w in zip(got, segs))
+    assert rle_decode(got[0]["mask"]).shape == (336, 448)
+
+
+def test_segment_rle_decodes_to_model_masks(client, model, example_bytes):
+    want = model.segment(EXAMPLE, "blue square")
+    assert want and all(s.mask is not None for s in want)
+    body = client.post("/segment", body={"image": data_url(example_bytes), "labels": "blue square", "overlay": True},
+                       cast_to=object)
+    got = body["segments"]
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert g["label"] == w.label and tuple(g["box"]) == w.box
         assert np.array_equal(rle_decode(g["mask"]), w.mask)
         assert g["mask_area"] == int(w.mask.sum())
-    overlay = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["overlay_png"]))))
+    overlay = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["overlay_png"]))))
     assert np.array_equal(overlay, np.asarray(draw.draw_segments(EXAMPLE, want)))
+    with pytest.raises(openai.BadRequestError) as e:                    # errors map to the client's types
+        client.post("/segment", body={"image": data_url(example_bytes)}, cast_to=object)
+    assert e.value.status_code == 400 and e.value.body["param"] == "labels"
 
 
 def test_text_tasks_equal_model(http, model, example_bytes):
