@@ -103,10 +103,8 @@ class Run:
         self.handle = handle
         self.prompt_tokens = prompt_tokens
         self.outcome: Outcome | None = None
-        self.cancelled_by_client = False
 
     def cancel(self) -> None:
-        self.cancelled_by_client = True
         self.handle.cancel()
 
     async def pieces(self) -> AsyncIterator[str]:
@@ -162,7 +160,8 @@ class Run:
         finally:
             if self.outcome is None:          # the consumer left early: stop the generation
                 self.handle.cancel()
-            await asyncio.wrap_future(future) if not future.done() else None
+            if not future.done():             # the worker ends once the scheduler has dropped the request
+                await asyncio.wrap_future(future)
 
     async def wait(self, is_disconnected=None, poll_s: float = 0.25) -> Outcome:
         """The whole outcome (any n). `is_disconnected`: an async callable polled while waiting;
