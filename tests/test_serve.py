@@ -8,6 +8,7 @@ import io
 import json
 import shutil
 import statistics
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -477,3 +478,46 @@ def test_kiosk_page_served_locally(http):
         r = http.get(asset)
         assert r.status_code == 200 and "https://" not in r.text
     assert_error(http.get("/static/../app.py"), 404)
+
+
+def test_health_ready_only_once_loaded_and_warm(example_bytes):
+    """While the loader runs, /health is 503 "loading" and /v1/* 503 with Retry-After; a loader
+    that fails leaves /health 503 "error" with the reason."""
+    gate = threading.Event()
+
+    def slow_loader():                  # the app owns (and closes) what its loader returns
+        gate.wait(60)
+        return engine.load()
+
+    s = ServerThread(slow_loader, ServeConfig())
+    try:
+        assert wait_until(lambda: _get(s.url + "/health") is not None, 30)
+        r = httpx.get(s.url + "/health")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        r = httpx.post(s.url + "/v1/caption", json={"image": b64(example_bytes)})
+        assert_error(r, 503, "loading")
+        assert r.headers["Retry-After"]
+        gate.set()
+        s.wait_ready(60)
+        assert httpx.post(s.url + "/v1/caption", json={"image": b64(example_bytes)}).status_code == 200
+    finally:
+        gate.set()
+        s.stop()
+
+    def broken_loader():
+        raise FileNotFoundError("no model at /nowhere")
+
+    s = ServerThread(broken_loader, ServeConfig())
+    try:
+        assert wait_until(lambda: (_get(s.url + "/health") or {}).get("status") == "error", 30)
+        assert "no model at /nowhere" in httpx.get(s.url + "/health").json()["error"]
+        assert_error(httpx.post(s.url + "/v1/ocr", json={"image": b64(example_bytes)}), 503, "failed to load")
+    finally:
+        s.stop()
+
+
+def _get(url):
+    try:
+        return httpx.get(url, timeout=5).json()
+    except httpx.HTTPError:
+        return None
