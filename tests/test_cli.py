@@ -370,3 +370,14 @@ def test_api_words_become_flag_names():
                       "do_sample=False (greedy)") == \
         "--temperature must be > 0 when --sample; for deterministic output use no --sample (greedy)"
     assert _cli_words("--top-k must be >= 0; seeds and top_k") == "--top-k must be >= 0; seeds and --top-k"
+
+
+def test_no_progress_bars_when_stderr_is_not_a_terminal(work, tmp_path, capfd):
+    """Exports with progress on, both formats, stderr captured (not a terminal): summary lines,
+    no tqdm bars (their \\r lines filled logs)."""
+    from engine.synth import write_synthetic_checkpoint
+    from export.pipeline import export_checkpoint
+    ckpt = write_synthetic_checkpoint("tiny-pg2", tmp_path / "ckpt", dtype="fp32", progress=True)
+    export_checkpoint(ckpt, tmp_path / "art", formats=("onnx", "openvino"), weights="int8", progress=True)
+    err = capfd.readouterr().err
+    assert err.strip() and "\r" not in err and "it/s" not in err
