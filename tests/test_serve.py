@@ -499,6 +499,8 @@ def test_health_ready_only_once_loaded_and_warm(example_bytes):
         assert r.headers["Retry-After"]
         gate.set()
         s.wait_ready(60)
+        metrics = httpx.get(s.url + "/metrics").text      # the warm-up generation ran before "ready"
+        assert "paligemma_image_cache_entries 1" in metrics and "paligemma_ready 1" in metrics
         assert httpx.post(s.url + "/v1/caption", json={"image": b64(example_bytes)}).status_code == 200
     finally:
         gate.set()
