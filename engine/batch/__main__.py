@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: engine.batch needs Ray Data ({e}); install it with "
               "`pip install \"paligemma-edge[batch]\"` (or `pip install \"ray[data]\"`)", file=sys.stderr)
         return 2
+    import logging
+    logging.getLogger("ray.data").setLevel(logging.ERROR)   # the command prints its own progress and summary
     from .job import run_job
     try:
         summary = run_job(spec_from_args(args))

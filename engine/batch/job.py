@@ -124,15 +124,21 @@ def _run_on_ray(spec: JobSpec, artifact: Path, todo: pa.Table, store: OutputStor
         threads, workers = _sizing(spec, cpus)
         summary.workers, summary.threads_per_worker = workers, threads
         ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False            # ours below counts rows
-        ctx.print_on_execution_start = False
-        ctx.enable_auto_log_stats = False
+        quiet = {"enable_progress_bars": False,          # ours below counts rows
+                 "print_on_execution_start": False, "enable_auto_log_stats": False}
+        saved = {k: getattr(ctx, k) for k in quiet}       # the caller's settings come back at the end
+        for k, v in quiet.items():
+            setattr(ctx, k, v)
         wspec = WorkerSpec(str(artifact), spec.backend, threads, spec.task, spec.batch_size, spec.fault_marker)
         blocks = [todo.slice(i, spec.batch_size) for i in range(0, todo.num_rows, spec.batch_size)]
         ds = ray.data.from_arrow(blocks).map_batches(
             BatchWorker, fn_constructor_args=(wspec,), compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=threads, batch_size=None, batch_format="pyarrow")
-        _collect(ds, todo.num_rows, store, summary, _show_progress(spec))
+        try:
+            _collect(ds, todo.num_rows, store, summary, _show_progress(spec), spec.interrupt_after_rows)
+        finally:
+            for k, v in saved.items():
+                setattr(ctx, k, v)
     finally:
         if started:
             ray.shutdown()
@@ -169,9 +175,11 @@ def _show_progress(spec: JobSpec) -> bool:
     return spec.progress if spec.progress is not None else sys.stderr.isatty()
 
 
-def _collect(ds, n_rows: int, store: OutputStore, summary: JobSummary, progress: bool) -> None:
+def _collect(ds, n_rows: int, store: OutputStore, summary: JobSummary, progress: bool,
+             interrupt_after_rows: int | None = None) -> None:
     """Receive finished rows, commit them as parts every FLUSH_ROWS rows / FLUSH_SECONDS, count
-    them. On any exit (KeyboardInterrupt included) the rows received so far are committed."""
+    them. On any exit (KeyboardInterrupt included) the rows received so far are committed.
+    interrupt_after_rows (tests): behave as if Ctrl-C came once that many rows arrived."""
     from tqdm import tqdm
 
     pending: list[pa.Table] = []
@@ -199,6 +207,8 @@ def _collect(ds, n_rows: int, store: OutputStore, summary: JobSummary, progress:
                 bar.set_postfix(errors=summary.errors)
             if sum(t.num_rows for t in pending) >= FLUSH_ROWS or time.perf_counter() - last_flush >= FLUSH_SECONDS:
                 flush()
+            if interrupt_after_rows is not None and summary.rows >= interrupt_after_rows:
+                raise KeyboardInterrupt
     finally:
         flush()
         bar.close()

@@ -40,8 +40,10 @@ def read_inputs(spec: JobSpec) -> pa.Table:
         return _from_columns(_read_parquet(p), p, spec)
     if p.is_file() and p.suffix.lower() == ".jsonl":
         return _from_columns(_read_jsonl(p), p, spec)
+    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+        return _table([src], [str(p.resolve())], None)
     if p.is_file():
-        raise BatchError(f"--input {src}: give a directory, a glob, or a .parquet / .jsonl table")
+        raise BatchError(f"--input {src}: give a directory, a glob, an image file, or a .parquet / .jsonl table")
     matches = sorted(m for m in glob.glob(src, recursive=True) if Path(m).is_file())
     if not matches:
         raise BatchError(f"--input {src}: no such directory or table, and no file matches it as a glob")

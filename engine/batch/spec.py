@@ -85,6 +85,7 @@ class JobSpec:
     retry_errors: bool = False           # resume: run again the rows that ended with an error
     progress: bool | None = None         # None: a bar when stderr is a terminal
     fault_marker: str | None = None      # tests only (WorkerSpec.fault_marker)
+    interrupt_after_rows: int | None = None   # tests only: the driver stops (KeyboardInterrupt) past this many rows
 
     @property
     def output_format(self) -> str:
