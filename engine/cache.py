@@ -5,7 +5,7 @@ key hashes the checkpoint's path and files (name, size, mtime) and the export op
 `cache_key_dir`). What this module guarantees:
 
 - One exporter per artifact at a time: an export holds an exclusive lock on
-  `artifacts/.<name>.lock` (fcntl.flock; where there is none, the export still writes into a
+  `locks/<name>.lock` (fcntl.flock; where there is none, the export still writes into a
   temporary directory and renames it into place, and the later of two racing exports discards
   its copy). The exporter itself (export.pipeline) never leaves a loadable half-artifact.
 - The cache heals itself: a cached artifact that fails verification (a changed byte, a missing
@@ -34,6 +34,7 @@ from .artifact import MANIFEST, ArtifactError, load_manifest, remove_stamps, sta
 log = logging.getLogger("engine")
 
 ARTIFACTS = "artifacts"
+LOCKS = "locks"
 LOCK_SUFFIX = ".lock"
 
 
@@ -145,7 +146,7 @@ def _touch(out: Path) -> None:
 def export_lock(out: Path, *, blocking: bool = True):
     """Hold the exclusive export lock of the cached artifact `out`. Yields False (and holds
     nothing) when not blocking and another process holds it; True otherwise."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    lock_path(out).parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:           # no flock (Windows): rename-into-place alone keeps artifacts whole
@@ -164,7 +165,8 @@ def export_lock(out: Path, *, blocking: bool = True):
 
 
 def lock_path(out: Path) -> Path:
-    return out.parent / f".{out.name}{LOCK_SUFFIX}"
+    """<cache>/locks/<name>.lock: next to the artifacts, not among them."""
+    return out.parent.parent / LOCKS / f"{out.name}{LOCK_SUFFIX}"
 
 
 # ---------------------------------------------------------------------------- list / verify / clear
