@@ -9,7 +9,7 @@ more with threads=2 (a second run in a fresh model); each load runs the same req
 The oracle is the threads=1 run of the same artifact.
 
 Models: the tiny synthetic PG1 and PG2 (engine.synth), the bundled default model, and "wide-pg1",
-a PG1 with a 1024-wide decoder, 8 query heads on one KV head and 256 image tokens. In the tiny
+a PG1 with a 1024-wide decoder, 8 query heads on one KV head and 64 image tokens. In the tiny
 models no operator is big enough for onnxruntime, OpenVINO or the native attention to split it
 across threads, so on their own these tests could not fail from a thread-dependent reduction;
 the wide model's GEMMs and reductions are split, and with one KV head the native attention
@@ -47,7 +47,7 @@ def wide_pg1_config():
     """tiny-pg1 widened until the runtimes and the native attention split work across threads."""
     cfg = preset_config("tiny-pg1")
     vision = dataclasses.replace(cfg.vision, hidden_size=384, intermediate_size=1536, num_hidden_layers=2,
-                                 num_attention_heads=6, image_size=224)
+                                 num_attention_heads=6, image_size=112)
     text = dataclasses.replace(cfg.text, hidden_size=1024, intermediate_size=4096, num_hidden_layers=2,
                                num_attention_heads=8, num_key_value_heads=1, head_dim=128)
     return dataclasses.replace(cfg, vision=vision, text=text, projection_dim=1024)
