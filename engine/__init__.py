@@ -101,7 +101,7 @@ def load(path=None, backend: str = "openvino", threads: int | None = None, *, we
 
 # Part of the export cache key: bump it whenever the exporter writes different graphs or weights
 # for the same options, so that cached artifacts of an older exporter are not reused.
-EXPORT_REVISION = 3    # 3: ONNX int8 as per-row MatMulIntegerToFloat with 7-bit codes (2: DynamicQuantizeMatMul)
+EXPORT_REVISION = 4    # 4: ONNX IR version pinned to 10 (was the installed onnx's, 14 with onnx 1.23); 3: per-row int8
 
 
 def _export_cached(checkpoint, backend: str, weights: str, group_size: int, progress: bool):
