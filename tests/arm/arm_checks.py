@@ -7,9 +7,11 @@
     python tests/arm/arm_checks.py tiny [--backends ...]
         a tiny synthetic PaliGemma 2 (engine.synth) exported with fp32 weights, loaded and decoded
         greedily in each backend; the oracle is engine.reference (numpy) on the same weights
-    python tests/arm/arm_checks.py quant --backend B --weights W
-        the default model exported with W and loaded in B: resident memory growth of the load
-        plus one caption, and for OpenVINO the compiled graphs' runtime weight precisions -> JSON line
+    python tests/arm/arm_checks.py quant --backend B (--weights W | --artifact DIR)
+        the default model exported with W (or an artifact) loaded in B: resident memory growth of
+        the load plus a short caption, for OpenVINO the compiled graphs' weight precisions -> JSON
+    python tests/arm/arm_checks.py wide-export --out DIR
+        a 47M-parameter-decoder synthetic model exported fp32 / int8 / int4 for both runtimes
 
 Runtime dependencies only (numpy, the engine, its runtimes): no torch, so it runs where only
 the package's own wheels exist.
@@ -132,19 +134,55 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+WIDE_FORMATS = ("fp32", "int8", "int4")
+
+
+def wide_config():
+    """engine.synth's tiny-pg2 with a 1024-wide, 4096-intermediate decoder (47M decoder
+    parameters): its weights outweigh the runtimes' own memory, so resident memory shows the
+    format the runtime keeps them in (fp32 ~190 MB, int8 ~50 MB, int4 ~30 MB)."""
+    import dataclasses
+    from engine.synth import preset_config
+    cfg = preset_config("tiny-pg2")
+    text = dataclasses.replace(cfg.text, hidden_size=1024, intermediate_size=4096, head_dim=128,
+                               num_attention_heads=8, num_key_value_heads=4, query_pre_attn_scalar=128)
+    return dataclasses.replace(cfg, text=text, projection_dim=1024)
+
+
+def cmd_wide_export(args) -> int:
+    """The wide model's artifacts (fp32 / int8 / int4, both formats) under args.out; exported on
+    the host (artifacts are platform-independent files), loaded under qemu by `quant`."""
+    from engine.synth import write_synthetic_checkpoint
+    from export.pipeline import export_checkpoint
+    out = Path(args.out)
+    ckpt = write_synthetic_checkpoint(wide_config(), out / "ckpt", dtype="fp32", progress=False, force=True)
+    for fmt in WIDE_FORMATS:
+        if not (out / fmt / "manifest.json").is_file():
+            export_checkpoint(ckpt, out / fmt, formats=("onnx", "openvino"), weights=fmt, progress=False)
+    return 0
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def cmd_quant(args) -> int:
+    """Resident memory growth of loading an artifact and captioning one image, and for OpenVINO
+    the compiled graphs' weight precisions. Default: the default model with --weights."""
     from engine.__main__ import example_image_path
-    path = engine.default_model_path()
     fmt = "onnx" if args.backend == "onnxruntime" else "openvino"
-    art = engine._export_cached(path, args.backend, args.weights, 128, False)   # export outside the measurement
+    art = (Path(args.artifact) if args.artifact else
+           engine._export_cached(engine.default_model_path(), args.backend, args.weights, 128, False))
     manifest = json.loads((art / "manifest.json").read_text())
-    weight_bytes = sum(f["size"] for rel, f in manifest["files"].items() if rel.startswith(fmt + "/"))
+    graph_bytes = sum(f["size"] for rel, f in manifest["files"].items() if rel.startswith(fmt + "/"))
     rss0 = _rss_bytes()
     model = engine.load(art, backend=args.backend, threads=2, progress=False)
-    model.caption(example_image_path())
+    model.generate(example_image_path(), "caption en", max_new_tokens=2, ignore_eos=True)
     rss1 = _rss_bytes()
-    out = {"machine": platform.machine(), "backend": args.backend, "weights": args.weights,
-           "graph_file_bytes": weight_bytes, "rss_growth_bytes": rss1 - rss0}
+    out = {"machine": platform.machine(), "model": "wide" if args.artifact else "default",
+           "backend": args.backend, "weights": manifest["weights"]["format"],
+           "graph_MB": round(graph_bytes / 1e6, 1), "rss_growth_MB": round((rss1 - rss0) / 1e6, 1)}
     if args.backend == "openvino":
         out["runtime_precisions"] = {g: model.runner.runtime_weight_precisions(g)
                                      for g in sorted(model.runner._compiled)}
@@ -166,9 +204,13 @@ def main(argv=None) -> int:
     y.add_argument("--backends", default="openvino,onnxruntime")
     q = sub.add_parser("quant")
     q.add_argument("--backend", required=True, choices=["openvino", "onnxruntime"])
-    q.add_argument("--weights", required=True)
+    q.add_argument("--weights", default="int8")
+    q.add_argument("--artifact", help="an exported artifact directory instead of the default model")
+    w = sub.add_parser("wide-export")
+    w.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    return {"tokens": cmd_tokens, "compare": cmd_compare, "tiny": cmd_tiny, "quant": cmd_quant}[args.cmd](args)
+    return {"tokens": cmd_tokens, "compare": cmd_compare, "tiny": cmd_tiny, "quant": cmd_quant,
+            "wide-export": cmd_wide_export}[args.cmd](args)
 
 
 if __name__ == "__main__":

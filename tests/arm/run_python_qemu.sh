@@ -39,7 +39,7 @@ if ! command -v aarch64-linux-gnu-g++ >/dev/null 2>&1; then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends g++-aarch64-linux-gnu >/dev/null
 fi
-"$HOST_PY" -c "import engine" 2>/dev/null || {
+PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$HOST_PY" -c "import engine" 2>/dev/null || {
   echo "error: the package is not importable on the host ($HOST_PY): install it first" \
        "(pip install -e .); its x86 tokens are the reference" >&2; exit 1; }
 
@@ -123,14 +123,18 @@ fi
 # ------------------------------------------------------------------------- the package, cross-built
 # pip builds the wheel on the host from a clean copy of the tracked sources; setup.py's CMake step
 # takes the aarch64 toolchain (CMAKE_TOOLCHAIN_FILE) and Debian's arm64 Python headers.
-log "building the package for aarch64 (cross)"
 SRC="$CACHE/src"
-rm -rf "$SRC"; mkdir -p "$SRC"
-(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | xargs -0 tar -cf - 2>/dev/null) |
-  tar -xf - -C "$SRC"
-TOOLCHAIN="$CACHE/aarch64-python.cmake"
+PKG="$CACHE/pkg"
 EXT_SUFFIX=".cpython-311-aarch64-linux-gnu.so"
-cat > "$TOOLCHAIN" <<TC
+SRC_TAR="$CACHE/src.tar"
+(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | sort -z |
+  xargs -0 tar --mtime=@0 --owner=0 --group=0 -cf - 2>/dev/null) > "$SRC_TAR"
+SRC_HASH=$(sha256sum "$SRC_TAR" | cut -c1-16)
+if [[ "$(cat "$PKG/.src-hash" 2>/dev/null)" != "$SRC_HASH" ]]; then
+  log "building the package for aarch64 (cross)"
+  rm -rf "$SRC"; mkdir -p "$SRC"; tar -xf "$SRC_TAR" -C "$SRC"
+  TOOLCHAIN="$CACHE/aarch64-python.cmake"
+  cat > "$TOOLCHAIN" <<TC
 set(CMAKE_SYSTEM_NAME Linux)
 set(CMAKE_SYSTEM_PROCESSOR aarch64)
 set(CMAKE_C_COMPILER aarch64-linux-gnu-gcc)
@@ -146,14 +150,119 @@ set(PYTHON_MODULE_EXTENSION "$EXT_SUFFIX" CACHE INTERNAL "")
 set(PYTHON_MODULE_DEBUG_POSTFIX "" CACHE INTERNAL "")
 set(PYTHON_IS_DEBUG 0 CACHE INTERNAL "")
 TC
-PKG="$CACHE/pkg"
-rm -rf "$PKG" "$CACHE/dist"
-CMAKE_TOOLCHAIN_FILE="$TOOLCHAIN" SETUPTOOLS_EXT_SUFFIX="$EXT_SUFFIX" _PYTHON_HOST_PLATFORM=linux-aarch64 \
-  "$HOST_PY" -m pip wheel -q --no-deps --no-build-isolation -w "$CACHE/dist" "$SRC" > "$RUN/build.log" 2>&1 ||
-  { tail -40 "$RUN/build.log" >&2; echo "error: the aarch64 build failed (log: $RUN/build.log)" >&2; exit 1; }
-WHEEL=$(ls "$CACHE"/dist/paligemma_edge-*.whl)
-"$HOST_PY" -m pip install -q --no-deps --no-compile --target "$PKG" --platform linux_aarch64 \
-  --only-binary=:all: --python-version 3.11 --implementation cp --abi cp311 "$WHEEL"
-file "$PKG/engine/_native$EXT_SUFFIX" | grep -q "ARM aarch64" ||
-  { echo "error: $PKG/engine/_native$EXT_SUFFIX is not an aarch64 library" >&2; exit 1; }
-log "installed $(basename "$WHEEL") into $PKG"
+  rm -rf "$PKG" "$CACHE/dist"
+  t0=$SECONDS
+  CMAKE_TOOLCHAIN_FILE="$TOOLCHAIN" SETUPTOOLS_EXT_SUFFIX="$EXT_SUFFIX" _PYTHON_HOST_PLATFORM=linux-aarch64 \
+    "$HOST_PY" -m pip wheel -q --no-deps --no-build-isolation -w "$CACHE/dist" "$SRC" > "$RUN/build.log" 2>&1 ||
+    { tail -40 "$RUN/build.log" >&2; echo "error: the aarch64 build failed (log: $RUN/build.log)" >&2; exit 1; }
+  WHEEL=$(ls "$CACHE"/dist/paligemma_edge-*.whl)
+  "$HOST_PY" -m pip install -q --no-deps --no-compile --target "$PKG" --platform linux_aarch64 \
+    --only-binary=:all: --python-version 3.11 --implementation cp --abi cp311 "$WHEEL"
+  file "$PKG/engine/_native$EXT_SUFFIX" | grep -q "ARM aarch64" ||
+    { echo "error: $PKG/engine/_native$EXT_SUFFIX is not an aarch64 library" >&2; exit 1; }
+  echo "$SRC_HASH" > "$PKG/.src-hash"
+  log "installed $(basename "$WHEEL") into $PKG (build $((SECONDS - t0)) s)"
+fi
+
+# ------------------------------------------------------------------------- runs
+guest() {   # the arm64 python under qemu, seeing only the aarch64 package and wheels
+  PYTHONPATH="$PKG:$SITE" PALIGEMMA_EDGE_CACHE="$RUN/cache-aarch64" \
+    "$QEMU" -L "$SYSROOT" "$SYSROOT/usr/bin/python3.11" "$@"
+}
+host() {    # the host's python with the package from this checkout
+  PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PALIGEMMA_EDGE_CACHE="$RUN/cache-x86_64" "$HOST_PY" "$@"
+}
+timed() {   # timed NAME CMD...: runs CMD, records "NAME seconds" in $RUN/durations
+  local name=$1 t0=$SECONDS rc=0; shift
+  "$@" || rc=$?
+  echo "$name $((SECONDS - t0))" >> "$RUN/durations"
+  return $rc
+}
+FAILED=()
+CHECKS="$ROOT/tests/arm/arm_checks.py"
+cd "$RUN"     # not the repo root: the guest must import the installed package, not ./engine
+
+log "x86 reference tokens (host)"
+host "$CHECKS" tokens --out "$RUN/tokens-x86_64.json"
+
+log "guest: platform and SIMD"
+guest -c "import platform, engine; f = engine.cpu_features(); print('platform.machine():', platform.machine()); \
+print('engine:', engine.__file__); print('cpu_features:', f)" | tee "$RUN/platform.txt"
+MACHINE=$(sed -n 's/^platform.machine(): //p' "$RUN/platform.txt")
+SIMD=$(sed -n "s/^cpu_features: .*'simd': '\([a-z0-9]*\)'.*/\1/p" "$RUN/platform.txt")
+[[ "$MACHINE" == aarch64 && "$SIMD" == neon ]] || FAILED+=("platform: $MACHINE / $SIMD, want aarch64 / neon")
+
+log "guest: python -m engine demo (default model, OpenVINO int8)"
+timed demo guest -m engine demo --out "$RUN/demo.png" || FAILED+=("demo")
+
+# NEON vs scalar vs numpy through the bindings (the tests switch levels with set_simd_level).
+# Deselected under qemu: test_thread_pool_survives_fork, whose forked child hangs under
+# qemu-user (fork of a multi-threaded guest; see the README's ARM section).
+A="$SRC/tests/test_native_attention.py"
+PYTESTS=("$A" "$SRC/tests/test_serving_native.py" --deselect "$A::test_thread_pool_survives_fork")
+if [[ $MODE == full ]]; then
+  PYTESTS+=("$SRC/tests/test_native_generate.py" "$SRC/tests/test_quantize.py")
+else   # CI: the SIMD-vs-scalar and oracle comparisons, without the two slowest shapes (~6 min of 13)
+  PYTESTS+=(-k "every_level_matches_scalar or prefill_decode_vs_oracle or sliding_window or interleaved or attention_plan"
+            --deselect "$A::test_prefill_tiles_every_level_matches_scalar[256-4-2-260-260-0-50.0-f32]")
+fi
+log "guest: pytest (native kernels; $MODE selection)"
+timed pytest guest -m pytest -q -p no:cacheprovider --rootdir "$SRC" "${PYTESTS[@]}" \
+  2>&1 | tail -15 | tee "$RUN/pytest.txt" || true
+grep -qE "[0-9]+ passed" "$RUN/pytest.txt" && ! grep -qE "[0-9]+ (failed|error)" "$RUN/pytest.txt" ||
+  FAILED+=("pytest")
+
+log "guest: tiny model, export + load + greedy, both backends vs numpy reference"
+timed tiny guest "$CHECKS" tiny | tee "$RUN/tiny.txt" || FAILED+=("tiny")
+
+log "guest: default model, greedy tokens on 6 prompts, both backends (NEON)"
+timed tokens guest "$CHECKS" tokens --out "$RUN/tokens-aarch64.json" || FAILED+=("tokens")
+COMPARE=$(host "$CHECKS" compare "$RUN/tokens-x86_64.json" "$RUN/tokens-aarch64.json" | tee /dev/stderr | tail -1) ||
+  FAILED+=("tokens differ from x86")
+if [[ $MODE == full ]]; then
+  log "guest: the same with ENGINE_SIMD=scalar"
+  ENGINE_SIMD=scalar timed tokens-scalar guest "$CHECKS" tokens --out "$RUN/tokens-aarch64-scalar.json" ||
+    FAILED+=("tokens scalar")
+  host "$CHECKS" compare "$RUN/tokens-x86_64.json" "$RUN/tokens-aarch64-scalar.json" || FAILED+=("scalar tokens differ")
+fi
+
+log "quantized weights per runtime (OpenVINO compiled precisions; resident memory)"
+# CI: the default model's OpenVINO int8 / int4 graphs as compiled on aarch64. Full: also a
+# 47M-parameter-decoder model (exported on the host; artifacts are platform-independent) in both
+# runtimes and 3 formats, whose weights outweigh the runtimes' own resident memory.
+QUANT=("openvino --weights int8" "openvino --weights int4")
+if [[ $MODE == full ]]; then
+  host "$CHECKS" wide-export --out "$CACHE/wide"
+  for b in openvino onnxruntime; do
+    for w in fp32 int8 int4; do QUANT+=("$b --artifact $CACHE/wide/$w"); done
+  done
+fi
+for q in "${QUANT[@]}"; do
+  set -- $q
+  host "$CHECKS" quant --backend $q | tee -a "$RUN/quant.jsonl"
+  timed "quant-$1-${3##*/}" guest "$CHECKS" quant --backend $q | tee -a "$RUN/quant.jsonl" ||
+    FAILED+=("quant $q")
+done
+# int8 / int4 matrices must compile to i8 / i4 FullyConnected layers on aarch64 as on x86
+host - "$RUN/quant.jsonl" <<'PY' || FAILED+=("OpenVINO precisions differ between x86 and aarch64")
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
+ok = True
+for r in rows:
+    if r["machine"] != "aarch64" or "runtime_precisions" not in r:
+        continue
+    x86 = next(x for x in rows if x["machine"] == "x86_64" and
+               (x["model"], x["backend"], x["weights"]) == (r["model"], r["backend"], r["weights"]))
+    same = x86["runtime_precisions"] == r["runtime_precisions"]
+    ok &= same
+    print(f"openvino {r['model']} {r['weights']}: aarch64 runtime precisions "
+          f"{'==' if same else '!='} x86 {r['runtime_precisions'] if not same else ''}")
+sys.exit(0 if ok else 1)
+PY
+
+log "durations (s): $(tr '\n' ' ' < "$RUN/durations")"
+[[ ${#FAILED[@]} -eq 0 ]] || echo "FAILED: ${FAILED[*]}"
+STATUS=$([[ ${#FAILED[@]} -eq 0 ]] && echo passed || echo FAILED)
+echo "arm summary: arch $MACHINE (qemu-aarch64 $("$QEMU" --version | head -1 | awk '{print $3}')), SIMD $SIMD," \
+     "backends openvino+onnxruntime, tokens vs x86: ${COMPARE#compare: }, mode $MODE, $((SECONDS - START)) s: $STATUS"
+[[ ${#FAILED[@]} -eq 0 ]]
