@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
               "`pip install \"paligemma-edge[batch]\"` (or `pip install \"ray[data]\"`)", file=sys.stderr)
         return 2
     import logging
+
+    import ray.data  # noqa: F401 - sets up Ray Data's loggers, whose chatter the command quiets next
     logging.getLogger("ray.data").setLevel(logging.ERROR)   # the command prints its own progress and summary
     from .job import run_job
     try:
