@@ -31,8 +31,8 @@ class Leak:
 
     def where(self) -> str:
         """The first frame that is not the allocator itself."""
-        for f in self.frames:
-            if not re.search(r"\b(malloc|calloc|realloc|operator new|__interceptor_|aligned_alloc|posix_memalign)\b", f):
+        for f in self.frames[1:]:           # frame #0 is the sanitizer's malloc / new
+            if not re.search(r"(malloc|calloc|realloc|operator new|aligned_alloc|posix_memalign)\b", f):
                 return f.split(" in ", 1)[-1].strip()
         return self.frames[0] if self.frames else "?"
 

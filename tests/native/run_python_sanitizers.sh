@@ -66,11 +66,20 @@ assert n.__file__.startswith(sys.argv[1]), n.__file__
 ' "$SRC"
 
 # ---- 2. the native-facing Python tests under ASan + UBSan
+# Reports go to files: pytest captures fd 2, and an aborted process would take them along.
 t1=$SECONDS
-LD_PRELOAD="$PRELOAD" ASAN_OPTIONS="detect_leaks=0:$ASAN_BASE" \
+rm -rf "$WORK/asan" && mkdir -p "$WORK/asan"
+status=0
+LD_PRELOAD="$PRELOAD" ASAN_OPTIONS="detect_leaks=0:$ASAN_BASE:log_path=$WORK/asan/report" \
+  UBSAN_OPTIONS="$UBSAN_OPTIONS:log_path=$WORK/asan/report" \
   "$PYEXE" -m pytest -q -p no:cacheprovider -x \
     tests/test_native_attention.py tests/test_native_generate.py tests/test_serving_native.py \
-    tests/test_serving.py ${SAN_PYTEST_ARGS:-}
+    tests/test_serving.py ${SAN_PYTEST_ARGS:-} || status=$?
+if [[ $status != 0 ]] || grep -qs -e "ERROR: AddressSanitizer" -e "runtime error:" "$WORK"/asan/report.*; then
+  cat "$WORK"/asan/report.* 2>/dev/null || true
+  echo "run_python_sanitizers: the native-facing tests failed under ASan/UBSan (status $status, reports above)" >&2
+  exit 1
+fi
 echo "run_python_sanitizers: ASan/UBSan tests in $((SECONDS - t1)) s"
 
 # ---- 3. LeakSanitizer over load / generate / close, repeated
@@ -80,5 +89,5 @@ LD_PRELOAD="$PRELOAD" \
   ASAN_OPTIONS="detect_leaks=1:$ASAN_BASE" \
   LSAN_OPTIONS="exitcode=0:log_path=$WORK/lsan/report:suppressions=$ROOT/tests/native/lsan.supp:print_suppressions=0" \
   "$PYEXE" "$ROOT/tests/native/leak_loop.py" --rounds "${SAN_LEAK_ROUNDS:-4}" --work "$WORK/leak"
-"$PY" "$ROOT/tests/native/lsan_report.py" "$WORK"/lsan/report.*
+"$PYEXE" "$ROOT/tests/native/lsan_report.py" "$WORK"/lsan/report.*
 echo "run_python_sanitizers: leak check in $((SECONDS - t2)) s; clean, $((SECONDS - t0)) s in all"
