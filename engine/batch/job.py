@@ -130,8 +130,8 @@ def _run_on_ray(spec: JobSpec, artifact: Path, todo: pa.Table, store: OutputStor
         for k, v in quiet.items():
             setattr(ctx, k, v)
         wspec = WorkerSpec(str(artifact), spec.backend, threads, spec.task, spec.batch_size, spec.fault_marker)
-        blocks = [todo.slice(i, spec.batch_size) for i in range(0, todo.num_rows, spec.batch_size)]
-        ds = ray.data.from_arrow(blocks).map_batches(
+        n_blocks = -(-todo.num_rows // spec.batch_size)     # one block per batch; built here in the driver
+        ds = ray.data.from_items(todo.to_pylist(), override_num_blocks=n_blocks).map_batches(
             BatchWorker, fn_constructor_args=(wspec,), compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=threads, batch_size=None, batch_format="pyarrow")
         try:
