@@ -132,7 +132,7 @@ def _run_on_ray(spec: JobSpec, artifact: Path, todo: pa.Table, store: OutputStor
         wspec = WorkerSpec(str(artifact), spec.backend, threads, spec.task, spec.batch_size, spec.fault_marker)
         n_blocks = -(-todo.num_rows // spec.batch_size)     # one block per batch; built here in the driver
         ds = ray.data.from_items(todo.to_pylist(), override_num_blocks=n_blocks).map_batches(
-            _bound(BatchWorker, wspec), compute=ray.data.ActorPoolStrategy(size=workers),
+            BatchWorker, fn_constructor_args=(wspec,), compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=threads, batch_size=None, batch_format="pyarrow")
         try:
             _collect(ds, todo.num_rows, store, summary, _show_progress(spec), spec.interrupt_after_rows)
@@ -142,17 +142,6 @@ def _run_on_ray(spec: JobSpec, artifact: Path, todo: pa.Table, store: OutputStor
     finally:
         if started:
             ray.shutdown()
-
-
-def _bound(cls, wspec: WorkerSpec):
-    """`cls` with its WorkerSpec bound: the spec travels inside the pickled class, not as an actor
-    argument in the object store (Ray warns that such arguments may be gone when it restarts a
-    dead actor)."""
-    class BoundBatchWorker(cls):
-        def __init__(self):
-            super().__init__(wspec)
-
-    return BoundBatchWorker
 
 
 def _connect(spec: JobSpec) -> bool:
