@@ -47,10 +47,10 @@ Versions written (pinned, whatever onnx package exports): ONNX IR version IR_VER
 opset OPSET (21), the pair onnx 1.16 defined, which the oldest supported onnxruntime loads.
 `helper.make_model` would stamp the installed onnx's own IR version (onnx 1.23: IR 14), which
 an older onnxruntime refuses ("Unsupported model IR version: 14, max supported IR version:
-13" on 1.30; 1.22 reads IR <= 10). Measured floors (tests/compat/run_floor_versions.sh): the
-com.microsoft ops used exist in onnxruntime 1.22 as used here (MatMulIntegerToFloat;
-MatMulNBits bits 4 and 8 with accuracy_level 4; bits=8 is refused by 1.20 and 1.21), and onnx
-1.15 builds these graphs.
+13" on 1.30; 1.23 reads IR <= 11). Measured floors (tests/compat/run_floor_versions.sh): the
+com.microsoft ops used exist in onnxruntime 1.23 as used here (MatMulIntegerToFloat;
+MatMulNBits bits 4 and 8; 1.20 and 1.21 refuse bits=8 at load, 1.22 runs bits=8 only at
+accuracy_level 4, not at the tests' exact accuracy_level 0), and onnx 1.15 builds these graphs.
 
 Measured on a synthetic PaliGemma 3B (paligemma-3b-224, bf16 checkpoint 5.85 GB; 2 shared cores,
 OrtRunner with 2 threads; timings are noisy on that machine):
@@ -79,7 +79,7 @@ from . import graph_def
 from .quantize import check_format, check_group_size, matrix_format, pack_uint4, quantize, ROW_CHUNK_ELEMENTS
 
 OPSET = 21
-IR_VERSION = 10               # ONNX IR of opset 21 (onnx 1.16); onnxruntime 1.22 reads IR <= 10
+IR_VERSION = 10               # ONNX IR of opset 21 (onnx 1.16); onnxruntime 1.22 reads IR <= 10, 1.23 <= 11
 MS_DOMAIN = "com.microsoft"
 INT8_BLOCK = 128               # MatMulNBits block size used for per-channel int8
 # The matrices of an int8 artifact: per-row int8 MatMulIntegerToFloat ("dq", ~2x faster prefill than

@@ -261,6 +261,7 @@ sys.exit(0 if ok else 1)
 PY
 
 log "durations (s): $(tr '\n' ' ' < "$RUN/durations")"
+echo "CPU time (user, system) of this shell and of its children:"; times
 [[ ${#FAILED[@]} -eq 0 ]] || echo "FAILED: ${FAILED[*]}"
 STATUS=$([[ ${#FAILED[@]} -eq 0 ]] && echo passed || echo FAILED)
 echo "arm summary: arch $MACHINE (qemu-aarch64 $("$QEMU" --version | head -1 | awk '{print $3}')), SIMD $SIMD," \
