@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=1_000_000, help="inputs per target (default 1,000,000)")
     p.add_argument("--max-seconds", type=int, default=None, help="stop a target after this long")
     p.add_argument("--timeout", type=int, default=60,
-                   help="wall-clock seconds one input may take (default 60: on a loaded machine a
-                   niced run gets little CPU, and a 0.1 s input can take 16 s of wall time)")
+                   help="wall-clock seconds one input may take (default 60: on a loaded machine a "
+                        "niced run gets little CPU, and a 0.1 s input can take 16 s of wall time)")
     p.add_argument("--rss-mb", type=int, default=2048, help="memory limit of a target (default 2048)")
     p.add_argument("--keep-corpus", type=Path, default=None,
                    help="directory for the grown corpus (default: a temporary one, deleted)")
