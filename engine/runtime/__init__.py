@@ -62,7 +62,8 @@ class RunnerBase:
 def exporter_info(manifest: Manifest, backend: str) -> dict:
     """What the exporter recorded for `backend` ("onnx", "openvino") in manifest.weights
     (opset, ir_version, onnx_version / openvino_version); {} when absent (older manifests)."""
-    backends = manifest.weights.get("backends")
+    weights = getattr(manifest, "weights", None)
+    backends = weights.get("backends") if isinstance(weights, dict) else None
     info = backends.get(backend) if isinstance(backends, dict) else None
     return info if isinstance(info, dict) else {}
 
