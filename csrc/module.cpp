@@ -11,6 +11,7 @@ void bind_attention(py::module_& m);
 void bind_generate(py::module_& m);
 void bind_bench(py::module_& m);
 void bind_serving(py::module_& m);
+void bind_matmul(py::module_& m);
 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "PaliGemma engine native core";
@@ -38,4 +39,5 @@ PYBIND11_MODULE(_native, m) {
   bind_generate(m);
   bind_bench(m);
   bind_serving(m);
+  bind_matmul(m);
 }

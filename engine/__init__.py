@@ -48,7 +48,7 @@ def default_cache_dir():
 
 def load(path=None, backend: str = "openvino", threads: int | None = None, *, weights: str = "int8",
          group_size: int = 128, verify: bool = True, kv_dtype: str = "f32", progress: bool = True,
-         seg_decoder=None, serving=None):
+         seg_decoder=None, serving=None, lm_head: str = "auto"):
     """Load a model for inference. The model serves any number of threads at once (see
     engine/model.py and engine/serving).
 
@@ -63,6 +63,8 @@ def load(path=None, backend: str = "openvino", threads: int | None = None, *, we
     decoder for segment() (an artifact exported with --seg-decoder carries its own).
     serving: an engine.serving.SchedulerConfig (max_queue, max_active, prefill_chunk_layers,
       image_cache_bytes); None: its defaults.
+    lm_head: "auto" (the native int8 LM head where the artifact has one, see engine.model),
+      "graph" or "native".
     """
     from pathlib import Path
 
@@ -88,12 +90,12 @@ def load(path=None, backend: str = "openvino", threads: int | None = None, *, we
             raise FileNotFoundError(f"{path} does not exist")
     seen = manifest_identity(path)
     try:
-        model = PaliGemma(path, backend, threads, verify=verify, kv_dtype=kv_dtype, serving=serving)
+        model = PaliGemma(path, backend, threads, verify=verify, kv_dtype=kv_dtype, serving=serving, lm_head=lm_head)
     except ArtifactError as e:
         if export is None:        # the user's own artifact: theirs to fix, the error says how
             raise
         path = reexport(export, path, e, seen, progress)     # a cached export heals itself
-        model = PaliGemma(path, backend, threads, verify=verify, kv_dtype=kv_dtype, serving=serving)
+        model = PaliGemma(path, backend, threads, verify=verify, kv_dtype=kv_dtype, serving=serving, lm_head=lm_head)
     if seg_decoder is not None:
         model.load_seg_decoder(seg_decoder)
     return model
@@ -101,7 +103,9 @@ def load(path=None, backend: str = "openvino", threads: int | None = None, *, we
 
 # Part of the export cache key: bump it whenever the exporter writes different graphs or weights
 # for the same options, so that cached artifacts of an older exporter are not reused.
-EXPORT_REVISION = 4    # 4: ONNX IR version pinned to 10 (was the installed onnx's, 14 with onnx 1.23); 3: per-row int8
+# 5: final_norm.npy for the native int8 LM head; 4: ONNX IR version pinned to 10 (was the
+# installed onnx's, 14 with onnx 1.23); 3: per-row int8.
+EXPORT_REVISION = 5
 
 
 def _export_cached(checkpoint, backend: str, weights: str, group_size: int, progress: bool):

@@ -72,6 +72,9 @@ class Embedding:
     scale: float              # sqrt(hidden) in the checkpoint dtype
     scales: str | None = None  # relative path of the [V] per-row scales (int8 tables)
     dtype: str | None = None   # "fp32", "fp16" or "int8"
+    # relative path of the final RMSNorm weight [D] (fp32), written with int8 tables of tied
+    # embeddings: the engine then computes the LM head natively from the table (model.logits)
+    final_norm: str | None = None
 
 
 @dataclass(frozen=True)
@@ -223,7 +226,8 @@ def _parse_fields(d: dict, path: Path) -> dict:
     embedding = Embedding(table=_get(e, "table", str, path, "embedding."),
                           scale=float(_get(e, "scale", (int, float), path, "embedding.")),
                           scales=_get(e, "scales", str, path, "embedding.", optional=True),
-                          dtype=_get(e, "dtype", str, path, "embedding.", optional=True))
+                          dtype=_get(e, "dtype", str, path, "embedding.", optional=True),
+                          final_norm=_get(e, "final_norm", str, path, "embedding.", optional=True))
     try:
         config = PaliGemmaConfig.from_hf(_get(d, "config", dict, path))
     except ArtifactError:
@@ -241,7 +245,8 @@ def _parse_fields(d: dict, path: Path) -> dict:
         lora=_get(d, "lora", dict, path, optional=True),
         format_version=d["format_version"])
     referenced = [("tokenizer", fields["tokenizer"]), ("embedding.table", embedding.table),
-                  ("embedding.scales", embedding.scales), ("preprocessor_config", fields["preprocessor_config"]),
+                  ("embedding.scales", embedding.scales), ("embedding.final_norm", embedding.final_norm),
+                  ("preprocessor_config", fields["preprocessor_config"]),
                   ("seg_decoder", fields["seg_decoder"])]
     referenced += [(f"graph {b}/{n}", rel) for b, names in graphs.items() for n, rel in names.items()]
     for what, rel in referenced:

@@ -30,9 +30,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import _native
-from .artifact import Manifest, load_manifest
+from .artifact import REEXPORT, ArtifactError, Manifest, load_manifest
 from .config import PaliGemmaConfig
-from .embedding import load_embedding
+from .embedding import load_embedding, load_final_norm
 from .processor import Processor
 from .runtime import open_runner
 from .serving.image_cache import FeatureCache, image_key
@@ -61,12 +61,18 @@ class PaliGemma:
 
     threads: the model's threads (each graph's intra-op threads and the model's own attention
     pool; None: one per core). serving: the scheduler's limits (engine.serving.SchedulerConfig:
-    max_queue, max_active, prefill_chunk_layers, image_cache_bytes)."""
+    max_queue, max_active, prefill_chunk_layers, image_cache_bytes). lm_head: "auto" computes the
+    LM head natively from the int8 embedding table when the artifact allows it (an int8 table of
+    tied embeddings with final_norm.npy: no second copy of the 257k x D matrix in the runtime,
+    and its graph is not loaded), else runs the lm_head graph; "graph" always runs the graph;
+    "native" requires the native head."""
 
     def __init__(self, artifact_dir: str | Path, backend: str = "openvino", threads: int | None = None,
                  *, verify: bool = True, kv_dtype: str = "f32",
-                 serving: SchedulerConfig | None = None):
+                 serving: SchedulerConfig | None = None, lm_head: str = "auto"):
         t0 = time.perf_counter()
+        if lm_head not in ("auto", "graph", "native"):
+            raise ValueError(f"lm_head must be 'auto', 'graph' or 'native', got {lm_head!r}")
         self.artifact_dir = Path(artifact_dir)
         self.manifest: Manifest = load_manifest(self.artifact_dir, verify_checksums=verify)
         self.config: PaliGemmaConfig = self.manifest.config
@@ -76,12 +82,19 @@ class PaliGemma:
             raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
         self.threads = threads
         self._pool = _native.ThreadPool(threads or os.cpu_count() or 1)   # this model's attention threads
-        self.runner = open_runner(backend, self.artifact_dir, self.manifest, threads)
+        emb = self.manifest.embedding
+        # (1 + w) of the final norm [D] when the LM head runs natively on the int8 table, else None
+        self._final_norm = None if lm_head == "graph" else load_final_norm(self.artifact_dir, emb, self.config)
+        if lm_head == "native" and self._final_norm is None:
+            raise ArtifactError(f"{self.artifact_dir}: lm_head='native' needs an int8 embedding table with "
+                                f"final_norm.npy (int8 / int4 / fp8 exports of tied-embedding checkpoints by "
+                                f"this version); {REEXPORT}, or use lm_head='auto'")
+        self.runner = open_runner(backend, self.artifact_dir, self.manifest, threads,
+                                  skip=("lm_head",) if self._final_norm is not None else ())
         manifest_bytes = (self.artifact_dir / "manifest.json").read_bytes()
         # Who computed a cached image feature: the artifact's content, the backend and its settings.
         self.identity = hashlib.sha256(manifest_bytes + f"|{backend}|{getattr(self.runner, 'config', '')}".encode()
                                        ).hexdigest()
-        emb = self.manifest.embedding
         self._embed_table, self._embed_scales = load_embedding(self.artifact_dir, emb, self.config)  # [V, D], [V]
         self._embed_scale = np.float32(emb.scale)
         tokenizer = Tokenizer(self.artifact_dir / self.manifest.tokenizer, self.config.image_token_index)
@@ -181,9 +194,26 @@ class PaliGemma:
     def logits(self, hidden_rows: np.ndarray, times: StepTimes | None = None) -> np.ndarray:
         """hidden [n, D] -> logits [n, V] (final norm, LM head, softcap)."""
         t0 = time.perf_counter()
-        logits = self.run_rows("lm_head", {"hidden": hidden_rows})["logits"]
+        if self._final_norm is not None:
+            logits = self._native_logits(hidden_rows)
+        else:
+            logits = self.run_rows("lm_head", {"hidden": hidden_rows})["logits"]
         if times is not None:
             times.add_graph("lm_head", time.perf_counter() - t0)
+        return logits
+
+    def _native_logits(self, hidden: np.ndarray) -> np.ndarray:
+        """The lm_head graph's computation on the int8 table [V, D] (memory-mapped, shared with
+        the token lookup): Gemma's final RMSNorm in fp32, int8 x int8 products (_native.matmul_int8:
+        per-row activation quantization, the table's per-row scales), Gemma 2's final softcap."""
+        t = self.config.text
+        x = np.asarray(hidden, np.float32)                                   # [n, D]
+        x = x / np.sqrt((x * x).mean(-1, keepdims=True) + np.float32(t.rms_norm_eps)) * self._final_norm
+        logits = _native.matmul_int8(np.ascontiguousarray(x, np.float32), self._embed_table, self._embed_scales,
+                                     pool=self._pool)                       # [n, V]
+        cap = t.final_logit_softcapping
+        if cap:
+            logits = np.tanh(logits * np.float32(1.0 / cap)) * np.float32(cap)
         return logits
 
     def new_cache(self, num_slots: int, capacity: int):

@@ -89,7 +89,7 @@ def export_checkpoint(checkpoint_dir, out_dir, *, formats=("onnx",), weights: st
         staging = artifact.staging_dir(out_dir)
         try:
             embedding = write_embedding(staging, cfg, tensors["text.embed_tokens.weight"], weights,
-                                        ckpt.dtype, progress)
+                                        ckpt.dtype, progress, final_norm=tensors["text.norm.weight"])
             graphs, backend_info = {}, {}
             if "onnx" in formats:
                 graphs["onnx"], backend_info["onnx"] = _export_onnx(cfg, tensors, ckpt.tensors, staging, weights,
@@ -145,8 +145,10 @@ def _check_args(out_dir, formats, weights, group_size, seg_decoder, force) -> tu
 
 # ---------------------------------------------------------------------------- embedding
 def write_embedding(staging: Path, cfg: PaliGemmaConfig, table: np.ndarray, weights: str,
-                    checkpoint_dtype: str, progress: bool = True) -> dict:
-    """Write embed_tokens.npy (+ embed_scales.npy) in row chunks; returns the manifest entry."""
+                    checkpoint_dtype: str, progress: bool = True, final_norm: np.ndarray | None = None) -> dict:
+    """Write embed_tokens.npy (+ embed_scales.npy) in row chunks; returns the manifest entry.
+    With an int8 table of tied embeddings, also the final norm weight (final_norm.npy, fp32): the
+    engine then computes the LM head from the table itself (engine.model, `native_lm_head`)."""
     V, D = table.shape
     if weights == "fp32":
         dtype = "fp32"
@@ -172,6 +174,9 @@ def write_embedding(staging: Path, cfg: PaliGemmaConfig, table: np.ndarray, weig
     if scales is not None:
         np.save(staging / "embed_scales.npy", scales)
         entry["scales"] = "embed_scales.npy"
+        if final_norm is not None and cfg.text.tie_word_embeddings:
+            np.save(staging / "final_norm.npy", np.asarray(final_norm, np.float32))
+            entry["final_norm"] = "final_norm.npy"
     return entry
 
 

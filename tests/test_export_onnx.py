@@ -380,9 +380,11 @@ def test_manifest_contents(checkpoints, artifacts):
     assert m.weights["int4_share"]["decoder_params"] == round(2 * (36864 - 3072) / (3 * 36864), 4)
     assert m.source["dtype"] == "fp32" and len(m.source["config_sha256"]) == 64
     assert m.embedding == artifact.Embedding(table="embed_tokens.npy", dtype="int8", scales="embed_scales.npy",
-                                             scale=graph_def.embedding_scale(m.config, "fp32"))
+                                             scale=graph_def.embedding_scale(m.config, "fp32"),
+                                             final_norm="final_norm.npy")   # tied: the native LM head
     assert set(m.graphs["onnx"]) == {"vision", "decoder_0", "decoder_1", "decoder_2", "decoder_3", "lm_head"}
-    for rel in ("tokenizer.model", "preprocessor_config.json", "onnx/lm_head.data", "embed_tokens.npy"):
+    for rel in ("tokenizer.model", "preprocessor_config.json", "onnx/lm_head.data", "embed_tokens.npy",
+                "final_norm.npy"):
         assert rel in m.files and len(m.files[rel].sha256) == 64
     assert not [p for p in art.parent.iterdir() if ".partial-" in p.name]
 

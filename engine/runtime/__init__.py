@@ -68,12 +68,14 @@ def exporter_info(manifest: Manifest, backend: str) -> dict:
     return info if isinstance(info, dict) else {}
 
 
-def open_runner(backend: str, artifact_dir: str | Path, manifest: Manifest, threads: int | None = None) -> GraphRunner:
-    """The runner of `backend` for a loaded, validated artifact manifest (engine.artifact.load_manifest)."""
+def open_runner(backend: str, artifact_dir: str | Path, manifest: Manifest, threads: int | None = None,
+                skip: tuple[str, ...] = ()) -> GraphRunner:
+    """The runner of `backend` for a loaded, validated artifact manifest (engine.artifact.load_manifest).
+    skip: graph names not to load (the model computes them itself)."""
     if backend == "onnxruntime":
         from .ort_backend import OrtRunner
-        return OrtRunner(Path(artifact_dir), manifest, threads)
+        return OrtRunner(Path(artifact_dir), manifest, threads, skip=skip)
     if backend == "openvino":
         from .ov_backend import OvRunner
-        return OvRunner(Path(artifact_dir), manifest, threads)
+        return OvRunner(Path(artifact_dir), manifest, threads, skip=skip)
     raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")

@@ -74,7 +74,7 @@ class OrtRunner(RunnerBase):
 
     def __init__(self, artifact_dir: str | os.PathLike, manifest: Manifest, threads: int | None = None,
                  *, progress: bool | None = None, spinning: bool = False,
-                 load_threads: int = 2):
+                 load_threads: int = 2, skip: tuple[str, ...] = ()):
         import onnxruntime as ort
 
         self.artifact_dir = Path(artifact_dir)
@@ -88,7 +88,7 @@ class OrtRunner(RunnerBase):
         if not isinstance(load_threads, int) or load_threads < 1:
             raise ValueError(f"load_threads must be a positive integer, got {load_threads!r}")
         self.threads = threads
-        self.graph_names = list(graphs)
+        self.graph_names = [g for g in graphs if g not in skip]   # skip: graphs the model computes itself
         _register_env_arena(ort)
         self._ort, self._spinning = ort, spinning
 

@@ -69,7 +69,7 @@ class OvRunner(RunnerBase):
     def __init__(self, artifact_dir: str | os.PathLike, manifest: Manifest, threads: int | None = None, *,
                  precision: str = "f32", dynamic_quantization: int | None = None,
                  cache_dir: str | os.PathLike | None = None, release_weight_pages: bool = True,
-                 progress: bool | None = None):
+                 progress: bool | None = None, skip: tuple[str, ...] = ()):
         import openvino as ov
 
         self.artifact_dir = Path(artifact_dir)
@@ -88,7 +88,7 @@ class OvRunner(RunnerBase):
                              f"got {dynamic_quantization!r}")
         self.threads = threads
         self.precision = PRECISIONS[precision]
-        self.graph_names = list(graphs)
+        self.graph_names = [g for g in graphs if g not in skip]   # skip: graphs the model computes itself
         self.release_weight_pages = release_weight_pages and sys.platform.startswith("linux")
         config = {"INFERENCE_PRECISION_HINT": self.precision, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
                   "ENABLE_MMAP": True}

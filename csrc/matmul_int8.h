@@ -1,0 +1,41 @@
+// int8 x int8 matrix product for the LM head over the artifact's int8 embedding table (tied
+// weights): logits[m, v] = <x[m], E[v]>, E[v] ~= codes[v] * scales[v].
+//
+// Activations are quantized per row, symmetrically: a[m] = max_k |x[m, k]|,
+// q[m, k] = rint(x[m, k] * (127 / a[m])) in [-127, 127] (0 for an all-zero row), and
+//   out[m, v] = (sum_k q[m, k] * codes[v, k]) * (scales[v] * (a[m] / 127)).
+// The integer sums are exact (int32), so every SIMD path equals the scalar twin up to the one
+// float rounding of the last product. codes must lie in [-127, 127] (the exporter's int8 range;
+// the AVX2 path's sign trick is undefined for -128). Decode is memory-bound here: the table is
+// read once per call, whatever the number of rows M, and rows of one call never interact.
+#pragma once
+#include <cstdint>
+
+namespace engine {
+
+// Per-row quantization: q [M, K] int8, qscale [M] = a[m] / 127.
+void quantize_rows_int8(const float* x, int M, int K, int8_t* q, float* qscale);
+
+// out [M, V] = the formula above. Runs on the current pool (PoolScope) at the active SIMD level.
+void matmul_int8(const float* x, int M, int K, const int8_t* codes, const float* scales, int64_t V,
+                 float* out);
+
+namespace mm8 {
+// One kernel call: vocab rows [v0, v1) for all M quantized rows.
+struct Job {
+  const int8_t* q;        // [M, K] quantized activations
+  const uint8_t* qabs;    // [M, K] |q| (the unsigned operand of AVX2's maddubs)
+  const float* qscale;    // [M]
+  int M, K;
+  const int8_t* codes;    // [V, K]
+  const float* scales;    // [V]
+  float* out;             // [M, ldo]
+  int64_t ldo;
+};
+using Fn = void (*)(const Job& job, int64_t v0, int64_t v1);
+void run_scalar(const Job& job, int64_t v0, int64_t v1);
+Fn avx2_kernel();   // defined only where ENGINE_HAVE_AVX2 / ENGINE_HAVE_NEON
+Fn neon_kernel();
+}  // namespace mm8
+
+}  // namespace engine
