@@ -195,15 +195,16 @@ SIMD=$(sed -n "s/^cpu_features: .*'simd': '\([a-z0-9]*\)'.*/\1/p" "$RUN/platform
 log "guest: python -m engine demo (default model, OpenVINO int8)"
 timed demo guest -m engine demo --out "$RUN/demo.png" || FAILED+=("demo")
 
-# NEON vs scalar vs numpy through the bindings (the tests switch levels with set_simd_level).
+# NEON vs scalar vs numpy through the bindings (the tests switch levels with set_simd_level):
+# attention, the serving steps and the int8 LM-head product (tests/test_matmul_int8.py).
 # Deselected under qemu: test_thread_pool_survives_fork, whose forked child hangs under
 # qemu-user (fork of a multi-threaded guest; see the README's ARM section).
 A="$SRC/tests/test_native_attention.py"
-PYTESTS=("$A" "$SRC/tests/test_serving_native.py" --deselect "$A::test_thread_pool_survives_fork")
+PYTESTS=("$A" "$SRC/tests/test_serving_native.py" "$SRC/tests/test_matmul_int8.py" --deselect "$A::test_thread_pool_survives_fork")
 if [[ $MODE == full ]]; then
   PYTESTS+=("$SRC/tests/test_native_generate.py" "$SRC/tests/test_quantize.py")
 else   # CI: the SIMD-vs-scalar and oracle comparisons, without the two slowest shapes (~6 min of 13)
-  PYTESTS+=(-k "every_level_matches_scalar or prefill_decode_vs_oracle or sliding_window or interleaved or attention_plan"
+  PYTESTS+=(-k "every_level_matches_scalar or prefill_decode_vs_oracle or sliding_window or interleaved or attention_plan or numpy_twin_at_every_level or saturate"
             --deselect "$A::test_prefill_tiles_every_level_matches_scalar[256-4-2-260-260-0-50.0-f32]")
 fi
 log "guest: pytest (native kernels; $MODE selection)"
@@ -243,27 +244,34 @@ for q in "${QUANT[@]}"; do
   timed "quant-$1-${3##*/}" guest "$CHECKS" quant --backend $q | tee -a "$RUN/quant.jsonl" ||
     FAILED+=("quant $q")
 done
-# int8 / int4 matrices must compile to i8 / i4 FullyConnected layers on aarch64 as on x86
-host - "$RUN/quant.jsonl" <<'PY' || FAILED+=("OpenVINO precisions differ between x86 and aarch64")
+# What OpenVINO makes of int8 / int4 matrices when it compiles them: on x86 they must stay i8 / i4
+# FullyConnected weights (a regression fails the run). On aarch64 this is a finding, printed and
+# put in the summary line, not a failure: OpenVINO 2026.4 decompresses them to f32 there (README
+# "ARM (aarch64)"), and a release that keeps them compressed must not break CI either.
+OV_ARM=$(host - "$RUN/quant.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
-ok = True
+ok, arm = True, set()
 for r in rows:
-    if r["machine"] != "aarch64" or "runtime_precisions" not in r:
+    if "runtime_precisions" not in r or r["weights"] not in ("int8", "int4"):
         continue
-    x86 = next(x for x in rows if x["machine"] == "x86_64" and
-               (x["model"], x["backend"], x["weights"]) == (r["model"], r["backend"], r["weights"]))
-    same = x86["runtime_precisions"] == r["runtime_precisions"]
-    ok &= same
-    print(f"openvino {r['model']} {r['weights']}: aarch64 runtime precisions "
-          f"{'==' if same else '!='} x86 {r['runtime_precisions'] if not same else ''}")
+    kinds = sorted({p for g in r["runtime_precisions"].values() for p in g})
+    compressed = bool({"i8", "u8", "i4", "u4"} & set(kinds))
+    print(f"openvino {r['model']} {r['weights']} on {r['machine']}: compiled weight precisions "
+          f"{'+'.join(kinds)} ({'compressed' if compressed else 'decompressed'})", file=sys.stderr)
+    if r["machine"] == "x86_64":
+        ok &= compressed
+    else:
+        arm.add(f"{r['weights']}->{'+'.join(kinds)}")
+print(",".join(sorted(arm)) or "not measured")
 sys.exit(0 if ok else 1)
 PY
+) || FAILED+=("OpenVINO int8 / int4 weights not compressed on x86")
 
 log "durations (s): $(tr '\n' ' ' < "$RUN/durations")"
 echo "CPU time (user, system) of this shell and of its children:"; times
 [[ ${#FAILED[@]} -eq 0 ]] || echo "FAILED: ${FAILED[*]}"
 STATUS=$([[ ${#FAILED[@]} -eq 0 ]] && echo passed || echo FAILED)
 echo "arm summary: arch $MACHINE (qemu-aarch64 $("$QEMU" --version | head -1 | awk '{print $3}')), SIMD $SIMD," \
-     "backends openvino+onnxruntime, tokens vs x86: ${COMPARE#compare: }, mode $MODE, $((SECONDS - START)) s: $STATUS"
+     "backends openvino+onnxruntime, tokens vs x86: ${COMPARE#compare: }, OpenVINO int8/int4 weights on aarch64: $OV_ARM, mode $MODE, $((SECONDS - START)) s: $STATUS"
 [[ ${#FAILED[@]} -eq 0 ]]
