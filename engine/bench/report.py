@@ -489,12 +489,12 @@ def markdown_report(results: dict, chart_name: str | None) -> str:
             lines += ["### Where the time goes (our engine)", ""]
         if prefill:
             lines += ["Prefill: shares of the TTFT. The vision graph, the decoder graphs (decoder_i on the "
-                      "prompt rows), native attention on the prompt rows, the LM head graph (last row), and "
+                      "prompt rows), native attention on the prompt rows, the LM head (last row; native int8 or its graph), and "
                       "overhead: the rest (preprocessing, embedding, KV cache set-up, first-token selection).",
                       "", prefill, ""]
         if split:
-            lines += ["Decode: shares of the decode time. Graph execution (runner.run of the decoder and LM "
-                      "head graphs), native attention (_native.attention), and overhead (embedding, Python "
+            lines += ["Decode: shares of the decode time. Graph execution (the decoder graphs and the LM head, "
+                      "native int8 or its graph), native attention (_native.attention), and overhead (embedding, Python "
                       "glue, the C++ loop's token selection; all the rest).", "", split, ""]
     if "detect3" in st["workloads"]:
         lines += ["## detect3", "", detect_setup(results) + ". Median [min–max] over the repeats; "
