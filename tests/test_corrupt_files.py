@@ -259,6 +259,11 @@ CASES = [
          ArtifactError, (REEXPORT,), rechecksum=True),
     Case("embedding_wrong_dtype", "art", "embed_tokens.npy", save_npy(lambda a: a.astype(np.float64)), load_onnx,
          ArtifactError, (REEXPORT,), rechecksum=True),
+    # the final norm of the native int8 LM head (engine.model)
+    Case("final_norm_wrong_shape", "art", "final_norm.npy", save_npy(lambda a: a[:-1]), load_onnx,
+         ArtifactError, (REEXPORT,), rechecksum=True),
+    Case("final_norm_not_finite", "art", "final_norm.npy", save_npy(lambda a: a * np.float32("nan")), load_onnx,
+         ArtifactError, (REEXPORT,), rechecksum=True),
     # the mask decoder
     Case("seg_decoder_truncated", "art", "seg_decoder.npz", truncate(0.5), load_seg_decoder, SegDecoderError,
          ("vae-oid.npz",), rechecksum=True),
@@ -273,7 +278,8 @@ CASES = [
 
 def test_the_catalogue_covers_every_kind_of_file():
     kinds = {"config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.model",
-             "manifest.json", ".onnx", ".data", ".xml", ".bin", "embed_tokens.npy", "seg_decoder.npz"}
+             "manifest.json", ".onnx", ".data", ".xml", ".bin", "embed_tokens.npy", "final_norm.npy",
+             "seg_decoder.npz"}
     covered = {k for k in kinds for c in CASES if c.file.endswith(k)}
     assert covered == kinds and len(CASES) >= 20
     assert len({c.name for c in CASES}) == len(CASES)
