@@ -45,7 +45,7 @@ void run_scalar(const Job& job, int64_t v0, int64_t v1) {
       const int8_t* q = job.q + size_t(m) * job.K;
       int32_t acc = 0;
       for (int k = 0; k < job.K; ++k) acc += int32_t(q[k]) * int32_t(w[k]);
-      job.out[m * job.ldo + v] = float(acc) * (job.scales[v] * job.qscale[m]);
+      job.out[m * job.ldo + v] = scaled(job, acc, v, m);
     }
   }
 }

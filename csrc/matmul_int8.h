@@ -34,6 +34,32 @@ struct Job {
 };
 using Fn = void (*)(const Job& job, int64_t v0, int64_t v1);
 void run_scalar(const Job& job, int64_t v0, int64_t v1);
+
+// out[m, v] from the exact integer dot product `acc` (the same float ops on every path).
+inline float scaled(const Job& job, int32_t acc, int64_t v, int m) {
+  return float(acc) * (job.scales[v] * job.qscale[m]);
+}
+
+// The loop every SIMD kernel shares: table rows [v0, v1), activation rows in blocks of up to 4.
+// Dots::run<NB>(job, w, m0, res) writes the NB dot products of table row w with rows m0 + j.
+// Instantiated in each ISA's own file, so it is compiled with that file's flags.
+template <class Dots>
+void run_blocks(const Job& job, int64_t v0, int64_t v1) {
+  int32_t res[4];
+  for (int64_t v = v0; v < v1; ++v) {
+    const int8_t* w = job.codes + v * job.K;
+    for (int m0 = 0; m0 < job.M; m0 += 4) {
+      const int nb = job.M - m0 < 4 ? job.M - m0 : 4;
+      switch (nb) {
+        case 4: Dots::template run<4>(job, w, m0, res); break;
+        case 3: Dots::template run<3>(job, w, m0, res); break;
+        case 2: Dots::template run<2>(job, w, m0, res); break;
+        default: Dots::template run<1>(job, w, m0, res); break;
+      }
+      for (int j = 0; j < nb; ++j) job.out[(m0 + j) * job.ldo + v] = scaled(job, res[j], v, m0 + j);
+    }
+  }
+}
 Fn avx2_kernel();   // defined only where ENGINE_HAVE_AVX2 / ENGINE_HAVE_NEON
 Fn neon_kernel();
 }  // namespace mm8

@@ -4,7 +4,7 @@
 // load of a table row. Built only on x86, with its own -m flags.
 #include <immintrin.h>
 
-#include <algorithm>
+#include <cstddef>
 #include <cstdint>
 
 #include "matmul_int8.h"
@@ -20,8 +20,13 @@ inline int32_t hsum(__m256i v) {
 }
 
 // Dot products of table row w with activation rows m0 .. m0 + NB - 1.
+struct Dots {
+  template <int NB>
+  static void run(const mm8::Job& job, const int8_t* w, int m0, int32_t* res);
+};
+
 template <int NB>
-inline void dots(const mm8::Job& job, const int8_t* w, int m0, int32_t* res) {
+void Dots::run(const mm8::Job& job, const int8_t* w, int m0, int32_t* res) {
   const int K = job.K, K32 = K / 32 * 32;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc[NB];
@@ -44,26 +49,8 @@ inline void dots(const mm8::Job& job, const int8_t* w, int m0, int32_t* res) {
   }
 }
 
-void run(const mm8::Job& job, int64_t v0, int64_t v1) {
-  int32_t res[4];
-  for (int64_t v = v0; v < v1; ++v) {
-    const int8_t* w = job.codes + v * job.K;
-    for (int m0 = 0; m0 < job.M; m0 += 4) {
-      const int nb = std::min(4, job.M - m0);
-      switch (nb) {
-        case 4: dots<4>(job, w, m0, res); break;
-        case 3: dots<3>(job, w, m0, res); break;
-        case 2: dots<2>(job, w, m0, res); break;
-        default: dots<1>(job, w, m0, res); break;
-      }
-      for (int j = 0; j < nb; ++j)
-        job.out[(m0 + j) * job.ldo + v] = float(res[j]) * (job.scales[v] * job.qscale[m0 + j]);
-    }
-  }
-}
-
 }  // namespace
 
-mm8::Fn mm8::avx2_kernel() { return &run; }
+mm8::Fn mm8::avx2_kernel() { return &mm8::run_blocks<Dots>; }
 
 }  // namespace engine

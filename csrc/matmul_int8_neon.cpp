@@ -3,7 +3,7 @@
 // into int32 (vpadal). Baseline ARMv8.0 (Raspberry Pi 4's Cortex-A72 has no sdot).
 #include <arm_neon.h>
 
-#include <algorithm>
+#include <cstddef>
 #include <cstdint>
 
 #include "matmul_int8.h"
@@ -11,8 +11,13 @@
 namespace engine {
 namespace {
 
+struct Dots {
+  template <int NB>
+  static void run(const mm8::Job& job, const int8_t* w, int m0, int32_t* res);
+};
+
 template <int NB>
-inline void dots(const mm8::Job& job, const int8_t* w, int m0, int32_t* res) {
+void Dots::run(const mm8::Job& job, const int8_t* w, int m0, int32_t* res) {
   const int K = job.K, K16 = K / 16 * 16;
   int32x4_t acc[NB];
   for (int j = 0; j < NB; ++j) acc[j] = vdupq_n_s32(0);
@@ -33,26 +38,8 @@ inline void dots(const mm8::Job& job, const int8_t* w, int m0, int32_t* res) {
   }
 }
 
-void run(const mm8::Job& job, int64_t v0, int64_t v1) {
-  int32_t res[4];
-  for (int64_t v = v0; v < v1; ++v) {
-    const int8_t* w = job.codes + v * job.K;
-    for (int m0 = 0; m0 < job.M; m0 += 4) {
-      const int nb = std::min(4, job.M - m0);
-      switch (nb) {
-        case 4: dots<4>(job, w, m0, res); break;
-        case 3: dots<3>(job, w, m0, res); break;
-        case 2: dots<2>(job, w, m0, res); break;
-        default: dots<1>(job, w, m0, res); break;
-      }
-      for (int j = 0; j < nb; ++j)
-        job.out[(m0 + j) * job.ldo + v] = float(res[j]) * (job.scales[v] * job.qscale[m0 + j]);
-    }
-  }
-}
-
 }  // namespace
 
-mm8::Fn mm8::neon_kernel() { return &run; }
+mm8::Fn mm8::neon_kernel() { return &mm8::run_blocks<Dots>; }
 
 }  // namespace engine
