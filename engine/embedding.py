@@ -43,8 +43,8 @@ def load_embedding(directory: Path, emb: Embedding, cfg: PaliGemmaConfig) -> tup
 
 
 def load_final_norm(directory: Path, emb: Embedding, cfg: PaliGemmaConfig) -> np.ndarray | None:
-    """(1 + w) [D] float32 of the final RMSNorm, as the graphs compute it, or None when the
-    artifact has no final_norm.npy (then the LM head runs as the lm_head graph)."""
+    """The final RMSNorm weight w [D] float32 (Gemma's offset from 1), or None when the artifact
+    has no final_norm.npy (then the LM head runs as the lm_head graph)."""
     if emb.final_norm is None:
         return None
     path = directory / emb.final_norm
@@ -52,7 +52,7 @@ def load_final_norm(directory: Path, emb: Embedding, cfg: PaliGemmaConfig) -> np
     if w.shape != (cfg.text.hidden_size,) or not np.issubdtype(w.dtype, np.floating) or not np.isfinite(w).all():
         raise ArtifactError(f"{path}: the final norm weight has shape {w.shape} and dtype {w.dtype}, expected "
                             f"finite float [{cfg.text.hidden_size}] (hidden_size); {REEXPORT}")
-    return np.float32(1) + w.astype(np.float32)
+    return w.astype(np.float32)
 
 
 def _load_npy(path: Path, mmap: bool) -> np.ndarray:

@@ -34,6 +34,7 @@ from .artifact import REEXPORT, ArtifactError, Manifest, load_manifest
 from .config import PaliGemmaConfig
 from .embedding import load_embedding, load_final_norm
 from .processor import Processor
+from .reference import rms_norm
 from .runtime import open_runner
 from .serving.image_cache import FeatureCache, image_key
 from .serving.request import (GenerationSettings, ImageInput, PreparedPrompt, Request, RequestHandle, RequestStats,
@@ -83,7 +84,7 @@ class PaliGemma:
         self.threads = threads
         self._pool = _native.ThreadPool(threads or os.cpu_count() or 1)   # this model's attention threads
         emb = self.manifest.embedding
-        # (1 + w) of the final norm [D] when the LM head runs natively on the int8 table, else None
+        # the final norm weight [D] when the LM head runs natively on the int8 table, else None
         self._final_norm = None if lm_head == "graph" else load_final_norm(self.artifact_dir, emb, self.config)
         if lm_head == "native" and self._final_norm is None:
             raise ArtifactError(f"{self.artifact_dir}: lm_head='native' needs an int8 embedding table with "
@@ -207,8 +208,7 @@ class PaliGemma:
         the token lookup): Gemma's final RMSNorm in fp32, int8 x int8 products (_native.matmul_int8:
         per-row activation quantization, the table's per-row scales), Gemma 2's final softcap."""
         t = self.config.text
-        x = np.asarray(hidden, np.float32)                                   # [n, D]
-        x = x / np.sqrt((x * x).mean(-1, keepdims=True) + np.float32(t.rms_norm_eps)) * self._final_norm
+        x = rms_norm(hidden, self._final_norm, t.rms_norm_eps)              # [n, D], as the graph
         logits = _native.matmul_int8(np.ascontiguousarray(x, np.float32), self._embed_table, self._embed_scales,
                                      pool=self._pool)                       # [n, V]
         cap = t.final_logit_softcapping
