@@ -523,3 +523,72 @@ def _get(url):
         return httpx.get(url, timeout=5).json()
     except httpx.HTTPError:
         return None
+
+
+# --------------------------------------------------------------------------- over-limit uploads
+def _raw_response(sock) -> tuple[str, dict, bytes]:
+    """One HTTP/1.1 response read off a raw socket: status line, headers, body (by Content-Length)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed the connection before answering: {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+    while len(body) < int(headers["content-length"]):
+        body += sock.recv(65536)
+    return status, headers, body
+
+
+def test_over_limit_upload_gets_its_413_not_a_reset(limited):
+    """A client that sends its headers, then (after the server has decided) a 2 MiB body with a
+    Content-Length over the 256 KiB limit, must read the 413, not 'connection reset'; the
+    connection then still serves the next request."""
+    import socket
+    server, _ = limited
+    size = 2 << 20
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as s:
+            s.sendall(f"POST /v1/detect HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n"
+                      f"Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n".encode())
+            time.sleep(0.2)                                   # the guard has seen the headers by now
+            s.sendall(b"x" * size)
+            status, headers, body = _raw_response(s)
+            assert status.startswith("HTTP/1.1 413"), status
+            assert json.loads(body)["error"]["code"] == "body_too_large"
+            assert headers.get("connection") != "close"
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _raw_response(s)[0].startswith("HTTP/1.1 200")
+
+
+def test_over_limit_upload_with_expect_continue_is_refused_before_the_body(limited):
+    """`Expect: 100-continue`: the client waits; it gets the 413 (and a close) without sending a byte."""
+    import socket
+    server, _ = limited
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as s:
+        s.sendall(b"POST /v1/detect HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n"
+                  b"Content-Type: application/json\r\nContent-Length: 999999999\r\nExpect: 100-continue\r\n\r\n")
+        status, headers, body = _raw_response(s)
+        assert status.startswith("HTTP/1.1 413"), status
+        assert headers["connection"] == "close" and "limit" in json.loads(body)["error"]["message"]
+
+
+def test_drain_body_stops_at_its_bound():
+    import asyncio
+
+    from engine.serve.middleware import drain_body
+
+    def receiver(messages):
+        it = iter(messages)
+
+        async def receive():
+            return next(it)
+        return receive
+
+    part = {"type": "http.request", "body": b"x" * 100, "more_body": True}
+    last = {"type": "http.request", "body": b"x" * 100, "more_body": False}
+    assert asyncio.run(drain_body(receiver([part, part, last]), 300)) is True
+    assert asyncio.run(drain_body(receiver([part, part, part, last]), 300)) is False     # 400 > 300
+    assert asyncio.run(drain_body(receiver([part] * 10 + [last]), 250)) is False         # stops reading early
+    assert asyncio.run(drain_body(receiver([part, {"type": "http.disconnect"}]), 300)) is False

@@ -3,7 +3,11 @@
   - API key: when the server has one, /v1/* and /metrics need `Authorization: Bearer KEY`
     (what the openai client sends) or `X-API-Key: KEY`; else 401. / , /static and /health stay open.
   - body limit: a request body over max_body_bytes gets 413, by its Content-Length or, for a
-    chunked body, as soon as the bytes read pass the limit.
+    chunked body, as soon as the bytes read pass the limit. An over-limit Content-Length body is
+    read and dropped first (up to DRAIN_MAX_BYTES), because a server that closes with unread
+    bytes in its socket makes the kernel send a reset, and the client, still uploading, then sees
+    "connection reset" instead of the 413. Bigger bodies, and clients that sent
+    `Expect: 100-continue` (they wait for our answer before sending), get the 413 and a close.
   - metrics: requests by endpoint and status, and the server time of each.
   - access log: one JSON line per request on the `engine.serve.access` logger, written when
     the response (streamed ones included) has ended.
@@ -21,6 +25,7 @@ from starlette.exceptions import HTTPException
 from .errors import ApiError
 
 ACCESS_LOG = logging.getLogger("engine.serve.access")
+DRAIN_MAX_BYTES = 64 << 20      # an over-limit body up to this size is read and dropped before the 413
 KNOWN_ENDPOINTS = ("/v1/chat/completions", "/v1/models", "/v1/caption", "/v1/answer", "/v1/ocr", "/v1/detect",
                    "/v1/segment", "/health", "/metrics", "/")
 
@@ -43,6 +48,20 @@ def endpoint_of(path: str) -> str:
     if path in KNOWN_ENDPOINTS:
         return path
     return "/static" if path.startswith("/static/") else "other"
+
+
+async def drain_body(receive, max_bytes: int) -> bool:
+    """Read and drop the request body. True when it ended within max_bytes (the connection can
+    answer cleanly and stay open), False when it was longer or the client went away."""
+    dropped = 0
+    while dropped <= max_bytes:
+        message = await receive()
+        if message["type"] != "http.request":
+            return False
+        dropped += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return dropped <= max_bytes
+    return False
 
 
 def needs_key(path: str) -> bool:
@@ -77,7 +96,11 @@ class HttpGuard:
         try:
             error = self._refuse(path, headers)
             if error is not None:
-                await self._send_error(send_wrapper, error)
+                close = False
+                if error.status == 413:
+                    waits = headers.get("expect", "").lower() == "100-continue"
+                    close = waits or not await drain_body(receive, DRAIN_MAX_BYTES)
+                await self._send_error(send_wrapper, error, close)
                 return
             limit = self.state.config.max_body_bytes
             received = 0
@@ -95,7 +118,8 @@ class HttpGuard:
                 await self.app(scope, receive_limited, send_wrapper)
             except BodyTooLarge:
                 if not status["started"]:
-                    await self._send_error(send_wrapper, self._too_large(limit))
+                    drained = await drain_body(receive, DRAIN_MAX_BYTES)
+                    await self._send_error(send_wrapper, self._too_large(limit), close=not drained)
         finally:
             seconds = time.perf_counter() - t0
             metrics.request_finished(endpoint, status["code"], seconds)
@@ -126,11 +150,11 @@ class HttpGuard:
         return ApiError(413, too_large_message(limit), code="body_too_large")
 
     @staticmethod
-    async def _send_error(send, error: ApiError) -> None:
+    async def _send_error(send, error: ApiError, close: bool = False) -> None:
         body = json.dumps(error.body()).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
-        if error.status == 413:
+        if close:
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": error.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
