@@ -69,12 +69,13 @@ def exporter_info(manifest: Manifest, backend: str) -> dict:
 
 
 def open_runner(backend: str, artifact_dir: str | Path, manifest: Manifest, threads: int | None = None,
-                skip: tuple[str, ...] = ()) -> GraphRunner:
+                skip: tuple[str, ...] = (), prepacked_cache: bool = True) -> GraphRunner:
     """The runner of `backend` for a loaded, validated artifact manifest (engine.artifact.load_manifest).
-    skip: graph names not to load (the model computes them itself)."""
+    skip: graph names not to load (the model computes them itself). prepacked_cache: onnxruntime
+    only, see engine/runtime/ort_prepacked.py."""
     if backend == "onnxruntime":
         from .ort_backend import OrtRunner
-        return OrtRunner(Path(artifact_dir), manifest, threads, skip=skip)
+        return OrtRunner(Path(artifact_dir), manifest, threads, skip=skip, prepacked_cache=prepacked_cache)
     if backend == "openvino":
         from .ov_backend import OvRunner
         return OvRunner(Path(artifact_dir), manifest, threads, skip=skip)

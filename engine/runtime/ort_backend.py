@@ -13,14 +13,20 @@ Session settings (the same for every graph):
   - one CPU memory arena shared by all sessions (registered in the onnxruntime environment,
     "session.use_env_allocators" = "1"), instead of one arena per session each keeping its own
     peak activations.
+  - prepacked_cache (default on): each graph's optimized form, with the weights MLAS repacked,
+    is written once per machine and onnxruntime version into the engine's cache, and later loads
+    map it instead of repacking (engine/runtime/ort_prepacked.py). Those sessions are created
+    with graph optimizations off: the cached graph is already optimized.
 
 Weight formats in memory (see export/onnx_graphs.py): int8 and int4 stay compressed
 (MatMulIntegerToFloat / MatMulNBits, prepacked by MLAS); fp32, fp16, bf16 and fp8 all end up fp32 in memory.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -28,8 +34,11 @@ import numpy as np
 
 from ..artifact import REEXPORT, ArtifactError, Manifest
 from . import RunnerBase, exporter_info
+from . import ort_prepacked
 
+log = logging.getLogger("engine")
 _ENV_ARENA_REGISTERED = False
+OPTIONS_TAG = "level=all|disable_quant_qdq=1"     # what _options() does to the optimized graph
 
 
 def _register_env_arena(ort) -> None:
@@ -62,19 +71,30 @@ def load_error(path: Path, graph: str, e: Exception, ort_version: str, manifest:
                          f"be corrupted or from an incompatible exporter: {REEXPORT}")
 
 
+def prepacked_entries(manifest: Manifest) -> list[Path]:
+    """The prepacked-cache entries of an artifact's graphs that exist on this machine now."""
+    import onnxruntime as ort
+    root = ort_prepacked.cache_root()
+    found = [ort_prepacked.entry_dir(root, name, manifest, rel, ort.__version__, OPTIONS_TAG)
+             for name, rel in manifest.graphs.get("onnx", {}).items()]
+    return [p for p in found if p.is_dir()]
+
+
 class OrtRunner(RunnerBase):
     """GraphRunner for onnxruntime (CPU execution provider).
 
     artifact_dir: the artifact directory; manifest: its validated manifest
     (engine.artifact.load_manifest); threads: intra-op threads per session (None: default).
-    Every session is created here, with a progress bar when stderr is a terminal.
+    prepacked_cache: map the repacked weights from the engine's cache (written at the first load;
+    also off when $PALIGEMMA_EDGE_ORT_PREPACKED=0). Every session is created here, with a
+    progress bar when stderr is a terminal.
     """
 
     backend = "onnxruntime"
 
     def __init__(self, artifact_dir: str | os.PathLike, manifest: Manifest, threads: int | None = None,
                  *, progress: bool | None = None, spinning: bool = False,
-                 load_threads: int = 2, skip: tuple[str, ...] = ()):
+                 load_threads: int = 2, skip: tuple[str, ...] = (), prepacked_cache: bool = True):
         import onnxruntime as ort
 
         self.artifact_dir = Path(artifact_dir)
@@ -91,9 +111,15 @@ class OrtRunner(RunnerBase):
         self.graph_names = [g for g in graphs if g not in skip]   # skip: graphs the model computes itself
         _register_env_arena(ort)
         self._ort, self._spinning = ort, spinning
+        use_cache = prepacked_cache and ort_prepacked.enabled_by_env()
+        cache_problems: list[str] = []          # why a graph loaded without the cache (one warning)
 
         def create(name: str):
             path = self.artifact_dir / graphs[name]
+            if use_cache:
+                sess = self._cached_session(name, path, manifest, cache_problems)
+                if sess is not None:
+                    return name, sess
             try:
                 return name, ort.InferenceSession(str(path), self._options(), providers=["CPUExecutionProvider"])
             except Exception as e:  # onnxruntime raises its own exception types
@@ -110,6 +136,9 @@ class OrtRunner(RunnerBase):
             for name, sess in pool.map(create, self.graph_names):
                 self._sessions[name] = sess
                 bar.update()
+        if cache_problems:
+            log.warning("engine: %d onnxruntime graphs loaded without the prepacked-weights cache (%s); "
+                        "set PALIGEMMA_EDGE_ORT_PREPACKED=0 to stop trying", len(cache_problems), cache_problems[0])
         self._inputs = {n: [i.name for i in s.get_inputs()] for n, s in self._sessions.items()}
         self._outputs = {n: [o.name for o in s.get_outputs()] for n, s in self._sessions.items()}
 
@@ -127,6 +156,38 @@ class OrtRunner(RunnerBase):
         opts.add_session_config_entry("session.disable_quant_qdq", "1")
         opts.add_session_config_entry("session.use_env_allocators", "1")
         return opts
+
+    def _cached_session(self, name: str, path: Path, manifest: Manifest, problems: list[str]):
+        """The session of graph `name` made from its prepacked-cache entry (written first when it
+        is absent or bad); None when the cache cannot serve it (the caller loads the artifact's
+        graph, whose errors are the user's to see)."""
+        ort = self._ort
+        root = ort_prepacked.cache_root()
+        entry = ort_prepacked.entry_dir(root, name, manifest, manifest.graphs["onnx"][name], ort.__version__,
+                                        OPTIONS_TAG)
+        problem = ort_prepacked.check_entry(entry) if entry.is_dir() else "absent"
+        if problem is not None:
+            if entry.is_dir():
+                log.warning("engine: the cached onnxruntime weights %s are bad (%s); writing them again", entry, problem)
+                shutil.rmtree(entry, ignore_errors=True)
+            size = sum(manifest.files[rel].size for rel in ort_prepacked.graph_files(manifest, manifest.graphs["onnx"][name]))
+            if not ort_prepacked.has_room(root, size):
+                problems.append(f"less than {ort_prepacked.MIN_FREE_BYTES >> 30} GiB would stay free in {root}")
+                return None
+            try:
+                ort_prepacked.write_entry(ort, path, entry, self._options())
+            except Exception as e:  # noqa: BLE001 - a bad source graph raises again, clearly, from the plain load
+                problems.append(f"{name}: {type(e).__name__}: {e}")
+                return None
+        ort_prepacked.touch(entry)
+        opts = self._options()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            return ort.InferenceSession(str(entry / ort_prepacked.GRAPH), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own types; the entry is useless, drop it
+            problems.append(f"{name}: the cached graph does not load ({e})")
+            shutil.rmtree(entry, ignore_errors=True)
+            return None
 
     def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one graph; inputs and outputs are float32 arrays keyed by tensor name."""
