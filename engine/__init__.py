@@ -48,7 +48,8 @@ def default_cache_dir():
 
 def load(path=None, backend: str = "openvino", threads: int | None = None, *, weights: str = "int8",
          group_size: int = 128, verify: bool = True, kv_dtype: str = "f32", progress: bool = True,
-         seg_decoder=None, serving=None, lm_head: str = "auto", prepacked_cache: bool = True):
+         seg_decoder=None, serving=None, lm_head: str = "auto", prepacked_cache: bool = True,
+         warm_up: bool = True):
     """Load a model for inference. The model serves any number of threads at once (see
     engine/model.py and engine/serving).
 
@@ -65,9 +66,13 @@ def load(path=None, backend: str = "openvino", threads: int | None = None, *, we
       image_cache_bytes); None: its defaults.
     lm_head: "auto" (the native int8 LM head where the artifact has one, see engine.model),
       "graph" or "native".
-    prepacked_cache: onnxruntime only: map the weights onnxruntime repacks at load from the
-      engine's cache, written by the first load on this machine (about 2x the artifact's onnx/
-      on disk; engine/runtime/ort_prepacked.py). False repacks at every load.
+    prepacked_cache: keep what a load prepares in the engine's per-machine cache, written by the
+      first load on this machine: onnxruntime maps the weights it repacks from it (about 2x the
+      artifact's onnx/ on disk; engine/runtime/ort_prepacked.py), OpenVINO imports its compiled
+      graphs (about 1x the openvino/ on disk; engine/runtime/ov_compiled.py). False: every load
+      does the work again.
+    warm_up: OpenVINO only: run each graph but the vision tower once at load, so that the first
+      generate does not pay for the plugin's lazy weight repacking (engine/runtime/ov_backend.py).
     """
     from pathlib import Path
 
@@ -94,13 +99,13 @@ def load(path=None, backend: str = "openvino", threads: int | None = None, *, we
     seen = manifest_identity(path)
     try:
         model = PaliGemma(path, backend, threads, verify=verify, kv_dtype=kv_dtype, serving=serving, lm_head=lm_head,
-                          prepacked_cache=prepacked_cache)
+                          prepacked_cache=prepacked_cache, warm_up=warm_up)
     except ArtifactError as e:
         if export is None:        # the user's own artifact: theirs to fix, the error says how
             raise
         path = reexport(export, path, e, seen, progress)     # a cached export heals itself
         model = PaliGemma(path, backend, threads, verify=verify, kv_dtype=kv_dtype, serving=serving, lm_head=lm_head,
-                          prepacked_cache=prepacked_cache)
+                          prepacked_cache=prepacked_cache, warm_up=warm_up)
     if seg_decoder is not None:
         model.load_seg_decoder(seg_decoder)
     return model

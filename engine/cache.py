@@ -12,8 +12,9 @@ key hashes the checkpoint's path and files (name, size, mtime) and the export op
   or truncated file, a mangled manifest) is exported again, with one warning line on stderr,
   and the load goes on. An artifact directory given by the user is never touched: its error stands.
 - `python -m engine cache list|verify|clear` shows, checks and removes cached artifacts
-  (`cache_command`), and lists and removes onnxruntime's prepacked weights
-  (engine/runtime/ort_prepacked.py), which `clear` with no names removes too.
+  (`cache_command`), and lists and removes the runtimes' per-machine caches: onnxruntime's
+  prepacked weights (engine/runtime/ort_prepacked.py) and OpenVINO's compiled graphs
+  (engine/runtime/ov_compiled.py), which `clear` with no names removes too.
 """
 from __future__ import annotations
 
@@ -328,25 +329,27 @@ def add_cache_parser(sub) -> None:
 
 def cache_command(args: argparse.Namespace) -> int:
     """Run `cache list|verify|clear`; 0 on success, 1 when `verify` found a bad artifact."""
-    from .runtime import ort_prepacked
+    from .runtime import ort_prepacked, ov_compiled
     root = artifacts_dir()
+    runtime_caches = (("ort_prepacked", "onnxruntime prepacked weights", ort_prepacked),
+                      ("ov_compiled", "OpenVINO compiled blobs", ov_compiled))
     if args.cache_command == "list":
         items = cached_artifacts()
-        packed = ort_prepacked.entries()
-        packed_bytes = sum(ort_prepacked.disk_size(p) for p in packed)
+        found = {key: ort_prepacked.entries(module.cache_root()) for key, _, module in runtime_caches}
+        sizes = {key: sum(ort_prepacked.disk_size(p) for p in found[key]) for key in found}
         if args.json:
             print(json.dumps({"cache": str(root), "artifacts": [asdict(a) for a in items],
-                              "ort_prepacked": {"path": str(ort_prepacked.cache_root()), "graphs": len(packed),
-                                                "size": packed_bytes}}, indent=1))
+                              **{key: {"path": str(module.cache_root()), "graphs": len(found[key]), "size": sizes[key]}
+                                 for key, _, module in runtime_caches}}, indent=1))
             return 0
         if not items:
             print(f"the cache {root} holds no artifacts")
         else:
             print(_table(items))
             print(f"{len(items)} artifacts, {_human(sum(a.size for a in items))} in {root}")
-        if packed:
-            print(f"onnxruntime prepacked weights: {len(packed)} graphs, {_human(packed_bytes)} in "
-                  f"{ort_prepacked.cache_root()}")
+        for key, label, module in runtime_caches:
+            if found[key]:
+                print(f"{label}: {len(found[key])} graphs, {_human(sizes[key])} in {module.cache_root()}")
         return 0
     if args.cache_command == "verify":
         items = [verify_artifact(Path(a.path)) for a in select(cached_artifacts(), args.names, None)]
@@ -379,7 +382,8 @@ def cache_command(args: argparse.Namespace) -> int:
     print(f"removed {removed} artifacts, {_human(freed)} freed from {root}" if removed
           else f"nothing removed from {root}")
     if not args.names:
-        graphs, packed_freed = ort_prepacked.clear(args.older_than, args.corrupt)
-        if graphs:
-            print(f"removed the onnxruntime prepacked weights of {graphs} graphs, {_human(packed_freed)} freed")
+        for _, label, module in runtime_caches:
+            graphs, cache_freed = module.clear(args.older_than, args.corrupt)
+            if graphs:
+                print(f"removed the {label} of {graphs} graphs, {_human(cache_freed)} freed")
     return 0

@@ -66,12 +66,12 @@ class PaliGemma:
     LM head natively from the int8 embedding table when the artifact allows it (an int8 table of
     tied embeddings with final_norm.npy: no second copy of the 257k x D matrix in the runtime,
     and its graph is not loaded), else runs the lm_head graph; "graph" always runs the graph;
-    "native" requires the native head. prepacked_cache: onnxruntime only, see
-    engine/runtime/ort_prepacked.py."""
+    "native" requires the native head. prepacked_cache, warm_up: see engine.runtime.open_runner."""
 
     def __init__(self, artifact_dir: str | Path, backend: str = "openvino", threads: int | None = None,
                  *, verify: bool = True, kv_dtype: str = "f32",
-                 serving: SchedulerConfig | None = None, lm_head: str = "auto", prepacked_cache: bool = True):
+                 serving: SchedulerConfig | None = None, lm_head: str = "auto", prepacked_cache: bool = True,
+                 warm_up: bool = True):
         t0 = time.perf_counter()
         if lm_head not in ("auto", "graph", "native"):
             raise ValueError(f"lm_head must be 'auto', 'graph' or 'native', got {lm_head!r}")
@@ -93,7 +93,7 @@ class PaliGemma:
                                 f"this version); {REEXPORT}, or use lm_head='auto'")
         self.runner = open_runner(backend, self.artifact_dir, self.manifest, threads,
                                   skip=("lm_head",) if self._final_norm is not None else (),
-                                  prepacked_cache=prepacked_cache)
+                                  prepacked_cache=prepacked_cache, warm_up=warm_up)
         manifest_bytes = (self.artifact_dir / "manifest.json").read_bytes()
         # Who computed a cached image feature: the artifact's content, the backend and its settings.
         self.identity = hashlib.sha256(manifest_bytes + f"|{backend}|{getattr(self.runner, 'config', '')}".encode()

@@ -69,14 +69,18 @@ def exporter_info(manifest: Manifest, backend: str) -> dict:
 
 
 def open_runner(backend: str, artifact_dir: str | Path, manifest: Manifest, threads: int | None = None,
-                skip: tuple[str, ...] = (), prepacked_cache: bool = True) -> GraphRunner:
+                skip: tuple[str, ...] = (), prepacked_cache: bool = True, warm_up: bool = True) -> GraphRunner:
     """The runner of `backend` for a loaded, validated artifact manifest (engine.artifact.load_manifest).
-    skip: graph names not to load (the model computes them itself). prepacked_cache: onnxruntime
-    only, see engine/runtime/ort_prepacked.py."""
+    skip: graph names not to load (the model computes them itself). prepacked_cache: keep each
+    graph's load-time work in the engine's per-machine cache (onnxruntime: its repacked weights,
+    ort_prepacked.py; OpenVINO: its compiled model, ov_compiled.py). warm_up: OpenVINO only, run
+    each graph but the vision tower once at load, so that its lazy weight repacking is done
+    (ov_backend.py)."""
     if backend == "onnxruntime":
         from .ort_backend import OrtRunner
         return OrtRunner(Path(artifact_dir), manifest, threads, skip=skip, prepacked_cache=prepacked_cache)
     if backend == "openvino":
         from .ov_backend import OvRunner
-        return OvRunner(Path(artifact_dir), manifest, threads, skip=skip)
+        return OvRunner(Path(artifact_dir), manifest, threads, skip=skip, compiled_cache=prepacked_cache,
+                        warm_up=warm_up)
     raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
