@@ -71,6 +71,7 @@ def test_imported_graphs_compute_exactly_what_compiled_graphs_compute(cache, cap
     assert not [r.getMessage() for r in caplog.records if r.name == "engine"]
     assert sorted(n.rsplit("-", 1)[0] for n in written) == sorted(first.runner.graph_names)
     assert entry_mtimes(cache) == written, "a second load rewrote cache entries"
+    assert sorted(second.runner.cache_entries()) == ov_compiled.entries(cache) and not plain.runner.cache_entries()
     assert not ov_compiled.leftovers(cache)
     assert all(stamped_dir.check(p) is None for p in ov_compiled.entries(cache))
     assert {g for g, _ in calls} == set(plain.runner.graph_names)

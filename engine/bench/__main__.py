@@ -244,8 +244,8 @@ def prepare_artifacts(systems: list[dict], checkpoint: Path, args) -> None:
             if "error" in res:
                 raise RuntimeError(f"export for {s['id']} failed: {res['error']}")
             if res.get("first_load_s") is not None:
-                log(f"{s['id']}: first load after the export {res['first_load_s']:.2f} s (writes onnxruntime's "
-                    f"prepacked weights unless cached: {(res.get('prepacked_bytes') or 0) / 1e9:.2f} GB)")
+                log(f"{s['id']}: first load after the export {res['first_load_s']:.2f} s (writes the runtime's "
+                    f"per-machine cache unless there: {(res.get('prepacked_bytes') or 0) / 1e9:.2f} GB)")
             done[key] = res
         res = done[key]
         s["artifact"] = res["artifact"]

@@ -110,7 +110,7 @@ class OrtRunner(RunnerBase):
         self.threads = threads
         self.graph_names = [g for g in graphs if g not in skip]   # skip: graphs the model computes itself
         _register_env_arena(ort)
-        self._ort, self._spinning = ort, spinning
+        self._ort, self._spinning, self._manifest = ort, spinning, manifest
         use_cache = prepacked_cache and ort_prepacked.enabled_by_env()
         cache_problems: list[str] = []          # why a graph loaded without the cache (one warning)
 
@@ -141,6 +141,10 @@ class OrtRunner(RunnerBase):
                         "set PALIGEMMA_EDGE_ORT_PREPACKED=0 to stop trying", len(cache_problems), cache_problems[0])
         self._inputs = {n: [i.name for i in s.get_inputs()] for n, s in self._sessions.items()}
         self._outputs = {n: [o.name for o in s.get_outputs()] for n, s in self._sessions.items()}
+
+    def cache_entries(self) -> list[Path]:
+        """This artifact's prepacked-cache entries on this machine now."""
+        return prepacked_entries(self._manifest)
 
     def _options(self):
         """Options of one session (a fresh object per session: they are created on several threads)."""

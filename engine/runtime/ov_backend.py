@@ -108,8 +108,10 @@ class OvRunner(RunnerBase):
             config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = dynamic_quantization
         self.config = config
         self.core = ov.Core()
-        use_cache = compiled_cache and ov_compiled.enabled_by_env()
+        use_cache = (compiled_cache and ov_compiled.enabled_by_env()
+                     and isinstance(getattr(manifest, "files", None), dict))
         cache_problems: list[str] = []
+        self._cache_entries: list[Path] = []
 
         from tqdm import tqdm
         show = sys.stderr.isatty() if progress is None else progress
@@ -124,10 +126,12 @@ class OvRunner(RunnerBase):
                 raise ArtifactError(f"{xml}: graph {name} (.xml + .bin) is missing; re-export the artifact")
             try:
                 got = None
-                if use_cache:
+                # only graphs whose content the manifest vouches for (sha256 of .xml and .bin)
+                if use_cache and len(ov_compiled.graph_files(manifest, graphs[name])) == 2:
                     entry = ov_compiled.entry_dir(ov_compiled.cache_root(), name, manifest, graphs[name], xml,
                                                   ov.get_version(), config)
                     got = ov_compiled.compile_graph(self.core, xml, config, entry, cache_problems)
+                    self._cache_entries.append(entry)
                 compiled, blobs = got if got is not None else (self.core.compile_model(str(xml), "CPU", config), [])
             except Exception as e:  # OpenVINO raises RuntimeError with its own message
                 exported = exporter_info(manifest, "openvino").get("openvino_version")
@@ -151,6 +155,10 @@ class OvRunner(RunnerBase):
                 if name != "vision":       # a whole image's compute, not a repack: left to the first call
                     self.run(name, self._zero_row(name))
             self.warmup_seconds = time.perf_counter() - t0
+
+    def cache_entries(self) -> list[Path]:
+        """The compiled-model cache entries of this runner's graphs (those that exist now)."""
+        return [p for p in self._cache_entries if p.is_dir()]
 
     def _zero_row(self, graph: str) -> dict[str, np.ndarray]:
         """Inputs of one row of zeros: every dynamic dimension 1."""
