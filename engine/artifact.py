@@ -183,12 +183,9 @@ def load_manifest(directory: str | os.PathLike, *, verify_checksums: bool = True
             check_onnx_external_data(directory, directory / rel)
 
     # A graph unchanged since a recorded verification passed the external-data check then (it
-    # costs `import onnx`, 1.4 s): only graphs hashed now, or all without checksums, are parsed.
-    hashed = check_files(directory, path, fields["files"], verify_checksums, hashlib.sha256(raw).hexdigest(),
-                         check_graph)
-    if hashed is None:
-        for rel in sorted(onnx_graphs):
-            check_graph(rel)
+    # costs `import onnx` and a parse, 2 s for 3B): only graphs hashed now, or not covered by a
+    # stamp when checksums are off, are parsed.
+    check_files(directory, path, fields["files"], verify_checksums, hashlib.sha256(raw).hexdigest(), check_graph)
     if fields["preprocessor_config"] is not None:
         fields["preprocessing"] = read_preprocessing(directory / fields["preprocessor_config"], fields["config"])
     return Manifest(**fields)
@@ -280,8 +277,9 @@ def check_files(directory: Path, path: Path, files: dict[str, FileEntry], verify
                  manifest_sha256: str, check_hashed=None) -> set[str] | None:
     """Every listed file present with its size; with verify_checksums, its sha256 too, hashing
     only the files that changed since a recorded verification (then recording this one).
-    check_hashed(rel) runs on every file hashed now, before the stamp records it.
-    Returns the files hashed now (None without verify_checksums: none is known to be intact)."""
+    check_hashed(rel) runs on every file hashed now, before the stamp records it (without
+    verify_checksums: on every file a stamp does not cover, since it may have changed).
+    Returns those files."""
     started_ns = time.time_ns()     # before any stat: see RACY_SECONDS
     stats = {}
     for rel, entry in files.items():
@@ -296,9 +294,13 @@ def check_files(directory: Path, path: Path, files: dict[str, FileEntry], verify
             raise ArtifactError(f"{directory}: file {rel} has {st.st_size} bytes, the manifest says "
                                 f"{entry.size}; the artifact is corrupted, {REEXPORT}")
         stats[rel] = (f, st)
-    if not verify_checksums:
-        return None
     stamps = [s for s in (_read_stamp(p, manifest_sha256) for p in _stamp_paths(directory)) if s]
+    if not verify_checksums:      # sizes only; files not under a stamp still get check_hashed
+        unstamped = {rel for rel, (_, st) in stats.items() if not any(s.get(rel) == _file_key(st) for s in stamps)}
+        for rel in sorted(unstamped):
+            if check_hashed is not None:
+                check_hashed(rel)
+        return unstamped
     hashed = set()
     for rel, (f, st) in stats.items():
         if any(s.get(rel) == _file_key(st) for s in stamps):

@@ -449,9 +449,18 @@ def test_stamped_graphs_are_not_parsed_again(artifacts, tmp_path, monkeypatch):
     parsed.clear()
     load_manifest(art)
     assert parsed == []
-    os.utime(art / "onnx" / "lm_head.onnx", ns=(1, 1))       # touched: hashed and parsed again
-    load_manifest(art)
+    load_manifest(art, verify_checksums=False)                # sizes only: the stamp still vouches
+    assert parsed == []
+    os.utime(art / "onnx" / "lm_head.onnx", ns=(1, 1))       # touched: parsed again (no stamp covers it)
+    load_manifest(art, verify_checksums=False)
     assert parsed == ["lm_head.onnx"]
+    parsed.clear()
+    load_manifest(art)                                        # hashed, parsed, stamped again
+    assert parsed == ["lm_head.onnx"]
+    parsed.clear()
+    fresh = _copy(artifacts(1, "fp32"), tmp_path / "fresh")   # never verified: every graph parsed
+    load_manifest(fresh, verify_checksums=False)
+    assert len(parsed) == n_graphs
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("disk full"), KeyboardInterrupt()])

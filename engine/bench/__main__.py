@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
                      "detect_prompt": detect_prompt(list(workers.DETECT_LABELS)),
                      "detect_tokens": args.detect_tokens,
                      "detect_max_new_tokens": sorted({x["max_new_tokens"] for x in detect}),
-                     "quick": args.quick, "order": "interleaved", "engine_load": "engine.load(verify=False)"},
+                     "quick": args.quick, "order": "interleaved", "engine_load": "engine.load() (verify=True, stamped)"},
         "machine": machine,
         "versions": versions(),
         "model": {"name": args.preset or checkpoint.name, "source": source, "version": cfg.version,

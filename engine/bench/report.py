@@ -517,7 +517,8 @@ def markdown_report(results: dict, chart_name: str | None) -> str:
               "- every sample is a fresh process: import the runtime, load (`load`), then each workload: "
               "caption: a 2-token warm-up generate (`1st call`, with its own TTFT), then one measured generate "
               "of exactly the new tokens; detect3: one warm-up detect call, then the measured one",
-              "- this engine: `engine.load(artifact, backend, threads, verify=False)` (no checksum pass), "
+              "- this engine: `engine.load(artifact, backend, threads)`, as users load (checksums verified against the "
+              "stamp the export worker's first load wrote: files unchanged since are not hashed again), "
               "`generate(..., ignore_eos=True)` and `model.detect(image, labels)`; its timings come from "
               "`result.timings`; the prefill and decode splits from perf_counter pairs around runner.run, "
               "_native.attention and the decode step function (engine/bench/workers.py)",
