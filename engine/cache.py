@@ -329,14 +329,14 @@ def add_cache_parser(sub) -> None:
 
 def cache_command(args: argparse.Namespace) -> int:
     """Run `cache list|verify|clear`; 0 on success, 1 when `verify` found a bad artifact."""
-    from .runtime import ort_prepacked, ov_compiled
+    from .runtime import ort_prepacked, ov_compiled, stamped_dir
     root = artifacts_dir()
     runtime_caches = (("ort_prepacked", "onnxruntime prepacked weights", ort_prepacked),
                       ("ov_compiled", "OpenVINO compiled blobs", ov_compiled))
     if args.cache_command == "list":
         items = cached_artifacts()
-        found = {key: ort_prepacked.entries(module.cache_root()) for key, _, module in runtime_caches}
-        sizes = {key: sum(ort_prepacked.disk_size(p) for p in found[key]) for key in found}
+        found = {key: module.entries() for key, _, module in runtime_caches}
+        sizes = {key: sum(stamped_dir.disk_size(p) for p in found[key]) for key in found}
         if args.json:
             print(json.dumps({"cache": str(root), "artifacts": [asdict(a) for a in items],
                               **{key: {"path": str(module.cache_root()), "graphs": len(found[key]), "size": sizes[key]}

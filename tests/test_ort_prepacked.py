@@ -7,12 +7,12 @@ import json
 import logging
 import threading
 
-import numpy as np
 import pytest
 
 import engine
 from engine.__main__ import example_image
 from engine.runtime import ort_prepacked
+from runtime_cache_helpers import assert_same_outputs, recorded_calls
 
 
 @pytest.fixture
@@ -27,19 +27,6 @@ def cache(tmp_path, monkeypatch):
 
 def load(**kw):
     return engine.load(backend="onnxruntime", threads=2, progress=False, **kw)
-
-
-def recorded_calls(model, n_tokens=5):
-    """Every (graph, inputs) the model's runner got during one generate."""
-    calls, run = [], model.runner.run
-
-    def spy(graph, inputs):
-        calls.append((graph, {k: np.array(v, copy=True) for k, v in inputs.items()}))
-        return run(graph, inputs)
-    model.runner.run = spy
-    result = model.generate(example_image(), "caption en", max_new_tokens=n_tokens)
-    model.runner.run = run
-    return calls, result
 
 
 def entry_mtimes(cache):
@@ -60,10 +47,7 @@ def test_cached_sessions_compute_exactly_what_the_artifact_graphs_compute(cache,
     assert not ort_prepacked.leftovers(cache)
     assert {g for g, _ in calls} == set(plain.runner.graph_names)
     for model in (first, second):
-        for graph, inputs in calls:                            # bit-exact, every graph, every call
-            want, got = plain.runner.run(graph, inputs), model.runner.run(graph, inputs)
-            for name in want:
-                np.testing.assert_array_equal(got[name], want[name], err_msg=f"{graph}:{name}")
+        assert_same_outputs(model, plain, calls)              # bit-exact, every graph, every call
         assert list(model.generate(example_image(), "caption en", max_new_tokens=5).tokens) == list(expected.tokens)
     for m in (plain, first, second):
         m.close()
@@ -98,10 +82,7 @@ def test_a_damaged_entry_is_written_again_and_the_load_goes_on(cache, caplog, da
     assert ort_prepacked.check_entry(entry) is None           # rebuilt and sealed
     reference = load(prepacked_cache=False)
     calls, _ = recorded_calls(reference, 2)
-    for graph, inputs in calls:
-        if graph == "vision":
-            np.testing.assert_array_equal(model.runner.run(graph, inputs)["image_features"],
-                                          reference.runner.run(graph, inputs)["image_features"])
+    assert_same_outputs(model, reference, calls, {"vision"})
     model.close()
     reference.close()
 

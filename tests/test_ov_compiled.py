@@ -16,6 +16,7 @@ import pytest
 import engine
 from engine.__main__ import example_image
 from engine.runtime import ov_compiled, stamped_dir
+from runtime_cache_helpers import assert_same_outputs, recorded_calls
 
 
 @pytest.fixture
@@ -31,33 +32,12 @@ def load(**kw):
     return engine.load(backend="openvino", threads=2, progress=False, **kw)
 
 
-def recorded_calls(model, n_tokens=5):
-    """Every (graph, inputs) the model's runner got during one generate."""
-    calls, run = [], model.runner.run
-
-    def spy(graph, inputs):
-        calls.append((graph, {k: np.array(v, copy=True) for k, v in inputs.items()}))
-        return run(graph, inputs)
-    model.runner.run = spy
-    result = model.generate(example_image(), "caption en", max_new_tokens=n_tokens)
-    model.runner.run = run
-    return calls, result
-
-
 def blob_of(entry):
     return next(p for p in entry.iterdir() if p.name != stamped_dir.STAMP)
 
 
 def entry_mtimes(cache):
     return {p.name: blob_of(p).stat().st_mtime_ns for p in ov_compiled.entries(cache)}
-
-
-def assert_same_outputs(model, reference, calls, graphs=None):
-    for graph, inputs in calls:
-        if graphs is None or graph in graphs:
-            want, got = reference.runner.run(graph, inputs), model.runner.run(graph, inputs)
-            for name in want:
-                np.testing.assert_array_equal(got[name], want[name], err_msg=f"{graph}:{name}")
 
 
 def test_imported_graphs_compute_exactly_what_compiled_graphs_compute(cache, caplog):

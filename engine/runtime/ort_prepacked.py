@@ -30,7 +30,6 @@ first load slower by the write and the hash. When the cache's file system would 
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from pathlib import Path
 
@@ -52,7 +51,7 @@ def cache_root() -> Path:
 
 
 def enabled_by_env() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+    return stamped_dir.env_enabled(ENV_SWITCH)
 
 
 def graph_files(manifest: Manifest, graph_rel: str) -> list[str]:

@@ -47,7 +47,7 @@ def cache_root() -> Path:
 
 
 def enabled_by_env() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+    return stamped_dir.env_enabled(ENV_SWITCH)
 
 
 def graph_files(manifest: Manifest, xml_rel: str) -> list[str]:
@@ -66,7 +66,8 @@ def entry_dir(root: Path, name: str, manifest: Manifest, xml_rel: str, xml: Path
 
 def source_tag(xml: Path) -> list[list[int]]:
     """Sizes and mtimes of the graph's .xml and .bin: OpenVINO compiles again when they change."""
-    return [[p.stat().st_size, p.stat().st_mtime_ns] for p in (xml, xml.with_suffix(".bin"))]
+    stats = [p.stat() for p in (xml, xml.with_suffix(".bin"))]
+    return [[st.st_size, st.st_mtime_ns] for st in stats]
 
 
 def compile_graph(core, xml: Path, config: dict, entry: Path, problems: list[str]):

@@ -28,6 +28,11 @@ VERSION = 1
 MIN_FREE_BYTES = 1 << 30          # never fill the cache's file system past this
 
 
+def env_enabled(switch: str) -> bool:
+    """A cache's environment switch: on unless set to 0 / false / no / off."""
+    return os.environ.get(switch, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def cpu_tag() -> str:
     """What a runtime's choice of kernels (and so of packed layouts) depends on: the CPU's flags."""
     try:
