@@ -54,8 +54,11 @@ void run_scalar(const Job& job, int64_t v0, int64_t v1) {
 namespace {
 mm8::Fn kernel_for(SimdLevel level) {
   switch (level) {
+#if defined(ENGINE_HAVE_AVX512)
+    case SimdLevel::Avx512:   // AVX-512 without VNNI (Skylake-X) runs the AVX2 kernel
+      return cpu_features().avx512_vnni ? mm8::avx512_vnni_kernel() : mm8::avx2_kernel();
+#endif
 #if defined(ENGINE_HAVE_AVX2)
-    case SimdLevel::Avx512:   // AVX-512 machines run the AVX2 kernel (no VNNI kernel yet)
     case SimdLevel::Avx2: return mm8::avx2_kernel();
 #endif
 #if defined(ENGINE_HAVE_NEON)
@@ -73,11 +76,14 @@ void matmul_int8(const float* x, int M, int K, const int8_t* codes, const float*
   if (M < 0 || K < 1 || V < 0) throw std::invalid_argument("matmul_int8: needs M >= 0, K >= 1, V >= 0");
   if (M == 0 || V == 0) return;
   std::vector<int8_t> q(size_t(M) * K);
-  std::vector<uint8_t> qabs(size_t(M) * K);
+  std::vector<uint8_t> qabs(size_t(M) * K), qoff(size_t(M) * K);
   std::vector<float> qscale(static_cast<size_t>(M));
   quantize_rows_int8(x, M, K, q.data(), qscale.data());
-  for (size_t i = 0; i < q.size(); ++i) qabs[i] = uint8_t(q[i] < 0 ? -q[i] : q[i]);
-  const mm8::Job job{q.data(), qabs.data(), qscale.data(), M, K, codes, scales, out, V};
+  for (size_t i = 0; i < q.size(); ++i) {
+    qabs[i] = uint8_t(q[i] < 0 ? -q[i] : q[i]);
+    qoff[i] = uint8_t(int(q[i]) + 128);
+  }
+  const mm8::Job job{q.data(), qabs.data(), qoff.data(), qscale.data(), M, K, codes, scales, out, V};
   const mm8::Fn fn = kernel_for(active_simd());
   const int64_t tasks = (V + kRowsPerTask - 1) / kRowsPerTask;
   if (tasks > (int64_t(1) << 30)) throw std::invalid_argument("matmul_int8: table too large");

@@ -25,6 +25,7 @@ namespace mm8 {
 struct Job {
   const int8_t* q;        // [M, K] quantized activations
   const uint8_t* qabs;    // [M, K] |q| (the unsigned operand of AVX2's maddubs)
+  const uint8_t* qoff;    // [M, K] q + 128 (the unsigned operand of AVX-512 VNNI's dpbusd)
   const float* qscale;    // [M]
   int M, K;
   const int8_t* codes;    // [V, K]
@@ -60,7 +61,8 @@ void run_blocks(const Job& job, int64_t v0, int64_t v1) {
     }
   }
 }
-Fn avx2_kernel();   // defined only where ENGINE_HAVE_AVX2 / ENGINE_HAVE_NEON
+Fn avx2_kernel();   // defined only where ENGINE_HAVE_AVX2 / ENGINE_HAVE_AVX512 / ENGINE_HAVE_NEON
+Fn avx512_vnni_kernel();
 Fn neon_kernel();
 }  // namespace mm8
 
