@@ -55,7 +55,10 @@ def test_quick_concurrency_counts_every_request(quick_concurrency):
             assert lv["p50_latency_s"] <= lv["p95_latency_s"] <= max(x["latency_s"] for x in recs)
         a = s["result"]["arrival"]
         assert a["running"] == concurrency.ARRIVAL_RUNNING and a["ttft_alone_s"] > 0 and a["ttft_arrival_s"] > 0
-    assert "clients" in stdout and "arrival" in stdout
+        steps = s["result"]["decode_steps"]
+        assert [d["rows"] for d in steps] == [1, 3]
+        assert all(d["step_s"] > 0 and d["tokens_per_s"] == pytest.approx(d["rows"] / d["step_s"]) for d in steps)
+    assert "clients" in stdout and "arrival" in stdout and "decode step with every row live" in stdout
     md = (out / "results.md").read_text()
     assert md.startswith("# engine.bench concurrency") and "CPU:" in md and "| system |" in md
 

@@ -173,6 +173,30 @@ def arrival(model, running: int, long_tokens: int, first_image: int) -> dict:
             "max_gap_during_prefill_s": max(during) if during else None}
 
 
+def decode_steps(model, row_counts: list[int], steps: int, image_index: int) -> list[dict]:
+    """The decode step itself, apart from how clients' prefills and decodes overlap: for each
+    count, that many captions of one image (its features cached after the first) are submitted
+    at once; once the last one has its first token every one decodes and no prefill is left, and
+    the step time is the mean time per token of the last one over the next `steps` tokens."""
+    image = request_image(image_index)
+    out = []
+    for rows in row_counts:
+        budget = 6 * rows + steps + 8                 # the first ones decode while the later ones prefill
+        handles = [model.submit(image, CAPTION, max_new_tokens=budget, ignore_eos=True) for _ in range(rows)]
+        tokens = handles[-1].tokens()
+        next(tokens)                                  # the last prefill is done: all `rows` decode now
+        t0, seen = time.perf_counter(), 0
+        while seen < steps:
+            seen += len(next(tokens))
+        step_s = (time.perf_counter() - t0) / seen
+        for h in handles:
+            h.cancel()
+        for h in handles:
+            h.result()
+        out.append({"rows": rows, "step_s": step_s, "tokens_per_s": rows / step_s})
+    return out
+
+
 def run_engine(spec: dict) -> dict:
     import engine
     from ..serving import SchedulerConfig
@@ -189,7 +213,10 @@ def run_engine(spec: dict) -> dict:
         levels.append({**level.summary(), "records": [asdict(r) for r in level.requests]})
         _log(f"  {spec['id']} {clients} client(s): {levels[-1]['tokens_per_s']:.2f} tok/s, "
              f"{levels[-1]['requests_per_s']:.3f} req/s, p95 {levels[-1]['p95_latency_s']:.1f} s")
-    out = {"load_s": load_s, "levels": levels}
+    out = {"load_s": load_s, "levels": levels,
+           "decode_steps": decode_steps(model, spec["levels"], spec.get("step_tokens", 8), 40_000)}
+    _log(f"  {spec['id']} decode steps: " + ", ".join(f"{d['rows']} rows {d['step_s'] * 1e3:.0f} ms"
+                                                       for d in out["decode_steps"]))
     if spec["arrival_tokens"]:
         out["arrival"] = arrival(model, ARRIVAL_RUNNING, spec["arrival_tokens"], 20_000)
         out["arrival"]["policy"] = "chunked prefill (default SchedulerConfig)"
@@ -285,6 +312,14 @@ def table(results: dict, markdown: bool) -> str:
                              f"{a['running']} decode vs {a['ttft_alone_s']:.2f} s alone = {a['ttft_ratio']:.2f}x; "
                              f"decode step before {_fmt(a['step_s_before'], 3)} s, longest token gap during its "
                              f"prefill {_fmt(a['max_gap_during_prefill_s'], 2)} s ({a['prefill_chunks']} chunks)")
+        steps = (s.get("result") or {}).get("decode_steps")
+        if steps:
+            one = next((d for d in steps if d["rows"] == 1), None)
+            lines.append(("- " if markdown else "") + f"{s['id']} decode step with every row live (no prefill "
+                         "in between): " + ", ".join(
+                             f"{d['rows']} row(s) {d['step_s'] * 1e3:.0f} ms = {d['tokens_per_s']:.1f} tok/s"
+                             + (f" ({d['tokens_per_s'] / one['tokens_per_s']:.2f}x one row)" if one and d is not one
+                                else "") for d in steps))
     lines += [("- " if markdown else "") + f for f in failures]
     for g in results["goals"]:
         lines.append(("- " if markdown else "") + f"goal {g['system']}: {g['goal']}: {g['value']:.2f} "
