@@ -16,6 +16,8 @@ many threads send their requests through model.generate at once (the scheduler b
 Reported per count: wall time, requests/s, p50 / p95 latency and TTFT per request, tokens/s end
 to end (all generated tokens / wall) and the decode-phase rate (tokens of decode steps per second
 of decode-step time, from each request's RequestStats: it shows what batching does to decode).
+Then the decode step with every row live, for each count (decode_steps): the kernel-level
+scaling, apart from how many clients happen to be decoding rather than prefilling at a time.
 Then the arrival test: the TTFT of a caption that arrives while 7 long captions decode, against
 its TTFT alone, and the longest gap between two tokens of a running request while it prefills.
 
