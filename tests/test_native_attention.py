@@ -34,13 +34,17 @@ def _restore_native_state():
 
 # ---------------------------------------------------------------- numpy oracle
 def rope_np(x, pos, theta):
-    """x [M, heads, D] float32, pos [M] ints -> rotated, float64. Angles in fp32 like transformers."""
+    """x [M, heads, D] float32, pos [M] ints -> rotated, float64. Angles in fp32 like transformers.
+    The power is taken in float64 and rounded to fp32, as the core does: numpy's float32 power is
+    not correctly rounded and differs between its SIMD paths (its AVX-512 one by an ulp), which
+    at position 1e5 moves the angles by ~1e-3 rad."""
     x = x.astype(np.float64)
     if theta <= 0:
         return x
     D = x.shape[-1]
     half = D // 2
-    inv = (np.float32(1.0) / (np.float32(theta) ** (np.arange(0, D, 2, dtype=np.float32) / np.float32(D))))
+    power = np.float64(theta) ** (np.arange(0, D, 2, dtype=np.float32) / np.float32(D)).astype(np.float64)
+    inv = np.float32(1.0) / power.astype(np.float32)
     ang = (np.asarray(pos).astype(np.float32)[:, None] * inv.astype(np.float32)[None, :]).astype(np.float64)
     cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
     x1, x2 = x[..., :half], x[..., half:]

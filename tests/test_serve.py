@@ -359,7 +359,16 @@ def test_stream_disconnect_cancels_generation(server, model, example_bytes):
     assert wait_until(lambda: model.serving_state().decoding + model.serving_state().prefilling == 0, 5)
 
 
-def test_non_stream_disconnect_cancels_generation(server, model, example_bytes):
+def test_non_stream_disconnect_cancels_generation(server, model, example_bytes, monkeypatch):
+    # The default model decodes 800 tokens in under 1 s on a fast CPU; 10 ms more per decode step
+    # makes this request take over 8 s on any machine, so only a cancellation ends it within 5 s.
+    real_logits = model.logits
+
+    def slow_logits(hidden, times=None):
+        time.sleep(0.01)
+        return real_logits(hidden, times)
+
+    monkeypatch.setattr(model, "logits", slow_logits)
     body = chat_body("caption en", b64(example_bytes), max_tokens=800, ignore_eos=True)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/chat/completions", json=body, timeout=1.0)

@@ -127,12 +127,15 @@ def _live(url, headers):
 
 def test_sigterm_grace_is_bounded(tmp_path):
     """A request longer than --grace-seconds is cut when the grace ends; the server still exits 0."""
-    proc, url, log = start_server(tmp_path, "--grace-seconds", "2")
+    # The default model's context (1,024) holds at most ~900 new tokens, which six batched streams
+    # decode in under 2 s on a fast CPU. A tiny synthetic model has an 8,192-token context: six
+    # 8,000-token streams take several seconds on any machine, far longer than the 1 s grace.
+    from engine.synth import write_synthetic_checkpoint
+    ckpt = write_synthetic_checkpoint("tiny-pg2", tmp_path / "ckpt", seed=0, dtype="fp32", progress=False)
+    proc, url, log = start_server(tmp_path, "--grace-seconds", "1", "--model", str(ckpt))
     try:
         assert wait_until(lambda: _ready(url), 120), log.read_text()
-        body = chat_body("caption en", b64(EXAMPLE.read_bytes()), max_tokens=900, ignore_eos=True, stream=True)
-        # Several long streams at once: the default model decodes one 900-token stream in under 2 s
-        # on a quiet machine, so one alone might finish inside the grace; six cannot.
+        body = chat_body("caption en", b64(EXAMPLE.read_bytes()), max_tokens=8000, ignore_eos=True, stream=True)
         streams: list[list[str]] = [[] for _ in range(6)]
 
         def send(pieces):
@@ -155,7 +158,7 @@ def test_sigterm_grace_is_bounded(tmp_path):
         for t in threads:
             t.join(30)
         finished = sum("data: [DONE]" in p for p in streams)
-        print(f"\nexited {took:.1f} s after SIGTERM with --grace-seconds 2; {finished} of 6 streams finished")
+        print(f"\nexited {took:.1f} s after SIGTERM with --grace-seconds 1; {finished} of 6 streams finished")
         assert took < 20
         assert finished < len(streams)                   # the grace cut what was still running
     finally:
