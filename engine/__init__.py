@@ -1,7 +1,7 @@
 """PaliGemma CPU / edge inference engine.
 
 Public API:
-    load(path=None, backend="openvino", threads=None, ...) -> PaliGemma session
+    load(path=None, backend="onnxruntime", threads=None, ...) -> PaliGemma session
         .generate(image, prompt, ...), .caption, .answer, .ocr, .detect, .segment
     parse_detections(text, width, height), parse_segments(text, width, height, decoder=None)
     Detection, Segment, cpu_features()
@@ -46,7 +46,7 @@ def default_cache_dir():
     return Path(root)
 
 
-def load(path=None, backend: str = "openvino", threads: int | None = None, *, weights: str = "int8",
+def load(path=None, backend: str = "onnxruntime", threads: int | None = None, *, weights: str = "int8",
          group_size: int = 128, verify: bool = True, kv_dtype: str = "f32", progress: bool = True,
          seg_decoder=None, serving=None, lm_head: str = "auto", prepacked_cache: bool = True,
          warm_up: bool = True):
@@ -57,7 +57,7 @@ def load(path=None, backend: str = "openvino", threads: int | None = None, *, we
       checkpoint directory, which is exported once (with `weights` / `group_size`, for `backend`)
       into the cache directory and reused on later calls; a cached export that fails
       verification is exported again, with a warning (engine/cache.py).
-    backend: "openvino" or "onnxruntime". threads: threads for graphs and native kernels.
+    backend: "onnxruntime" (default: the faster on x86, README Performance) or "openvino". threads: threads for graphs and native kernels.
     verify: check the artifact's file checksums; files unchanged since a recorded verification
       are not hashed again (engine/artifact.py). False checks file sizes only.
     kv_dtype: KV cache storage, "f32", "f16" or "int8". seg_decoder: a `vae-oid.npz`-style mask

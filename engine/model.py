@@ -35,7 +35,7 @@ from .config import PaliGemmaConfig
 from .embedding import load_embedding, load_final_norm
 from .processor import Processor
 from .reference import rms_norm
-from .runtime import open_runner
+from .runtime import DEFAULT_BACKEND, open_runner
 from .serving.image_cache import FeatureCache, image_key
 from .serving.request import (GenerationSettings, ImageInput, PreparedPrompt, Request, RequestHandle, RequestStats,
                               StepTimes, follow_stream, now)
@@ -68,7 +68,7 @@ class PaliGemma:
     and its graph is not loaded), else runs the lm_head graph; "graph" always runs the graph;
     "native" requires the native head. prepacked_cache, warm_up: see engine.runtime.open_runner."""
 
-    def __init__(self, artifact_dir: str | Path, backend: str = "openvino", threads: int | None = None,
+    def __init__(self, artifact_dir: str | Path, backend: str = DEFAULT_BACKEND, threads: int | None = None,
                  *, verify: bool = True, kv_dtype: str = "f32",
                  serving: SchedulerConfig | None = None, lm_head: str = "auto", prepacked_cache: bool = True,
                  warm_up: bool = True):

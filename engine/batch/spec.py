@@ -73,7 +73,7 @@ class JobSpec:
     input: str                           # DIR, GLOB, FILE.parquet or FILE.jsonl
     output: str                          # OUT.parquet or OUT.jsonl
     model: str | None = None             # artifact or HF checkpoint dir; None: the default model
-    backend: str = "openvino"
+    backend: str = "onnxruntime"
     weights: str = "int8"
     workers: int | None = None           # None: as many as the cluster's CPUs allow
     threads_per_worker: int | None = None
