@@ -24,8 +24,7 @@ namespace mm8 {
 // One kernel call: vocab rows [v0, v1) for all M quantized rows.
 struct Job {
   const int8_t* q;        // [M, K] quantized activations
-  const uint8_t* qabs;    // [M, K] |q| (the unsigned operand of AVX2's maddubs)
-  const uint8_t* qoff;    // [M, K] q + 128 (the unsigned operand of AVX-512 VNNI's dpbusd)
+  const uint8_t* qu;      // [M, K] the kernel's unsigned operand (Kernel::operand), or null
   const float* qscale;    // [M]
   int M, K;
   const int8_t* codes;    // [V, K]
@@ -34,6 +33,13 @@ struct Job {
   int64_t ldo;
 };
 using Fn = void (*)(const Job& job, int64_t v0, int64_t v1);
+// The unsigned form of q a kernel reads as Job::qu: none (scalar, NEON), |q| (AVX2's maddubs,
+// which takes the sign from the codes) or q + 128 (AVX-512 VNNI's dpbusd).
+enum class Operand { None, Abs, Offset };
+struct Kernel {
+  Fn run;
+  Operand operand;
+};
 void run_scalar(const Job& job, int64_t v0, int64_t v1);
 
 // out[m, v] from the exact integer dot product `acc` (the same float ops on every path).

@@ -1,5 +1,5 @@
 // AVX2 kernel of matmul_int8 (matmul_int8.h): 32 codes per step. maddubs multiplies unsigned by
-// signed bytes, so it takes |q| and the codes with q's sign (sign_epi8); |q|, |code| <= 127 keep
+// signed bytes, so it takes |q| (job.qu) and the codes with q's sign (sign_epi8); |q|, |code| <= 127 keep
 // its int16 pair sums below 32767 (127 * 127 * 2 = 32258). Up to 4 activation rows share each
 // load of a table row. Built only on x86, with its own -m flags.
 #include <immintrin.h>
@@ -36,7 +36,7 @@ void Dots::run(const mm8::Job& job, const int8_t* w, int m0, int32_t* res) {
     for (int j = 0; j < NB; ++j) {
       const size_t off = size_t(m0 + j) * K + k;
       const __m256i qs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(job.q + off));
-      const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(job.qabs + off));
+      const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(job.qu + off));
       const __m256i p = _mm256_maddubs_epi16(qa, _mm256_sign_epi8(wv, qs));
       acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(p, ones));
     }
