@@ -15,6 +15,7 @@ except ImportError as e:  # pragma: no cover - only on a broken install
         "engine._native (the compiled core) is missing: install the package with "
         "`pip install .` or `pip install -e .` so that CMake builds it") from e
 
+from .runtime import DEFAULT_BACKEND  # noqa: E402
 from .tasks import Detection, Segment, parse_detections, parse_segments  # noqa: E402
 
 __version__ = "0.1.0"
@@ -46,7 +47,7 @@ def default_cache_dir():
     return Path(root)
 
 
-def load(path=None, backend: str = "onnxruntime", threads: int | None = None, *, weights: str = "int8",
+def load(path=None, backend: str = DEFAULT_BACKEND, threads: int | None = None, *, weights: str = "int8",
          group_size: int = 128, verify: bool = True, kv_dtype: str = "f32", progress: bool = True,
          seg_decoder=None, serving=None, lm_head: str = "auto", prepacked_cache: bool = True,
          warm_up: bool = True):
@@ -57,7 +58,8 @@ def load(path=None, backend: str = "onnxruntime", threads: int | None = None, *,
       checkpoint directory, which is exported once (with `weights` / `group_size`, for `backend`)
       into the cache directory and reused on later calls; a cached export that fails
       verification is exported again, with a warning (engine/cache.py).
-    backend: "onnxruntime" (default: the faster on x86, README Performance) or "openvino". threads: threads for graphs and native kernels.
+    backend: "onnxruntime" (the default, DEFAULT_BACKEND: the faster on x86, README Performance) or
+      "openvino". threads: threads for graphs and native kernels.
     verify: check the artifact's file checksums; files unchanged since a recorded verification
       are not hashed again (engine/artifact.py). False checks file sizes only.
     kv_dtype: KV cache storage, "f32", "f16" or "int8". seg_decoder: a `vae-oid.npz`-style mask

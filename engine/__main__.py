@@ -55,6 +55,7 @@ import sys
 from pathlib import Path
 
 from . import WEIGHT_FORMATS          # export.quantize's, without importing the exporter
+from .runtime import BACKENDS, DEFAULT_BACKEND
 
 EXAMPLES = """examples:
   python -m engine caption --image cat.jpg --model ARTIFACT_OR_CHECKPOINT
@@ -432,8 +433,8 @@ PIL_MAX_IMAGE_PIXELS = 89_478_485        # Pillow's default PIL.Image.MAX_IMAGE_
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="exported artifact dir, or HF checkpoint dir (exported once into the "
                                    "cache); default: the bundled default model")
-    p.add_argument("--backend", default="onnxruntime", choices=["openvino", "onnxruntime"],
-                   help="inference runtime (default onnxruntime: the faster on x86, README Performance)")
+    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=BACKENDS,
+                   help=f"inference runtime (default {DEFAULT_BACKEND}: the faster on x86, README Performance)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help=f"threads for the graphs and native kernels (default: one per core; capped, with a "
                         f"warning, to the {available_cores()} cores this process may use)")

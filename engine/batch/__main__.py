@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..runtime import BACKENDS, DEFAULT_BACKEND
 from .spec import TASKS, BatchError, JobSpec, TaskSpec
 
 
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-beams", type=_positive_int, default=1)
     p.add_argument("--model", help="exported artifact dir, or HF checkpoint dir (exported once, before the job, "
                                    "into the cache); default: the bundled default model")
-    p.add_argument("--backend", default="onnxruntime", choices=["openvino", "onnxruntime"])
+    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=BACKENDS)
     p.add_argument("--weights", default="int8", help="weight format when --model is an HF checkpoint (default int8)")
     p.add_argument("--workers", type=_positive_int, help="Ray actors, each with its own model (default: as many "
                                                          "as the cluster's CPUs hold)")

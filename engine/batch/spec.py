@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import EngineError
+from ..runtime import DEFAULT_BACKEND
 
 TASKS = ("caption", "answer", "ocr", "detect", "segment", "run")
 OUTPUT_FORMATS = (".parquet", ".jsonl")
@@ -73,7 +74,7 @@ class JobSpec:
     input: str                           # DIR, GLOB, FILE.parquet or FILE.jsonl
     output: str                          # OUT.parquet or OUT.jsonl
     model: str | None = None             # artifact or HF checkpoint dir; None: the default model
-    backend: str = "onnxruntime"
+    backend: str = DEFAULT_BACKEND
     weights: str = "int8"
     workers: int | None = None           # None: as many as the cluster's CPUs allow
     threads_per_worker: int | None = None

@@ -18,6 +18,8 @@ import socket
 import sys
 from pathlib import Path
 
+from ..runtime import BACKENDS, DEFAULT_BACKEND
+
 API_KEY_ENV = "PALIGEMMA_API_KEY"
 
 
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                 description="OpenAI-compatible HTTP server with PaliGemma task endpoints and a kiosk page at /")
     p.add_argument("--model", help="exported artifact dir, or HF checkpoint dir (exported once into the cache); "
                                    "default: the bundled default model")
-    p.add_argument("--backend", default="onnxruntime", choices=["openvino", "onnxruntime"])
+    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=BACKENDS)
     p.add_argument("--weights", default="int8", help="weight format when --model is an HF checkpoint (default int8)")
     p.add_argument("--threads", type=_positive_int, default=None, help="model threads (default: one per core)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
