@@ -10,17 +10,10 @@ import pytest
 
 import engine
 import engine.runtime as runtime
+from proc_status import status_bytes
 
 glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "malloc_trim"),
                            reason="malloc_trim is glibc's (Linux)")
-
-
-def rss_anon_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no RssAnon in /proc/self/status")
 
 
 @glibc
@@ -31,9 +24,9 @@ def test_freed_heap_memory_leaves_the_rss_and_live_memory_stays():
     kept = blocks[-1]
     witness = blocks[1000]
     del blocks[:-1]
-    before = rss_anon_bytes()
+    before = status_bytes("RssAnon")
     assert runtime.release_freed_heap() in (True, False)
-    after = rss_anon_bytes()
+    after = status_bytes("RssAnon")
     assert before - after > 100 * 2**20, (before, after)
     assert kept == bytearray(b"x" * 100_000) and witness == bytearray(b"x" * 100_000)
 

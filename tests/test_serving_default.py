@@ -16,6 +16,7 @@ import pytest
 
 import engine
 from engine import scenes
+from proc_status import status_bytes
 
 CONFIGS = (("int8", "openvino"), ("int8", "onnxruntime"), ("fp32", "onnxruntime"))
 
@@ -111,14 +112,6 @@ def test_int8_rows_are_independent(cache_dir, backend):
         m.close()
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc (Linux)")
 def test_thousand_requests_do_not_leak(cache_dir):
     """1,000 requests (8 threads, mixed tasks and settings) on the default model: the RSS after
@@ -133,9 +126,9 @@ def test_thousand_requests_do_not_leak(cache_dir):
     try:
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda s: run(m, s), work[:100]))
-            rss_100 = _rss_bytes()
+            rss_100 = status_bytes("VmRSS")
             list(pool.map(lambda s: run(m, s), work[100:]))
-            rss_1000 = _rss_bytes()
+            rss_1000 = status_bytes("VmRSS")
         state = m.serving_state()
     finally:
         m.close()
