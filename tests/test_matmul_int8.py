@@ -35,7 +35,10 @@ def simd():
 
 
 SHAPES = [(1, 1, 1), (1, 31, 7), (2, 32, 5), (3, 33, 17), (4, 64, 513), (5, 95, 1031), (8, 2304, 600),
-          (9, 100, 3), (1, 2304, 1500)]
+          (9, 100, 3), (1, 2304, 1500),
+          # many-row calls (batched decode, beams): several 4 x 4 tiles of the VNNI kernel, tails in
+          # table rows (V % 4), activation rows (M % 4) and K (K % 64)
+          (16, 130, 37), (24, 2304, 259), (7, 200, 6)]
 
 
 @pytest.mark.parametrize("M,K,V", SHAPES)
