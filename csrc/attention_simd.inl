@@ -83,10 +83,38 @@ void qk_block(const float* const* q, int rows, const E* K, int n, int D, float* 
 }
 
 // ---- acc[r0..r0+R] += sum_{j in [a, e)} p[r, j] * V_j ----
+// Accumulator vectors held in registers per pass over a block's values (AVX2 has 16 vector
+// registers, AVX-512 and NEON 32).
+constexpr int kPvVecs = sizeof(typename V::vec) == 32 ? 8 : 16;
+
+// Each pass keeps CH vectors of each of the R rows in registers and reads CH consecutive vectors
+// of every value row, so a block's values are read in runs of CH * W floats rather than one
+// vector per value row at a time (1 KB strides, 32 rows deep). Decode, PaliGemma 2 3B shapes
+// (4 kv heads of 256, groups of 2, f32, 290-490 tokens), one thread, Zen 4: 289-297 -> 241-262 us
+// per layer call. Every output element still sums its products in token order, so results do
+// not depend on CH. (Tiles of 2 query rows for GQA groups of 2, tried too, were slower: 287-320.)
 template <int R, class E>
 inline void pv_tile(const float* p, int ld, int r0, const E* Vd, int a, int e, int D, float* acc) {
+  constexpr int CH = kPvVecs / R > 0 ? kPvVecs / R : 1;
   const int Dfull = D / V::W * V::W;
-  for (int d = 0; d < Dfull; d += V::W) {
+  int d = 0;
+  for (; d + CH * V::W <= Dfull; d += CH * V::W) {
+    typename V::vec o[R][CH];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < CH; ++c) o[r][c] = V::load(acc + size_t(r0 + r) * D + d + c * V::W);
+    for (int j = a; j < e; ++j) {
+      typename V::vec pj[R];
+      for (int r = 0; r < R; ++r) pj[r] = V::set1(p[size_t(r0 + r) * ld + j]);
+      const E* vrow = Vd + size_t(j) * D + d;
+      for (int c = 0; c < CH; ++c) {
+        const typename V::vec vv = V::load(vrow + c * V::W);
+        for (int r = 0; r < R; ++r) o[r][c] = V::fma(pj[r], vv, o[r][c]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < CH; ++c) V::store(acc + size_t(r0 + r) * D + d + c * V::W, o[r][c]);
+  }
+  for (; d < Dfull; d += V::W) {
     typename V::vec o[R];
     for (int r = 0; r < R; ++r) o[r] = V::load(acc + size_t(r0 + r) * D + d);
     for (int j = a; j < e; ++j) {
@@ -153,6 +181,17 @@ void run_task_typed(const attn::Task& t, const attn::Scratch& sc) {
     const KVBlockView& bv = t.blocks[b];
     const int base = b * B, n = std::min(B, hi - base);
     const int npad = (n + V::W - 1) / V::W * V::W;
+    // The next block's keys and values, into L2, while this one computes: blocks lie 256 KB
+    // apart, and each new one restarted the hardware prefetcher (decode as above, one thread:
+    // 330-364 -> 281-304 us per layer call).
+    if ((b + 1) * B < hi) {
+      const KVBlockView& nx = t.blocks[b + 1];
+      const size_t bytes = size_t(std::min(B, hi - (b + 1) * B)) * D * sizeof(E);
+      for (size_t off = 0; off < bytes; off += 64) {
+        __builtin_prefetch(static_cast<const char*>(nx.k) + off, 0, 2);
+        __builtin_prefetch(static_cast<const char*>(nx.v) + off, 0, 2);
+      }
+    }
     qk_block(t.q, R, static_cast<const E*>(bv.k), n, D, sc.s, sc.ld);
     for (int r = 0; r < R; ++r) {
       float* s = sc.s + size_t(r) * sc.ld;
