@@ -48,7 +48,7 @@ def default_cache_dir():
 
 
 def load(path=None, backend: str = DEFAULT_BACKEND, threads: int | None = None, *, weights: str = "int8",
-         group_size: int = 128, verify: bool = True, kv_dtype: str = "f32", progress: bool = True,
+         group_size: int = 128, verify: bool = True, kv_dtype: str = "auto", progress: bool = True,
          seg_decoder=None, serving=None, lm_head: str = "auto", prepacked_cache: bool = True,
          warm_up: bool = True):
     """Load a model for inference. The model serves any number of threads at once (see
@@ -62,7 +62,8 @@ def load(path=None, backend: str = DEFAULT_BACKEND, threads: int | None = None, 
       "openvino". threads: threads for graphs and native kernels.
     verify: check the artifact's file checksums; files unchanged since a recorded verification
       are not hashed again (engine/artifact.py). False checks file sizes only.
-    kv_dtype: KV cache storage, "f32", "f16" or "int8". seg_decoder: a `vae-oid.npz`-style mask
+    kv_dtype: KV cache storage, "f32", "f16", "int8" or "auto" (the default: f16 for int8 / int4 / fp8
+      weights, f32 for float ones; engine.model.resolve_kv_dtype). seg_decoder: a `vae-oid.npz`-style mask
     decoder for segment() (an artifact exported with --seg-decoder carries its own).
     serving: an engine.serving.SchedulerConfig (max_queue, max_active, prefill_chunk_layers,
       image_cache_bytes); None: its defaults.

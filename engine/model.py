@@ -42,6 +42,22 @@ from .serving.request import (GenerationSettings, ImageInput, PreparedPrompt, Re
 from .serving.scheduler import Scheduler, SchedulerConfig, SchedulerState
 from .tokenizer import Tokenizer
 
+KV_DTYPES = ("f32", "f16", "int8")
+QUANTIZED_WEIGHTS = ("int8", "int4", "fp8")
+
+
+def resolve_kv_dtype(kv_dtype: str, weight_format: str | None) -> str:
+    """The KV cache storage for `kv_dtype`: "auto" is f16 for quantized weights (int8, int4, fp8),
+    f32 for float ones (fp32 / fp16 / bf16 artifacts stay transformers-exact). f16 keys and values
+    round at 2^-11 relative, far below the weights' int8 rounding; they halve the cache (3B at 224
+    px: 61 -> 31 MB per request, 448 px: 230 -> 115 MB) and the bytes each decode step's attention
+    reads."""
+    if kv_dtype == "auto":
+        return "f16" if weight_format in QUANTIZED_WEIGHTS else "f32"
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be 'auto' or one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+    return kv_dtype
+
 
 @dataclass
 class GenerationResult:
@@ -69,7 +85,7 @@ class PaliGemma:
     "native" requires the native head. prepacked_cache, warm_up: see engine.runtime.open_runner."""
 
     def __init__(self, artifact_dir: str | Path, backend: str = DEFAULT_BACKEND, threads: int | None = None,
-                 *, verify: bool = True, kv_dtype: str = "f32",
+                 *, verify: bool = True, kv_dtype: str = "auto",
                  serving: SchedulerConfig | None = None, lm_head: str = "auto", prepacked_cache: bool = True,
                  warm_up: bool = True):
         t0 = time.perf_counter()
@@ -79,7 +95,7 @@ class PaliGemma:
         self.manifest: Manifest = load_manifest(self.artifact_dir, verify_checksums=verify)
         self.config: PaliGemmaConfig = self.manifest.config
         self.backend = backend
-        self.kv_dtype = kv_dtype
+        self.kv_dtype = resolve_kv_dtype(kv_dtype, self.manifest.weights.get("format"))
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
             raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
         self.threads = threads
