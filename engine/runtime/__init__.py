@@ -36,6 +36,9 @@ class RunnerBase:
     Subclasses fill `graph_names`, `_inputs` and `_outputs` (graph -> tensor names)."""
 
     graph_names: list[str]
+    # True when a one-row call of a row-wise graph (decoder_i) gives its row bit for bit what a
+    # call of several rows gives it, so callers need not pad one row to two (engine.model.run_rows).
+    one_row_exact: bool = False
     _inputs: dict[str, list[str]]
     _outputs: dict[str, list[str]]
 

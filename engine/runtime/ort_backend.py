@@ -80,6 +80,17 @@ def prepacked_entries(manifest: Manifest) -> list[Path]:
     return [p for p in found if p.is_dir()]
 
 
+def per_row_int8_only(manifest: Manifest) -> bool:
+    """Whether every matrix of the artifact is a per-row int8 MatMulIntegerToFloat (export's "dq"):
+    then a graph's rows are exact integer sums scaled per row and per column, the same with one
+    row or many (tests/test_one_row_calls.py checks it bit for bit), while fp32 MatMul and
+    MatMulNBits take other kernels, with other float summation orders, for a single row."""
+    w = manifest.weights if isinstance(manifest.weights, dict) else {}
+    kernel = exporter_info(manifest, "onnx").get("int8_kernel", "")
+    return (w.get("format") == "int8" and not w.get("fallbacks") and not w.get("mixed_precision")
+            and "MatMulIntegerToFloat" in kernel)
+
+
 class OrtRunner(RunnerBase):
     """GraphRunner for onnxruntime (CPU execution provider).
 
@@ -141,6 +152,7 @@ class OrtRunner(RunnerBase):
                         "set PALIGEMMA_EDGE_ORT_PREPACKED=0 to stop trying", len(cache_problems), cache_problems[0])
         self._inputs = {n: [i.name for i in s.get_inputs()] for n, s in self._sessions.items()}
         self._outputs = {n: [o.name for o in s.get_outputs()] for n, s in self._sessions.items()}
+        self.one_row_exact = per_row_int8_only(manifest)
 
     def cache_entries(self) -> list[Path]:
         """This artifact's prepacked-cache entries on this machine now."""
