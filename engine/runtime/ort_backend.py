@@ -85,7 +85,7 @@ def per_row_int8_only(manifest: Manifest) -> bool:
     then a graph's rows are exact integer sums scaled per row and per column, the same with one
     row or many (tests/test_one_row_calls.py checks it bit for bit), while fp32 MatMul and
     MatMulNBits take other kernels, with other float summation orders, for a single row."""
-    w = manifest.weights if isinstance(manifest.weights, dict) else {}
+    w = manifest.weights                     # a dict, checked when the manifest was read
     kernel = exporter_info(manifest, "onnx").get("int8_kernel", "")
     return (w.get("format") == "int8" and not w.get("fallbacks") and not w.get("mixed_precision")
             and "MatMulIntegerToFloat" in kernel)
