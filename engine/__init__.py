@@ -50,7 +50,7 @@ def default_cache_dir():
 def load(path=None, backend: str = DEFAULT_BACKEND, threads: int | None = None, *, weights: str = "int8",
          group_size: int = 128, verify: bool = True, kv_dtype: str = "auto", progress: bool = True,
          seg_decoder=None, serving=None, lm_head: str = "auto", prepacked_cache: bool = True,
-         warm_up: bool = True):
+         warm_up: bool = True, decoder: str = "auto"):
     """Load a model for inference. The model serves any number of threads at once (see
     engine/model.py and engine/serving).
 
@@ -76,6 +76,9 @@ def load(path=None, backend: str = DEFAULT_BACKEND, threads: int | None = None, 
       does the work again.
     warm_up: OpenVINO only: run each graph but the vision tower once at load, so that the first
       generate does not pay for the plugin's lazy weight repacking (engine/runtime/ov_backend.py).
+    decoder: "auto" (the C++ core computes the decoder graphs of a per-row int8 artifact on the
+      onnxruntime backend where the CPU has AVX-512 VNNI; its packed weights are kept in the
+      engine's cache, engine/runtime/native_decoder.py), "graphs" or "native".
     """
     from pathlib import Path
 
@@ -102,13 +105,13 @@ def load(path=None, backend: str = DEFAULT_BACKEND, threads: int | None = None, 
     seen = manifest_identity(path)
     try:
         model = PaliGemma(path, backend, threads, verify=verify, kv_dtype=kv_dtype, serving=serving, lm_head=lm_head,
-                          prepacked_cache=prepacked_cache, warm_up=warm_up)
+                          prepacked_cache=prepacked_cache, warm_up=warm_up, decoder=decoder)
     except ArtifactError as e:
         if export is None:        # the user's own artifact: theirs to fix, the error says how
             raise
         path = reexport(export, path, e, seen, progress)     # a cached export heals itself
         model = PaliGemma(path, backend, threads, verify=verify, kv_dtype=kv_dtype, serving=serving, lm_head=lm_head,
-                          prepacked_cache=prepacked_cache, warm_up=warm_up)
+                          prepacked_cache=prepacked_cache, warm_up=warm_up, decoder=decoder)
     if seg_decoder is not None:
         model.load_seg_decoder(seg_decoder)
     return model

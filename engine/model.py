@@ -19,6 +19,7 @@ batched together, and each result equals what the same call gives alone.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -36,6 +37,8 @@ from .embedding import load_embedding, load_final_norm
 from .processor import Processor
 from .reference import rms_norm
 from .runtime import DEFAULT_BACKEND, open_runner
+from .runtime.native_decoder import DECODER_MODES, NativeDecoder, open_native_decoder, unsupported_reason
+from .runtime.native_decoder import enabled_by_env as native_decoder_enabled_by_env
 from .serving.image_cache import FeatureCache, image_key
 from .serving.request import (GenerationSettings, ImageInput, PreparedPrompt, Request, RequestHandle, RequestStats,
                               StepTimes, follow_stream, now)
@@ -44,6 +47,7 @@ from .tokenizer import Tokenizer
 
 KV_DTYPES = ("f32", "f16", "int8")
 QUANTIZED_WEIGHTS = ("int8", "int4", "fp8")
+log = logging.getLogger("engine")
 
 
 def resolve_kv_dtype(kv_dtype: str, weight_format: str | None) -> str:
@@ -82,13 +86,18 @@ class PaliGemma:
     LM head natively from the int8 embedding table when the artifact allows it (an int8 table of
     tied embeddings with final_norm.npy: no second copy of the 257k x D matrix in the runtime,
     and its graph is not loaded), else runs the lm_head graph; "graph" always runs the graph;
-    "native" requires the native head. prepacked_cache, warm_up: see engine.runtime.open_runner."""
+    "native" requires the native head. prepacked_cache, warm_up: see engine.runtime.open_runner.
+    decoder: "auto" computes the decoder graphs in the C++ core where it can (onnxruntime backend,
+    per-row int8 artifact, AVX-512 VNNI; engine/runtime/native_decoder.py), "graphs" always runs
+    the backend's graphs, "native" requires the core."""
 
     def __init__(self, artifact_dir: str | Path, backend: str = DEFAULT_BACKEND, threads: int | None = None,
                  *, verify: bool = True, kv_dtype: str = "auto",
                  serving: SchedulerConfig | None = None, lm_head: str = "auto", prepacked_cache: bool = True,
-                 warm_up: bool = True):
+                 warm_up: bool = True, decoder: str = "auto"):
         t0 = time.perf_counter()
+        if decoder not in DECODER_MODES:
+            raise ValueError(f"decoder must be one of {', '.join(DECODER_MODES)}, got {decoder!r}")
         if lm_head not in ("auto", "graph", "native"):
             raise ValueError(f"lm_head must be 'auto', 'graph' or 'native', got {lm_head!r}")
         self.artifact_dir = Path(artifact_dir)
@@ -107,8 +116,11 @@ class PaliGemma:
             raise ArtifactError(f"{self.artifact_dir}: lm_head='native' needs an int8 embedding table with "
                                 f"final_norm.npy (int8 / int4 / fp8 exports of tied-embedding checkpoints by "
                                 f"this version); {REEXPORT}, or use lm_head='auto'")
-        self.runner = open_runner(backend, self.artifact_dir, self.manifest, threads,
-                                  skip=("lm_head",) if self._final_norm is not None else (),
+        self._native_decoder = self._open_native_decoder(decoder, backend)
+        skip = ("lm_head",) if self._final_norm is not None else ()
+        if self._native_decoder is not None:
+            skip += tuple(self._native_decoder.boundaries)
+        self.runner = open_runner(backend, self.artifact_dir, self.manifest, threads, skip=skip,
                                   prepacked_cache=prepacked_cache, warm_up=warm_up)
         manifest_bytes = (self.artifact_dir / "manifest.json").read_bytes()
         # Who computed a cached image feature: the artifact's content, the backend and its settings.
@@ -129,6 +141,27 @@ class PaliGemma:
         self._scheduler = Scheduler(self, serving, self.image_cache)
         weakref.finalize(self, self._scheduler.close)   # a model dropped without close()
         self.load_seconds = time.perf_counter() - t0
+
+    def _open_native_decoder(self, mode: str, backend: str) -> NativeDecoder | None:
+        """The native decoder (engine/runtime/native_decoder.py) for decoder="auto" / "native", or None."""
+        if mode == "graphs" or (mode == "auto" and not native_decoder_enabled_by_env()):
+            return None
+        reason = unsupported_reason(backend, self.manifest)
+        if reason is None:
+            try:
+                return open_native_decoder(self.artifact_dir, self.manifest, self.config)
+            except (OSError, ValueError) as e:
+                reason = f"its packed weights could not be written or read ({e})"
+        if mode == "native":
+            raise ArtifactError(f"{self.artifact_dir}: decoder='native' cannot run: {reason}; use decoder='auto'")
+        if not reason.startswith(("the ", "it needs")):
+            log.warning("engine: running the decoder graphs: %s", reason)
+        return None
+
+    @property
+    def decoder_kind(self) -> str:
+        """"native" when the C++ core computes the decoder graphs, else "graphs"."""
+        return "native" if self._native_decoder is not None else "graphs"
 
     # ------------------------------------------------------------------ building blocks
     @property
@@ -196,7 +229,10 @@ class PaliGemma:
         for i in range(start, stop):
             inputs = {"hidden": hidden} if i == 0 else {"hidden": hidden, "attn": attn}
             t0 = time.perf_counter()
-            out = self.run_rows(f"decoder_{i}", inputs)
+            if self._native_decoder is not None:
+                out = self._native_decoder.run(f"decoder_{i}", inputs, self._pool)
+            else:
+                out = self.run_rows(f"decoder_{i}", inputs)
             t1 = time.perf_counter()
             if times is not None:
                 times.add_graph(f"decoder_{i}", t1 - t0)

@@ -16,7 +16,7 @@ from engine.runtime.ort_backend import per_row_int8_only
 
 @pytest.fixture(scope="module")
 def int8_ort(module_cache):
-    m = engine.load(backend="onnxruntime", weights="int8", progress=False)
+    m = engine.load(backend="onnxruntime", weights="int8", progress=False, decoder="graphs")
     yield m
     m.close()
 

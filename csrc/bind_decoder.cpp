@@ -1,0 +1,244 @@
+// pybind11 glue for the native decoder (decoder_layer.h) and its per-row int8 linear layer
+// (linear_int8.h). Arrays are checked here with messages that say what to pass; the GIL is
+// released while the kernels run. A DecoderBoundary keeps the arrays it was built from alive
+// (they are usually memory maps of the engine's packed-weights cache) and never copies them.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "decoder_layer.h"
+#include "linear_int8.h"
+#include "thread_pool.h"
+
+namespace py = pybind11;
+
+namespace {
+
+py::array checked(const py::handle& obj, const std::string& name, const py::dtype& dtype, const char* what,
+                  std::vector<py::ssize_t> shape) {
+  if (!py::isinstance<py::array>(obj))
+    throw std::invalid_argument(name + " must be a numpy array (" + what + "), got " +
+                                std::string(py::str(py::type::of(obj).attr("__name__"))));
+  py::array a = py::reinterpret_borrow<py::array>(obj);
+  if (!a.dtype().is(dtype))
+    throw std::invalid_argument(name + " must be " + what + ", got dtype " + std::string(py::str(a.dtype())));
+  if (!(a.flags() & py::array::c_style))
+    throw std::invalid_argument(name + " must be C-contiguous; pass np.ascontiguousarray(" + name + ")");
+  bool ok = a.ndim() == py::ssize_t(shape.size());
+  for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || a.shape(i) == shape[i];
+  if (!ok) {
+    std::string got = "(";
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) got += (i ? ", " : "") + std::to_string(a.shape(i));
+    throw std::invalid_argument(name + " must be " + what + ", got shape " + got + ")");
+  }
+  return a;
+}
+
+struct Linear {
+  py::array codes, colsum, colscale;
+  engine::PackedLinear view;
+};
+
+Linear make_linear(const py::handle& codes, const py::handle& colsum, const py::handle& colscale, int K, int O,
+                   const std::string& name) {
+  if (K < 1 || O < 1 || K > (1 << 20) || O > (1 << 24))
+    throw std::invalid_argument(name + ": K and O must be positive, got K=" + std::to_string(K) + " O=" + std::to_string(O));
+  Linear l;
+  l.view.K = K;
+  l.view.O = O;
+  const py::ssize_t O32 = l.view.o32(), K4 = l.view.k4();
+  l.codes = checked(codes, name + " codes", py::dtype::of<int8_t>(), "int8 [O32/32, K4/4, 32, 4] from pack_linear_int8",
+                    {O32 / 32, K4 / 4, 32, 4});
+  l.colsum = checked(colsum, name + " colsum", py::dtype::of<int32_t>(), "int32 [O32] from pack_linear_int8", {O32});
+  l.colscale = checked(colscale, name + " colscale", py::dtype::of<float>(), "float32 [O] = scales / 127", {O});
+  l.view.codes = static_cast<const int8_t*>(l.codes.data());
+  l.view.colsum = static_cast<const int32_t*>(l.colsum.data());
+  l.view.colscale = static_cast<const float*>(l.colscale.data());
+  return l;
+}
+
+py::tuple pack_py(const py::array& wt) {
+  if (wt.ndim() != 2) throw std::invalid_argument("pack_linear_int8: wt must be int8 [K, O] (W transposed)");
+  checked(wt, "wt", py::dtype::of<int8_t>(), "int8 [K, O] (W transposed)", {-1, -1});
+  const int K = int(wt.shape(0)), O = int(wt.shape(1));
+  engine::PackedLinear shape;
+  shape.K = K;
+  shape.O = O;
+  py::array_t<int8_t> codes({py::ssize_t(shape.o32() / 32), py::ssize_t(shape.k4() / 4), py::ssize_t(32), py::ssize_t(4)});
+  py::array_t<int32_t> colsum({py::ssize_t(shape.o32())});
+  const int8_t* src = static_cast<const int8_t*>(wt.data());
+  for (py::ssize_t i = 0; i < wt.size(); ++i)
+    if (src[i] == -128) throw std::invalid_argument("pack_linear_int8: codes must lie in [-127, 127]; found -128");
+  {
+    py::gil_scoped_release release;
+    engine::pack_linear_int8(src, K, O, codes.mutable_data(), colsum.mutable_data());
+  }
+  return py::make_tuple(codes, colsum);
+}
+
+py::array_t<float> linear_py(const py::handle& x, const py::handle& codes, const py::handle& colsum,
+                             const py::handle& colscale, int K, engine::ThreadPool* pool) {
+  py::array xa = checked(x, "x", py::dtype::of<float>(), "float32 [rows, K]", {-1, K});
+  if (!py::isinstance<py::array>(colscale)) throw std::invalid_argument("colscale must be a numpy array");
+  const int O = int(py::reinterpret_borrow<py::array>(colscale).shape(0));
+  Linear l = make_linear(codes, colsum, colscale, K, O, "linear_int8");
+  const int M = int(xa.shape(0));
+  py::array_t<float> y({py::ssize_t(M), py::ssize_t(O)});
+  const float* xp = static_cast<const float*>(xa.data());
+  float* yp = y.mutable_data();
+  {
+    py::gil_scoped_release release;
+    engine::PoolScope scope(pool);
+    engine::linear_int8(xp, M, l.view, yp, O);
+  }
+  return y;
+}
+
+// One decoder boundary's weights (views into arrays it keeps alive) and its run().
+class Boundary {
+ public:
+  Boundary(const py::dict& linears, const py::dict& norms, int hidden_size, int mlp_width, int heads, int kv_heads,
+           int head_dim, float eps, bool gemma2, bool has_end, bool has_start) {
+    if (!has_end && !has_start) throw std::invalid_argument("DecoderBoundary: needs has_end, has_start or both");
+    if (hidden_size < 1 || mlp_width < 1 || heads < 1 || kv_heads < 1 || head_dim < 1)
+      throw std::invalid_argument("DecoderBoundary: sizes must be positive");
+    auto& b = b_;
+    b.has_end = has_end;
+    b.has_start = has_start;
+    b.gemma2 = gemma2;
+    b.D = hidden_size;
+    b.F = mlp_width;
+    b.attn_width = b.q_width = heads * head_dim;
+    b.kv_width = kv_heads * head_dim;
+    b.eps = eps;
+    heads_ = heads;
+    kv_heads_ = kv_heads;
+    head_dim_ = head_dim;
+    auto lin = [&](const char* key, int K, int O) -> engine::PackedLinear {
+      if (!linears.contains(key))
+        throw std::invalid_argument(std::string("DecoderBoundary: linears needs '") + key + "': (codes, colsum, colscale)");
+      py::tuple t = linears[key].cast<py::tuple>();
+      if (t.size() != 3) throw std::invalid_argument(std::string("DecoderBoundary: linears['") + key + "'] must be (codes, colsum, colscale)");
+      keep_.push_back(make_linear(t[0], t[1], t[2], K, O, std::string("linears['") + key + "']"));
+      return keep_.back().view;
+    };
+    auto norm = [&](const char* key) -> const float* {
+      if (!norms.contains(key)) throw std::invalid_argument(std::string("DecoderBoundary: norms needs '") + key + "' (1 + w, float32 [D])");
+      norm_keep_.push_back(checked(norms[key], std::string("norms['") + key + "']", py::dtype::of<float>(), "float32 [D] (1 + w)", {b.D}));
+      return static_cast<const float*>(norm_keep_.back().data());
+    };
+    keep_.reserve(7);
+    if (has_end) {
+      b.o = lin("o", b.attn_width, b.D);
+      b.gate = lin("gate", b.D, b.F);
+      b.up = lin("up", b.D, b.F);
+      b.down = lin("down", b.F, b.D);
+      b.post_attention = norm("post_attention");
+      if (gemma2) {
+        b.pre_feedforward = norm("pre_feedforward");
+        b.post_feedforward = norm("post_feedforward");
+      }
+    }
+    if (has_start) {
+      b.q = lin("q", b.D, b.q_width);
+      b.k = lin("k", b.D, b.kv_width);
+      b.v = lin("v", b.D, b.kv_width);
+      b.input = norm("input");
+    }
+  }
+
+  py::dict run(const py::handle& hidden, const py::object& attn, engine::ThreadPool* pool) const {
+    const auto& b = b_;
+    py::array h = checked(hidden, "hidden", py::dtype::of<float>(), "float32 [rows, hidden_size]", {-1, b.D});
+    const py::ssize_t T = h.shape(0);
+    if (T < 1) throw std::invalid_argument("hidden must have at least one row");
+    py::array a;
+    if (b.has_end) {
+      if (attn.is_none()) throw std::invalid_argument("this boundary finishes a layer: pass attn [rows, heads * head_dim]");
+      a = checked(attn, "attn", py::dtype::of<float>(), "float32 [rows, heads * head_dim]", {T, b.attn_width});
+    }
+    py::dict out;
+    engine::BoundaryOutputs o;
+    py::array_t<float> hidden_out, q, k, v;
+    if (b.has_end) {
+      hidden_out = py::array_t<float>({T, py::ssize_t(b.D)});
+      o.hidden_out = hidden_out.mutable_data();
+      out["hidden_out"] = hidden_out;
+    }
+    if (b.has_start) {
+      q = py::array_t<float>({T, py::ssize_t(heads_), py::ssize_t(head_dim_)});
+      k = py::array_t<float>({T, py::ssize_t(kv_heads_), py::ssize_t(head_dim_)});
+      v = py::array_t<float>({T, py::ssize_t(kv_heads_), py::ssize_t(head_dim_)});
+      o.q = q.mutable_data();
+      o.k = k.mutable_data();
+      o.v = v.mutable_data();
+      out["q"] = q;
+      out["k"] = k;
+      out["v"] = v;
+    }
+    const float* hp = static_cast<const float*>(h.data());
+    const float* ap = b.has_end ? static_cast<const float*>(a.data()) : nullptr;
+    {
+      py::gil_scoped_release release;
+      engine::PoolScope scope(pool);
+      engine::run_decoder_boundary(b, hp, ap, int(T), o);
+    }
+    return out;
+  }
+
+ private:
+  engine::DecoderBoundary b_;
+  int heads_ = 0, kv_heads_ = 0, head_dim_ = 0;
+  std::vector<Linear> keep_;
+  std::vector<py::array> norm_keep_;
+};
+
+}  // namespace
+
+void bind_decoder(py::module_& m) {
+  m.def("pack_linear_int8", &pack_py, py::arg("wt"),
+        R"doc(Pack W^T (int8 [K, O], codes in [-127, 127], as the exporter stores per-row int8 matrices) for
+linear_int8 / DecoderBoundary: -> (codes int8 [O32/32, K4/4, 32, 4], colsum int32 [O32]), O32 = O
+rounded up to 32, K4 = K rounded up to 4, codes[p, k4, c, j] = W^T[4 k4 + j, 32 p + c] (0 outside).)doc");
+  m.def("linear_int8", &linear_py, py::arg("x"), py::arg("codes"), py::arg("colsum"), py::arg("colscale"),
+        py::arg("K"), py::arg("pool") = nullptr,
+        R"doc(The exported graph's per-row int8 linear layer on packed weights: x float32 [M, K] -> [M, O], O =
+len(colscale), colscale = scales / 127 (float32). Each row is quantized to uint8 (max |x| -> 127,
+zero point 128, round half to even), the products are exact int32 sums. pool: a ThreadPool.)doc");
+  m.def("rms_norm_rows", [](const py::handle& x, const py::handle& w1, float eps) {
+    py::array xa = checked(x, "x", py::dtype::of<float>(), "float32 [rows, D]", {-1, -1});
+    const int T = int(xa.shape(0)), D = int(xa.shape(1));
+    py::array wa = checked(w1, "w1", py::dtype::of<float>(), "float32 [D]", {D});
+    py::array_t<float> y({py::ssize_t(T), py::ssize_t(D)});
+    engine::rms_norm_rows(static_cast<const float*>(xa.data()), T, D, static_cast<const float*>(wa.data()), eps,
+                          y.mutable_data());
+    return y;
+  }, py::arg("x"), py::arg("w1"), py::arg("eps"), "x / sqrt(mean(x^2) + eps) * w1 per row (the native decoder's norm).");
+  m.def("gelu_mul", [](const py::handle& g, const py::handle& u) {
+    py::array ga = checked(g, "g", py::dtype::of<float>(), "float32 [n]", {-1});
+    py::array ua = checked(u, "u", py::dtype::of<float>(), "float32 [n]", {ga.shape(0)});
+    py::array_t<float> y({ga.shape(0)});
+    std::copy_n(static_cast<const float*>(ga.data()), ga.shape(0), y.mutable_data());
+    engine::gelu_mul(y.mutable_data(), static_cast<const float*>(ua.data()), ga.shape(0));
+    return y;
+  }, py::arg("g"), py::arg("u"), "gelu_tanh(g) * u at the active SIMD level (the native decoder's MLP).");
+  py::class_<Boundary>(m, "DecoderBoundary", R"doc(
+DecoderBoundary(linears, norms, *, hidden_size, mlp_width, heads, kv_heads, head_dim, eps, gemma2,
+has_end, has_start): graph decoder_i computed natively (decoder_layer.h). linears: {"o", "gate", "up",
+"down" (has_end), "q", "k", "v" (has_start)} -> (codes, colsum, colscale) from pack_linear_int8;
+norms: {"post_attention", and for Gemma 2 "pre_feedforward", "post_feedforward" (has_end); "input"
+(has_start)} -> float32 [D] (1 + w). The arrays are kept, never copied.)doc")
+      .def(py::init<const py::dict&, const py::dict&, int, int, int, int, int, float, bool, bool, bool>(),
+           py::arg("linears"), py::arg("norms"), py::kw_only(), py::arg("hidden_size"), py::arg("mlp_width"),
+           py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("gemma2"),
+           py::arg("has_end"), py::arg("has_start"))
+      .def("run", &Boundary::run, py::arg("hidden"), py::arg("attn") = py::none(), py::arg("pool") = nullptr,
+           R"doc(hidden float32 [T, D], attn float32 [T, heads * head_dim] (when the boundary finishes a layer)
+-> {"hidden_out" [T, D] (has_end), "q" [T, heads, head_dim], "k", "v" [T, kv_heads, head_dim]
+(has_start)}, as the graph decoder_i returns them.)doc");
+}

@@ -1,0 +1,115 @@
+// The native decoder boundary (decoder_layer.h): norms, residuals and the MLP's gelu around the
+// per-row int8 linear layers, on the current thread pool.
+#include "decoder_layer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <vector>
+
+#include "cpu_features.h"
+#include "thread_pool.h"
+
+namespace engine {
+
+namespace gelu_avx512 {
+void gelu_mul(float* g, const float* u, int64_t n);   // decoder_layer_avx512.cpp
+}
+
+float gelu_tanh_scalar(float x) {
+  // tanh(y) = y P(y^2) / Q(y^2), |y| <= 9: the rational approximation of MLAS (and Eigen)
+  float y = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+  y = std::min(9.f, std::max(-9.f, y));
+  const float p = y * y;
+  float num = -2.76076847742355e-16f;
+  num = num * p + 2.00018790482477e-13f;
+  num = num * p + -8.60467152213735e-11f;
+  num = num * p + 5.12229709037114e-08f;
+  num = num * p + 1.48572235717979e-05f;
+  num = num * p + 6.37261928875436e-04f;
+  num = num * p + 4.89352455891786e-03f;
+  float den = 1.19825839466702e-06f;
+  den = den * p + 1.18534705686654e-04f;
+  den = den * p + 2.26843463243900e-03f;
+  den = den * p + 4.89352518554385e-03f;
+  return 0.5f * x * (1.f + y * num / den);
+}
+
+namespace {
+
+void gelu_mul_scalar(float* g, const float* u, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) g[i] = gelu_tanh_scalar(g[i]) * u[i];
+}
+
+// Runs fn(begin, end) over [0, n) in chunks of `chunk`, inline when there is a single chunk
+// (decode rows: no thread wake-up for a few microseconds of work).
+template <class Fn>
+void chunked(int64_t n, int64_t chunk, Fn fn) {
+  const int64_t tasks = (n + chunk - 1) / chunk;
+  if (tasks <= 1) {
+    if (n > 0) fn(int64_t(0), n);
+    return;
+  }
+  parallel_for(int(tasks), [&](int t, int) { fn(t * chunk, std::min(n, (t + 1) * chunk)); });
+}
+
+void add_rows(const float* a, const float* b, int64_t n, float* y) {
+  for (int64_t i = 0; i < n; ++i) y[i] = a[i] + b[i];
+}
+
+void linear(const float* x, int T, const PackedLinear& w, float* y) { linear_int8(x, T, w, y, w.O); }
+
+}  // namespace
+
+void rms_norm_rows(const float* x, int T, int D, const float* w1, float eps, float* y) {
+  chunked(T, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = x + r * D;
+      float* yr = y + r * D;
+      double ss = 0.0;
+      for (int d = 0; d < D; ++d) ss += double(xr[d]) * double(xr[d]);
+      const float rms = std::sqrt(float(ss / D) + eps);
+      for (int d = 0; d < D; ++d) yr[d] = xr[d] / rms * w1[d];
+    }
+  });
+}
+
+void gelu_mul(float* g, const float* u, int64_t n) {
+  void (*fn)(float*, const float*, int64_t) = &gelu_mul_scalar;
+#if defined(ENGINE_HAVE_AVX512)
+  if (active_simd() == SimdLevel::Avx512) fn = &gelu_avx512::gelu_mul;
+#endif
+  chunked(n, int64_t(1) << 15, [&](int64_t a, int64_t b) { fn(g + a, u + a, b - a); });
+}
+
+void run_decoder_boundary(const DecoderBoundary& b, const float* hidden, const float* attn, int T,
+                          const BoundaryOutputs& out) {
+  if (T < 1) throw std::invalid_argument("decoder boundary: needs at least one row");
+  const int64_t TD = int64_t(T) * b.D;
+  std::vector<float> h(static_cast<size_t>(TD));     // the current norm's output
+  const float* x = hidden;                           // the residual stream after this boundary's end
+  if (b.has_end) {
+    std::vector<float> o(static_cast<size_t>(TD));
+    linear(attn, T, b.o, o.data());                                   // [T, D]
+    if (b.gemma2) rms_norm_rows(o.data(), T, b.D, b.post_attention, b.eps, o.data());
+    chunked(TD, int64_t(1) << 16, [&](int64_t s, int64_t e) { add_rows(hidden + s, o.data() + s, e - s, out.hidden_out + s); });
+    rms_norm_rows(out.hidden_out, T, b.D, b.gemma2 ? b.pre_feedforward : b.post_attention, b.eps, h.data());
+    const int64_t TF = int64_t(T) * b.F;
+    std::vector<float> g(static_cast<size_t>(TF)), u(static_cast<size_t>(TF));
+    linear(h.data(), T, b.gate, g.data());                            // [T, F]
+    linear(h.data(), T, b.up, u.data());                              // [T, F]
+    gelu_mul(g.data(), u.data(), TF);
+    linear(g.data(), T, b.down, o.data());                            // [T, D]
+    if (b.gemma2) rms_norm_rows(o.data(), T, b.D, b.post_feedforward, b.eps, o.data());
+    chunked(TD, int64_t(1) << 16, [&](int64_t s, int64_t e) { add_rows(out.hidden_out + s, o.data() + s, e - s, out.hidden_out + s); });
+    x = out.hidden_out;
+  }
+  if (b.has_start) {
+    rms_norm_rows(x, T, b.D, b.input, b.eps, h.data());
+    linear(h.data(), T, b.q, out.q);                                  // [T, H * hd]
+    linear(h.data(), T, b.k, out.k);                                  // [T, KV * hd]
+    linear(h.data(), T, b.v, out.v);
+  }
+}
+
+}  // namespace engine

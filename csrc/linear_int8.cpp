@@ -1,0 +1,114 @@
+// Per-row int8 linear layer: quantization, packing, the scalar reference kernel and the dispatch
+// over panel chunks on the current thread pool (see linear_int8.h).
+#include "linear_int8.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <vector>
+
+#include "cpu_features.h"
+#include "thread_pool.h"
+
+namespace engine {
+
+void quantize_rows_u8(const float* x, int M, int K, uint8_t* u, float* r) {
+  const int K4 = (K + 3) / 4 * 4;
+  const float step = 1.0f / 127.0f;   // the graph's QuantizeLinear scale
+  for (int m = 0; m < M; ++m) {
+    const float* row = x + size_t(m) * K;
+    float a = 0.f;
+    bool finite = true;
+    for (int k = 0; k < K; ++k) {
+      a = std::max(a, std::fabs(row[k]));
+      finite &= std::isfinite(row[k]);
+    }
+    if (!finite) throw std::invalid_argument("linear_int8: the input has a non-finite value");
+    a = std::max(a, 1e-30f);          // the graph's Max(row_max, 1e-30): all-zero rows
+    uint8_t* ur = u + size_t(m) * K4;
+    for (int k = 0; k < K; ++k) {
+      const float q = std::nearbyint((row[k] / a) / step);   // Div, then QuantizeLinear (x / scale)
+      ur[k] = uint8_t(std::min(255.f, std::max(0.f, q + 128.f)));
+    }
+    std::fill(ur + K, ur + K4, uint8_t(128));
+    r[m] = a;
+  }
+}
+
+void pack_linear_int8(const int8_t* wt, int K, int O, int8_t* codes, int32_t* colsum) {
+  const int K4 = (K + 3) / 4 * 4, O32 = (O + 31) / 32 * 32;
+  std::fill(codes, codes + size_t(K4) * O32, int8_t(0));
+  std::fill(colsum, colsum + O32, 0);
+  // Panel by panel (its K4 x 32 bytes stay in cache), reading 32 contiguous codes of each row of wt.
+  for (int p = 0; p < O32 / kLinearPanel; ++p) {
+    int8_t* panel = codes + size_t(p) * K4 * kLinearPanel;
+    const int n0 = p * kLinearPanel, width = std::min(kLinearPanel, O - n0);
+    for (int k = 0; k < K; ++k) {
+      const int8_t* src = wt + size_t(k) * O + n0;
+      int8_t* dst = panel + size_t(k / 4) * kLinearPanel * 4 + k % 4;
+      for (int c = 0; c < width; ++c) {
+        dst[4 * c] = src[c];
+        colsum[n0 + c] += src[c];
+      }
+    }
+  }
+}
+
+namespace lin8 {
+void run_scalar(const Job& job, int p0, int p1) {
+  const PackedLinear& w = *job.w;
+  const int K4 = w.k4();
+  for (int p = p0; p < p1; ++p) {
+    const int8_t* panel = w.codes + size_t(p) * K4 * kLinearPanel;
+    for (int c = 0; c < kLinearPanel; ++c) {
+      const int n = kLinearPanel * p + c;
+      if (n >= w.O) break;
+      for (int m = 0; m < job.M; ++m) {
+        const uint8_t* u = job.u + size_t(m) * K4;
+        int32_t acc = 0;
+        for (int k = 0; k < K4; ++k) acc += (int32_t(u[k]) - 128) * int32_t(panel[((k / 4) * kLinearPanel + c) * 4 + k % 4]);
+        job.y[m * job.ldy + n] = (float(acc) * w.colscale[n]) * job.r[m];
+      }
+    }
+  }
+}
+}  // namespace lin8
+
+namespace {
+lin8::Kernel kernel_for(SimdLevel level) {
+#if defined(ENGINE_HAVE_AVX512)
+  if (level == SimdLevel::Avx512 && cpu_features().avx512_vnni) return lin8::avx512_vnni_kernel();
+#endif
+  (void)level;
+  return {&lin8::run_scalar, &quantize_rows_u8};
+}
+constexpr int kRowsPerQuantizeTask = 32;
+// Panels per task: 8 panels of a 2304-wide matrix are 590 KB of codes, a few dozen tasks per call.
+constexpr int kPanelsPerTask = 8;
+}  // namespace
+
+void linear_int8(const float* x, int M, const PackedLinear& w, float* y, int64_t ldy) {
+  if (M < 0 || w.K < 1 || w.O < 1 || ldy < w.O)
+    throw std::invalid_argument("linear_int8: needs M >= 0, K >= 1, O >= 1 and ldy >= O");
+  if (M == 0) return;
+  const lin8::Kernel kernel = kernel_for(active_simd());
+  const size_t K4 = size_t(w.k4());
+  // u starts on a 64-byte boundary, so the kernels' row reads never straddle lines needlessly.
+  std::vector<uint8_t> ubuf(size_t(M) * K4 + 64);
+  auto* u = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(ubuf.data()) + 63) & ~uintptr_t(63));
+  std::vector<float> r(static_cast<size_t>(M));
+  const int qtasks = (M + kRowsPerQuantizeTask - 1) / kRowsPerQuantizeTask;
+  parallel_for(qtasks, [&](int t, int) {
+    const int m0 = t * kRowsPerQuantizeTask, rows = std::min(M - m0, kRowsPerQuantizeTask);
+    kernel.quantize(x + size_t(m0) * w.K, rows, w.K, u + size_t(m0) * K4, r.data() + m0);
+  });
+  const lin8::Job job{u, r.data(), M, &w, y, ldy};
+  const int panels = w.o32() / kLinearPanel;
+  const int tasks = (panels + kPanelsPerTask - 1) / kPanelsPerTask;
+  parallel_for(tasks, [&](int t, int) {
+    const int p0 = t * kPanelsPerTask;
+    kernel.run(job, p0, std::min(panels, p0 + kPanelsPerTask));
+  });
+}
+
+}  // namespace engine

@@ -1,0 +1,68 @@
+// Per-row int8 linear layer of the native decoder (decoder_layer.h): y = x W^T with W int8 per
+// output channel, x quantized per row, computed exactly as the exported ONNX graph's per-row int8
+// MatMulIntegerToFloat (export/onnx_graphs.py, _matmul_dynamic_int8):
+//
+//   r[m]    = max(max_k |x[m, k]|, 1e-30)
+//   u[m, k] = clamp(rint((x[m, k] / r[m]) / (1/127)) + 128, 0, 255)        (QuantizeLinear, uint8)
+//   acc     = sum_k (u[m, k] - 128) * W[k, n]                             (exact int32)
+//   y[m, n] = (float(acc) * colscale[n]) * r[m],   colscale[n] = (1/127) * scales[n]
+//
+// W is stored packed for the kernels: panels of 32 output channels, 4 consecutive k per int32
+// lane (the operand layout of vpdpbusd and of NEON sdot):
+//   codes[p][k4][c][j] = W[4 * k4 + j, 32 * p + c]      shape [O32 / 32, K4 / 4, 32, 4] int8
+// with O32 = O rounded up to 32 and K4 = K rounded up to 4 (padding codes are 0), and
+// colsum[n] = sum_k W[k, n] (int32, O32 entries) for the kernels that feed u (not u - 128). The
+// codes must lie in [-127, 127] (the exporter writes 7-bit codes, [-63, 63]).
+//
+// Every SIMD path computes the same exact integer sums and the same float ops as the scalar twin,
+// so all levels agree bit for bit. Rows never interact. Prefill (hundreds of rows) is
+// compute-bound: register tiles of 6 rows x 32 channels; decode (a few rows) is memory-bound:
+// each panel is read once per call, as one sequential stream per thread.
+#pragma once
+#include <cstdint>
+
+namespace engine {
+
+struct PackedLinear {
+  int K = 0, O = 0;                  // input features, output channels
+  const int8_t* codes = nullptr;     // [O32 / 32][K4 / 4][32][4]
+  const int32_t* colsum = nullptr;   // [O32]
+  const float* colscale = nullptr;   // [O] = (1/127) * scales
+  int k4() const { return (K + 3) / 4 * 4; }
+  int o32() const { return (O + 31) / 32 * 32; }
+};
+
+constexpr int kLinearPanel = 32;     // output channels per panel
+
+// u [M, K4] (row stride K4; the padding columns hold 128) and r [M] as defined above. Throws
+// std::invalid_argument for a non-finite input.
+void quantize_rows_u8(const float* x, int M, int K, uint8_t* u, float* r);
+
+// y [M, O] (row stride ldy >= O) = the formula above, on the current pool at the active SIMD level.
+void linear_int8(const float* x, int M, const PackedLinear& w, float* y, int64_t ldy);
+
+// Packs W^T as the exporter stores it (wt [K, O] int8, row-major) into codes / colsum (sizes above).
+void pack_linear_int8(const int8_t* wt, int K, int O, int8_t* codes, int32_t* colsum);
+
+namespace lin8 {
+// Output rows [m0, m0 + rows) x panels [p0, p1): u, r as from quantize_rows_u8.
+struct Job {
+  const uint8_t* u;
+  const float* r;
+  int M;
+  const PackedLinear* w;
+  float* y;
+  int64_t ldy;
+};
+using Fn = void (*)(const Job& job, int p0, int p1);
+// quantize_rows_u8 for rows [0, M) of x (the same results on every path).
+using QuantizeFn = void (*)(const float* x, int M, int K, uint8_t* u, float* r);
+struct Kernel {
+  Fn run;
+  QuantizeFn quantize;
+};
+void run_scalar(const Job& job, int p0, int p1);
+Kernel avx512_vnni_kernel();   // defined only where ENGINE_HAVE_AVX512
+}  // namespace lin8
+
+}  // namespace engine

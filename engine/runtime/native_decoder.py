@@ -1,0 +1,220 @@
+"""The native decoder: the decoder_i graphs of a per-row int8 artifact computed by the C++ core.
+
+Why: onnxruntime's MLAS runs the per-row int8 graphs' matrix products well at prefill, but one
+decode row streams a decoder graph's 75 MB of weights at ~27 GB/s on the machines measured, where
+the core's own kernel (csrc/linear_int8*.cpp) streams them at ~40 GB/s; at prefill the core's
+6 x 32 VNNI tiles run as fast as MLAS (README Performance). The graphs and the core compute the
+same thing: the same per-row uint8 quantization and exact int32 sums (bit-identical linear layers,
+tests/test_native_decoder.py); norms and gelu differ in the last float bits.
+
+When (`decoder="auto"`, the default of engine.load): the onnxruntime backend, an artifact whose
+decoder matrices are all per-row int8 MatMulIntegerToFloat (runtime.ort_backend.per_row_int8_only),
+and a CPU with AVX-512 VNNI at the active SIMD level (ENGINE_SIMD=avx2 or scalar keeps the graphs:
+elsewhere the core has no fast kernel for it yet). PALIGEMMA_EDGE_NATIVE_DECODER=0 turns it off;
+`decoder="graphs"` too, `decoder="native"` requires it.
+
+Weights: the exporter's int8 W^T [K, O] and per-channel scales are read from the decoder graphs'
+external data and packed once per artifact into the engine's cache,
+`<default_cache_dir()>/native-decoder/<key>/` (weights.bin, index.json, stamp.json; the key hashes
+the graphs' files by content, so a moved artifact keeps its entry). The layout does not depend on
+the CPU. The entry is sealed and checked like the other runtime caches (runtime/stamped_dir.py):
+a later load hashes only files whose size, mtime, ctime, inode or device changed. weights.bin is
+memory-mapped: the pages are file-backed, shared by every model of the artifact in the process,
+and the onnxruntime sessions of the decoder graphs are not created at all (no second copy).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import _native
+from ..artifact import Manifest
+from ..config import PaliGemmaConfig
+from . import stamped_dir
+
+log = logging.getLogger("engine")
+
+SUBDIR = "native-decoder"
+WEIGHTS, INDEX = "weights.bin", "index.json"
+FILES = {WEIGHTS, INDEX}
+LAYOUT_VERSION = 1                # of the packed layout (csrc/linear_int8.h) and index.json
+ENV_SWITCH = "PALIGEMMA_EDGE_NATIVE_DECODER"
+DECODER_MODES = ("auto", "graphs", "native")
+_ALIGN = 64
+_INT8_STEP = np.float32(1.0 / 127.0)   # the graphs' activation scale (export/onnx_graphs.ACT_SCALE)
+
+# The linear layers and norms of a boundary: key -> canonical name suffix (export/graph_def.py)
+END_LINEARS = {"o": "self_attn.o_proj.weight", "gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight",
+               "down": "mlp.down_proj.weight"}
+START_LINEARS = {"q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight", "v": "self_attn.v_proj.weight"}
+END_NORMS_GEMMA2 = {"post_attention": "post_attention_layernorm.weight", "pre_feedforward":
+                    "pre_feedforward_layernorm.weight", "post_feedforward": "post_feedforward_layernorm.weight"}
+END_NORMS_GEMMA1 = {"post_attention": "post_attention_layernorm.weight"}
+START_NORMS = {"input": "input_layernorm.weight"}
+
+
+def cache_root() -> Path:
+    from .. import default_cache_dir
+    return default_cache_dir() / SUBDIR
+
+
+def enabled_by_env() -> bool:
+    return stamped_dir.env_enabled(ENV_SWITCH)
+
+
+def unsupported_reason(backend: str, manifest: Manifest) -> str | None:
+    """Why the native decoder cannot run this artifact here (None: it can)."""
+    from .ort_backend import per_row_int8_only
+    if backend != "onnxruntime":
+        return f"the {backend} backend runs its own graphs"
+    if not per_row_int8_only(manifest):
+        return "the artifact's decoder matrices are not all per-row int8 (export --weights int8)"
+    features = _native.cpu_features()
+    if not (features["avx512_vnni"] and features["simd"] == "avx512"):
+        return (f"it needs AVX-512 VNNI at the active SIMD level (this CPU: avx512_vnni={features['avx512_vnni']}, "
+                f"SIMD level {features['simd']})")
+    return None
+
+
+def boundary_names(cfg: PaliGemmaConfig, i: int) -> tuple[dict[str, str], dict[str, str]]:
+    """Graph decoder_i's linear layers and norms: key -> canonical weight name."""
+    t = cfg.text
+    linears, norms = {}, {}
+    if i > 0:
+        pre = f"text.layers.{i - 1}."
+        linears.update({k: pre + v for k, v in END_LINEARS.items()})
+        norms.update({k: pre + v for k, v in (END_NORMS_GEMMA2 if t.is_gemma2 else END_NORMS_GEMMA1).items()})
+    if i < t.num_hidden_layers:
+        pre = f"text.layers.{i}."
+        linears.update({k: pre + v for k, v in START_LINEARS.items()})
+        norms.update({k: pre + v for k, v in START_NORMS.items()})
+    return linears, norms
+
+
+def _graph_arrays(graph_path: Path) -> dict[str, np.ndarray]:
+    """A graph's initializers by name, without reading them: memory maps of its external data
+    (inline ones, the small constants, as arrays)."""
+    import onnx
+    from onnx import numpy_helper
+    model = onnx.load(str(graph_path), load_external_data=False)
+    arrays = {}
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+            arrays[t.name] = np.memmap(graph_path.parent / info["location"], dtype=dtype, mode="r",
+                                       offset=int(info.get("offset", 0)), shape=tuple(t.dims))
+        else:
+            arrays[t.name] = numpy_helper.to_array(t)
+    return arrays
+
+
+def entry_dir(root: Path, manifest: Manifest) -> Path:
+    import hashlib
+    graphs = manifest.graphs.get("onnx", {})
+    parts = [f"layout{LAYOUT_VERSION}", f"stamp{stamped_dir.VERSION}"]
+    for name in sorted(g for g in graphs if g.startswith("decoder_")):
+        rel = graphs[name]
+        data = str(Path(rel).with_suffix(".data"))
+        parts += [f"{r}={manifest.files[r].sha256}" for r in (rel, data) if r in manifest.files]
+    return root / f"decoder-{hashlib.sha256(chr(10).join(parts).encode()).hexdigest()[:24]}"
+
+
+def write_entry(artifact_dir: Path, manifest: Manifest, cfg: PaliGemmaConfig, entry: Path,
+                progress: bool | None = None) -> None:
+    """Pack every decoder graph's weights into a temporary directory, seal it, rename it to `entry`."""
+    from tqdm import tqdm
+    graphs = manifest.graphs["onnx"]
+    names = [f"decoder_{i}" for i in range(cfg.text.num_hidden_layers + 1)]
+    tmp = stamped_dir.new_tmp(entry)
+    index: dict = {"layout": LAYOUT_VERSION, "graphs": {}}
+    show = sys.stderr.isatty() if progress is None else progress
+    try:
+        with open(tmp / WEIGHTS, "wb") as f, tqdm(names, desc="packing native decoder weights", disable=not show,
+                                                   file=sys.stderr, dynamic_ncols=True) as bar:
+            def put(array: np.ndarray) -> list:
+                pad = (-f.tell()) % _ALIGN
+                f.write(b"\0" * pad)
+                offset = f.tell()
+                f.write(np.ascontiguousarray(array).tobytes())
+                return [offset, str(array.dtype), list(array.shape)]
+            for name in bar:
+                arrays = _graph_arrays(artifact_dir / graphs[name])
+                linears, norms = boundary_names(cfg, int(name.split("_")[1]))
+                entry_index: dict = {"linears": {}, "norms": {}}
+                for key, wname in linears.items():
+                    wt, scales = arrays[wname], arrays[wname + ".scales"]
+                    if wt.dtype != np.int8 or wt.ndim != 2:
+                        raise ValueError(f"{name}: {wname} is {wt.dtype} {wt.shape}, not per-row int8 W^T [K, O]")
+                    codes, colsum = _native.pack_linear_int8(np.ascontiguousarray(wt))
+                    colscale = _INT8_STEP * np.asarray(scales, np.float32)   # as MatMulIntegerToFloat's a_scale * b_scale
+                    entry_index["linears"][key] = {"K": int(wt.shape[0]), "codes": put(codes), "colsum": put(colsum),
+                                                   "colscale": put(colscale)}
+                for key, wname in norms.items():
+                    entry_index["norms"][key] = put(np.asarray(arrays[wname + "+1"], np.float32))
+                index["graphs"][name] = entry_index
+        (tmp / INDEX).write_text(json.dumps(index), encoding="utf-8")
+        stamped_dir.seal(tmp)
+        stamped_dir.install(tmp, entry)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass
+class NativeDecoder:
+    """The DecoderBoundary objects of an artifact's decoder graphs, over one memory map."""
+    boundaries: dict[str, object]           # graph name -> _native.DecoderBoundary
+    entry: Path
+
+    def run(self, graph: str, inputs: dict[str, np.ndarray], pool) -> dict[str, np.ndarray]:
+        hidden = np.ascontiguousarray(inputs["hidden"], np.float32)
+        attn = inputs.get("attn")
+        attn = None if attn is None else np.ascontiguousarray(attn, np.float32)
+        return self.boundaries[graph].run(hidden, attn, pool)
+
+
+def open_native_decoder(artifact_dir: Path, manifest: Manifest, cfg: PaliGemmaConfig) -> NativeDecoder:
+    """Map (writing it first when absent or bad) the artifact's packed decoder weights. Raises
+    OSError / ValueError when the cache cannot be written or read."""
+    root = cache_root()
+    entry = entry_dir(root, manifest)
+    problem = stamped_dir.check(entry, FILES) if entry.is_dir() else "absent"
+    if problem is not None:
+        if entry.is_dir():
+            log.warning("engine: the native decoder weights %s are bad (%s); packing them again", entry, problem)
+            shutil.rmtree(entry, ignore_errors=True)
+        graphs = manifest.graphs["onnx"]
+        size = sum(manifest.files[r].size for g, rel in graphs.items() if g.startswith("decoder_")
+                   for r in (rel, str(Path(rel).with_suffix(".data"))) if r in manifest.files)
+        if not stamped_dir.has_room(root, size):
+            raise OSError(f"less than {stamped_dir.MIN_FREE_BYTES >> 30} GiB would stay free in {root}")
+        write_entry(artifact_dir, manifest, cfg, entry)
+    stamped_dir.touch(entry)
+    index = json.loads((entry / INDEX).read_text(encoding="utf-8"))
+    if index.get("layout") != LAYOUT_VERSION:
+        raise ValueError(f"{entry}: packed layout {index.get('layout')}, this engine reads {LAYOUT_VERSION}")
+    data = np.memmap(entry / WEIGHTS, dtype=np.uint8, mode="r")
+
+    def view(rec: list) -> np.ndarray:
+        offset, dtype, shape = rec
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape)) * dtype.itemsize
+        return data[offset:offset + count].view(dtype).reshape(shape)
+
+    t = cfg.text
+    boundaries = {}
+    for name, rec in index["graphs"].items():
+        i = int(name.split("_")[1])
+        linears = {k: (view(v["codes"]), view(v["colsum"]), view(v["colscale"])) for k, v in rec["linears"].items()}
+        norms = {k: view(v) for k, v in rec["norms"].items()}
+        boundaries[name] = _native.DecoderBoundary(
+            linears, norms, hidden_size=t.hidden_size, mlp_width=t.intermediate_size, heads=t.num_attention_heads,
+            kv_heads=t.num_key_value_heads, head_dim=t.head_dim, eps=float(t.rms_norm_eps), gemma2=t.is_gemma2,
+            has_end=i > 0, has_start=i < t.num_hidden_layers)
+    return NativeDecoder(boundaries, entry)

@@ -1,0 +1,167 @@
+"""The native decoder (csrc/linear_int8*, csrc/decoder_layer*, engine/runtime/native_decoder.py).
+
+Oracles: numpy for the packed layout and the per-row int8 linear layer (bit for bit, at every SIMD
+level this machine has), float64 numpy for the norm and gelu, onnxruntime's own decoder graphs of
+the default model's int8 artifact for whole boundaries, and the graphs' tokens for generation.
+Bad input gets a clear error."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import engine
+from engine import _native
+from engine.__main__ import example_image_path
+from engine.artifact import ArtifactError
+from engine.runtime import native_decoder
+
+STEP = np.float32(1.0 / 127.0)
+VNNI = _native.cpu_features()["avx512_vnni"]
+LEVELS = ["scalar"] + (["avx512"] if VNNI else [])
+
+
+@pytest.fixture
+def simd_level():
+    before = _native.simd_level()
+    yield _native.set_simd_level
+    _native.set_simd_level(before)
+
+
+def reference_linear(x, wt, scales):
+    """The exported graph's per-row int8 linear layer in numpy (export/onnx_graphs.py)."""
+    r = np.maximum(np.abs(x).max(1, keepdims=True), np.float32(1e-30))
+    u = np.clip(np.rint((x / r) / STEP) + 128, 0, 255)
+    acc = (u.astype(np.int64) - 128) @ wt.astype(np.int64)
+    return (acc.astype(np.float32) * (STEP * scales)) * r
+
+
+def test_pack_layout_and_column_sums():
+    rng = np.random.default_rng(0)
+    for K, O in ((1, 1), (5, 33), (36, 64), (130, 70)):
+        wt = rng.integers(-127, 128, (K, O), dtype=np.int8)
+        codes, colsum = _native.pack_linear_int8(wt)
+        K4, O32 = -(-K // 4) * 4, -(-O // 32) * 32
+        padded = np.zeros((K4, O32), np.int8)
+        padded[:K, :O] = wt
+        assert codes.shape == (O32 // 32, K4 // 4, 32, 4)
+        assert np.array_equal(codes, padded.reshape(K4 // 4, 4, O32 // 32, 32).transpose(2, 0, 3, 1))
+        assert np.array_equal(colsum, padded.astype(np.int32).sum(0))
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_linear_equals_numpy_bit_for_bit(level, simd_level):
+    simd_level(level)
+    rng = np.random.default_rng(1)
+    pool = _native.ThreadPool(3)
+    for M, K, O in ((1, 4, 1), (5, 36, 33), (7, 100, 70), (13, 130, 31), (2, 9, 64), (19, 257, 97)):
+        x = (rng.standard_normal((M, K)) * rng.choice([1e-3, 1.0, 50.0], (M, 1))).astype(np.float32)
+        x[M // 2] = 0.0                                    # an all-zero row
+        wt = rng.integers(-63, 64, (K, O), dtype=np.int8)
+        scales = rng.random(O, dtype=np.float32)
+        codes, colsum = _native.pack_linear_int8(wt)
+        y = _native.linear_int8(x, codes, colsum, STEP * scales, K, pool)
+        assert np.array_equal(y, reference_linear(x, wt, scales)), (level, M, K, O)
+        # rows never interact: a row alone gives what it gives in the call
+        assert np.array_equal(_native.linear_int8(x[1:2], codes, colsum, STEP * scales, K), y[1:2])
+
+
+def test_linear_bad_input_errors():
+    wt = np.ones((8, 4), np.int8)
+    codes, colsum = _native.pack_linear_int8(wt)
+    cs = np.full(4, STEP, np.float32)
+    with pytest.raises(ValueError, match="x must be float32"):
+        _native.linear_int8(np.ones((2, 8), np.float64), codes, colsum, cs, 8)
+    with pytest.raises(ValueError, match=r"x must be float32 \[rows, K\], got shape \(2, 7\)"):
+        _native.linear_int8(np.ones((2, 7), np.float32), codes, colsum, cs, 8)
+    with pytest.raises(ValueError, match="non-finite"):
+        _native.linear_int8(np.array([[np.nan] * 8], np.float32), codes, colsum, cs, 8)
+    with pytest.raises(ValueError, match="codes must be int8"):
+        _native.linear_int8(np.ones((1, 8), np.float32), codes[:, :1], colsum, cs, 8)
+    with pytest.raises(ValueError, match=r"\[-127, 127\]"):
+        _native.pack_linear_int8(np.full((4, 4), -128, np.int8))
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_norm_and_gelu_against_float64(level, simd_level):
+    simd_level(level)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((5, 37)).astype(np.float32) * 3
+    w1 = rng.random(37).astype(np.float32) + 0.5
+    x64 = x.astype(np.float64)
+    want = x64 / np.sqrt((x64 ** 2).mean(1, keepdims=True) + 1e-6) * w1
+    np.testing.assert_allclose(_native.rms_norm_rows(x, w1, 1e-6), want, rtol=2e-6, atol=1e-6)
+    g = np.linspace(-12, 12, 1001).astype(np.float32)
+    u = rng.standard_normal(1001).astype(np.float32)
+    g64 = g.astype(np.float64)
+    gelu = 0.5 * g64 * (1 + np.tanh(np.sqrt(2 / np.pi) * (g64 + 0.044715 * g64 ** 3)))
+    np.testing.assert_allclose(_native.gelu_mul(g, u), gelu * u, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the default model's int8 artifact
+@pytest.fixture(scope="module")
+def graphs_model(module_cache):
+    m = engine.load(backend="onnxruntime", weights="int8", progress=False, decoder="graphs")
+    yield m
+    m.close()
+
+
+needs_vnni = pytest.mark.skipif(not VNNI, reason="the native decoder runs only where the CPU has AVX-512 VNNI")
+
+
+@needs_vnni
+def test_boundaries_match_the_onnxruntime_graphs(graphs_model):
+    nd = native_decoder.open_native_decoder(graphs_model.artifact_dir, graphs_model.manifest, graphs_model.config)
+    t = graphs_model.config.text
+    rng = np.random.default_rng(3)
+    pool = _native.ThreadPool(2)
+    assert sorted(nd.boundaries) == sorted(f"decoder_{i}" for i in range(t.num_hidden_layers + 1))
+    for name in nd.boundaries:
+        inputs = {"hidden": rng.standard_normal((5, t.hidden_size)).astype(np.float32)}
+        if name != "decoder_0":
+            inputs["attn"] = rng.standard_normal((5, t.num_attention_heads * t.head_dim)).astype(np.float32)
+        want = graphs_model.runner.run(name, inputs)
+        got = nd.run(name, inputs, pool)
+        assert sorted(got) == sorted(want)
+        for key in want:
+            assert got[key].shape == want[key].shape, (name, key)
+            scale = np.abs(want[key]).max()
+            assert np.abs(got[key] - want[key]).max() <= 1e-3 * scale, (name, key)
+        one = nd.run(name, {k: v[2:3] for k, v in inputs.items()}, pool)
+        for key in got:
+            assert np.array_equal(one[key], got[key][2:3]), (name, key)
+
+
+@needs_vnni
+def test_generation_matches_the_graphs(graphs_model, module_cache):
+    native = engine.load(backend="onnxruntime", weights="int8", progress=False, decoder="native")
+    try:
+        assert native.decoder_kind == "native" and graphs_model.decoder_kind == "graphs"
+        assert not any(g.startswith("decoder_") for g in native.runner.graph_names)
+        image = example_image_path()
+        for prompt in ("caption en", "answer en what is in the image?", "detect circle"):
+            a = graphs_model.generate(image, prompt, max_new_tokens=12)
+            b = native.generate(image, prompt, max_new_tokens=12)
+            assert a.tokens == b.tokens, prompt
+    finally:
+        native.close()
+
+
+@needs_vnni
+def test_a_damaged_cache_entry_is_packed_again(graphs_model, module_cache, caplog):
+    nd = native_decoder.open_native_decoder(graphs_model.artifact_dir, graphs_model.manifest, graphs_model.config)
+    weights = nd.entry / native_decoder.WEIGHTS
+    del nd
+    data = bytearray(weights.read_bytes())
+    data[100] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="engine"):
+        nd = native_decoder.open_native_decoder(graphs_model.artifact_dir, graphs_model.manifest, graphs_model.config)
+    assert "packing them again" in caplog.text
+    assert native_decoder.stamped_dir.check(nd.entry, native_decoder.FILES) is None
+
+
+def test_bad_decoder_choice_errors(module_cache):
+    with pytest.raises(ValueError, match="decoder must be one of auto, graphs, native"):
+        engine.load(backend="onnxruntime", weights="int8", progress=False, decoder="fast")
+    with pytest.raises(ArtifactError, match="decoder='native' cannot run: the openvino backend"):
+        engine.load(backend="openvino", weights="int8", progress=False, decoder="native")
