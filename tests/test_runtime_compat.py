@@ -60,8 +60,8 @@ def test_too_new_ir_version_names_both_versions_and_the_fix(art, tmp_path):
     m.ir_version = 99                     # newer than any onnxruntime reads
     graph.write_bytes(m.SerializeToString())
     _rewrite_manifest(bad)
-    with pytest.raises(ArtifactError) as e:
-        engine.load(bad, backend="onnxruntime", threads=1, progress=False)
+    with pytest.raises(ArtifactError) as e:   # graphs: the native decoder would not load decoder_0.onnx
+        engine.load(bad, backend="onnxruntime", threads=1, progress=False, decoder="graphs")
     msg = str(e.value)
     assert "decoder_0.onnx" in msg and "ONNX IR version 99" in msg
     assert f"written with onnx {onnx.__version__}" in msg

@@ -92,8 +92,8 @@ def test_concurrent_tasks_equal_lone_runs(model):
 def test_int8_rows_are_independent(cache_dir, backend):
     """Row 0 of a decoder-graph / LM-head call gives the same numbers whatever the other rows are
     (rows of very different scales), for any call of two or more rows (PaliGemma.run_rows pads a
-    one-row call to two)."""
-    m = engine.load(None, backend=backend, weights="int8", progress=False)
+    one-row call to two). The graphs' runner (the native decoder's rows: tests/test_native_decoder.py)."""
+    m = engine.load(None, backend=backend, weights="int8", progress=False, decoder="graphs")
     try:
         t = m.config.text
         rng = np.random.default_rng(0)
