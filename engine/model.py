@@ -152,10 +152,10 @@ class PaliGemma:
                 return open_native_decoder(self.artifact_dir, self.manifest, self.config)
             except (OSError, ValueError) as e:
                 reason = f"its packed weights could not be written or read ({e})"
+                if mode == "auto":      # an expected case is silent; a failing cache is not
+                    log.warning("engine: running the decoder graphs: the native decoder's %s", reason)
         if mode == "native":
             raise ArtifactError(f"{self.artifact_dir}: decoder='native' cannot run: {reason}; use decoder='auto'")
-        if not reason.startswith(("the ", "it needs")):
-            log.warning("engine: running the decoder graphs: %s", reason)
         return None
 
     @property

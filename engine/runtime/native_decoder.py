@@ -2,7 +2,7 @@
 
 Why: onnxruntime's MLAS runs the per-row int8 graphs' matrix products well at prefill, but one
 decode row streams a decoder graph's 75 MB of weights at ~27 GB/s on the machines measured, where
-the core's own kernel (csrc/linear_int8*.cpp) streams them at ~40 GB/s; at prefill the core's
+the core's own kernel (csrc/linear_int8*.cpp) streams them at 38-39 GB/s (measured alone, DRAM-cold); at prefill the core's
 6 x 32 VNNI tiles run as fast as MLAS (README Performance). The graphs and the core compute the
 same thing: the same per-row uint8 quantization and exact int32 sums (bit-identical linear layers,
 tests/test_native_decoder.py); norms and gelu differ in the last float bits.
