@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "matmul_int8.h"
 #include "thread_pool.h"
 
 namespace engine {
@@ -17,14 +18,7 @@ void quantize_rows_u8(const float* x, int M, int K, uint8_t* u, float* r) {
   const float step = 1.0f / 127.0f;   // the graph's QuantizeLinear scale
   for (int m = 0; m < M; ++m) {
     const float* row = x + size_t(m) * K;
-    float a = 0.f;
-    bool finite = true;
-    for (int k = 0; k < K; ++k) {
-      a = std::max(a, std::fabs(row[k]));
-      finite &= std::isfinite(row[k]);
-    }
-    if (!finite) throw std::invalid_argument("linear_int8: the input has a non-finite value");
-    a = std::max(a, 1e-30f);          // the graph's Max(row_max, 1e-30): all-zero rows
+    const float a = std::max(checked_abs_max(row, K, "linear_int8"), 1e-30f);   // the graph's Max(row_max, 1e-30)
     uint8_t* ur = u + size_t(m) * K4;
     for (int k = 0; k < K; ++k) {
       const float q = std::nearbyint((row[k] / a) / step);   // Div, then QuantizeLinear (x / scale)

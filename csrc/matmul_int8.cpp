@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "cpu_features.h"
@@ -13,16 +14,21 @@
 
 namespace engine {
 
+float checked_abs_max(const float* row, int K, const char* who) {
+  float a = 0.f;
+  bool finite = true;
+  for (int k = 0; k < K; ++k) {
+    a = std::max(a, std::fabs(row[k]));
+    finite &= std::isfinite(row[k]);
+  }
+  if (!finite) throw std::invalid_argument(std::string(who) + ": the input has a non-finite value");
+  return a;
+}
+
 void quantize_rows_int8(const float* x, int M, int K, int8_t* q, float* qscale) {
   for (int m = 0; m < M; ++m) {
     const float* row = x + size_t(m) * K;
-    float a = 0.f;
-    bool finite = true;
-    for (int k = 0; k < K; ++k) {
-      a = std::max(a, std::fabs(row[k]));
-      finite &= std::isfinite(row[k]);
-    }
-    if (!finite) throw std::invalid_argument("matmul_int8: the input has a non-finite value");
+    const float a = checked_abs_max(row, K, "matmul_int8");
     int8_t* qr = q + size_t(m) * K;
     if (a == 0.f) {
       std::fill(qr, qr + K, int8_t(0));

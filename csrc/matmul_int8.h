@@ -13,6 +13,10 @@
 
 namespace engine {
 
+// max_k |row[k]|; throws std::invalid_argument "<who>: the input has a non-finite value" for a NaN
+// or infinity (shared by every per-row quantizer: this one and linear_int8.h's).
+float checked_abs_max(const float* row, int K, const char* who);
+
 // Per-row quantization: q [M, K] int8, qscale [M] = a[m] / 127.
 void quantize_rows_int8(const float* x, int M, int K, int8_t* q, float* qscale);
 
