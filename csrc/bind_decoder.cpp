@@ -6,11 +6,14 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <map>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "bind_util.h"
 #include "decoder_layer.h"
 #include "linear_int8.h"
 #include "thread_pool.h"
@@ -20,23 +23,8 @@ namespace py = pybind11;
 namespace {
 
 py::array checked(const py::handle& obj, const std::string& name, const py::dtype& dtype, const char* what,
-                  std::vector<py::ssize_t> shape) {
-  if (!py::isinstance<py::array>(obj))
-    throw std::invalid_argument(name + " must be a numpy array (" + what + "), got " +
-                                std::string(py::str(py::type::of(obj).attr("__name__"))));
-  py::array a = py::reinterpret_borrow<py::array>(obj);
-  if (!a.dtype().is(dtype))
-    throw std::invalid_argument(name + " must be " + what + ", got dtype " + std::string(py::str(a.dtype())));
-  if (!(a.flags() & py::array::c_style))
-    throw std::invalid_argument(name + " must be C-contiguous; pass np.ascontiguousarray(" + name + ")");
-  bool ok = a.ndim() == py::ssize_t(shape.size());
-  for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || a.shape(i) == shape[i];
-  if (!ok) {
-    std::string got = "(";
-    for (py::ssize_t i = 0; i < a.ndim(); ++i) got += (i ? ", " : "") + std::to_string(a.shape(i));
-    throw std::invalid_argument(name + " must be " + what + ", got shape " + got + ")");
-  }
-  return a;
+                  const std::vector<py::ssize_t>& shape) {
+  return engine_bind::checked_array(obj, "", name, dtype, what, shape);
 }
 
 struct Linear {
@@ -44,8 +32,9 @@ struct Linear {
   engine::PackedLinear view;
 };
 
+// max_code: max |code| as pack_linear_int8 returned it (-1: measured here, reading the codes once).
 Linear make_linear(const py::handle& codes, const py::handle& colsum, const py::handle& colscale, int K, int O,
-                   const std::string& name) {
+                   int max_code, const std::string& name) {
   if (K < 1 || O < 1 || K > (1 << 20) || O > (1 << 24))
     throw std::invalid_argument(name + ": K and O must be positive, got K=" + std::to_string(K) + " O=" + std::to_string(O));
   Linear l;
@@ -59,6 +48,15 @@ Linear make_linear(const py::handle& codes, const py::handle& colsum, const py::
   l.view.codes = static_cast<const int8_t*>(l.codes.data());
   l.view.colsum = static_cast<const int32_t*>(l.colsum.data());
   l.view.colscale = static_cast<const float*>(l.colscale.data());
+  if (max_code < 0) {
+    const int8_t* c = l.view.codes;
+    max_code = 0;
+    for (py::ssize_t i = 0; i < l.codes.size(); ++i) max_code = std::max(max_code, std::abs(int(c[i])));
+  }
+  if (max_code > 127)
+    throw std::invalid_argument(name + ": max_code must be max |code| <= 127 (pack_linear_int8 returns it), got " +
+                                std::to_string(max_code));
+  l.view.max_code = max_code;
   return l;
 }
 
@@ -74,19 +72,20 @@ py::tuple pack_py(const py::array& wt) {
   const int8_t* src = static_cast<const int8_t*>(wt.data());
   for (py::ssize_t i = 0; i < wt.size(); ++i)
     if (src[i] == -128) throw std::invalid_argument("pack_linear_int8: codes must lie in [-127, 127]; found -128");
+  int max_code = 0;
   {
     py::gil_scoped_release release;
-    engine::pack_linear_int8(src, K, O, codes.mutable_data(), colsum.mutable_data());
+    max_code = engine::pack_linear_int8(src, K, O, codes.mutable_data(), colsum.mutable_data());
   }
-  return py::make_tuple(codes, colsum);
+  return py::make_tuple(codes, colsum, max_code);
 }
 
 py::array_t<float> linear_py(const py::handle& x, const py::handle& codes, const py::handle& colsum,
-                             const py::handle& colscale, int K, engine::ThreadPool* pool) {
+                             const py::handle& colscale, int K, engine::ThreadPool* pool, int max_code) {
   py::array xa = checked(x, "x", py::dtype::of<float>(), "float32 [rows, K]", {-1, K});
   if (!py::isinstance<py::array>(colscale)) throw std::invalid_argument("colscale must be a numpy array");
   const int O = int(py::reinterpret_borrow<py::array>(colscale).shape(0));
-  Linear l = make_linear(codes, colsum, colscale, K, O, "linear_int8");
+  Linear l = make_linear(codes, colsum, colscale, K, O, max_code, "linear_int8");
   const int M = int(xa.shape(0));
   py::array_t<float> y({py::ssize_t(M), py::ssize_t(O)});
   const float* xp = static_cast<const float*>(xa.data());
@@ -121,10 +120,11 @@ class Boundary {
     head_dim_ = head_dim;
     auto lin = [&](const char* key, int K, int O) -> engine::PackedLinear {
       if (!linears.contains(key))
-        throw std::invalid_argument(std::string("DecoderBoundary: linears needs '") + key + "': (codes, colsum, colscale)");
+        throw std::invalid_argument(std::string("DecoderBoundary: linears needs '") + key + "': (codes, colsum, colscale, max_code)");
       py::tuple t = linears[key].cast<py::tuple>();
-      if (t.size() != 3) throw std::invalid_argument(std::string("DecoderBoundary: linears['") + key + "'] must be (codes, colsum, colscale)");
-      keep_.push_back(make_linear(t[0], t[1], t[2], K, O, std::string("linears['") + key + "']"));
+      if (t.size() != 4)
+        throw std::invalid_argument(std::string("DecoderBoundary: linears['") + key + "'] must be (codes, colsum, colscale, max_code)");
+      keep_.push_back(make_linear(t[0], t[1], t[2], K, O, t[3].cast<int>(), std::string("linears['") + key + "']"));
       return keep_.back().view;
     };
     auto norm = [&](const char* key) -> const float* {
@@ -203,13 +203,15 @@ class Boundary {
 void bind_decoder(py::module_& m) {
   m.def("pack_linear_int8", &pack_py, py::arg("wt"),
         R"doc(Pack W^T (int8 [K, O], codes in [-127, 127], as the exporter stores per-row int8 matrices) for
-linear_int8 / DecoderBoundary: -> (codes int8 [O32/32, K4/4, 32, 4], colsum int32 [O32]), O32 = O
-rounded up to 32, K4 = K rounded up to 4, codes[p, k4, c, j] = W^T[4 k4 + j, 32 p + c] (0 outside).)doc");
+linear_int8 / DecoderBoundary: -> (codes int8 [O32/32, K4/4, 32, 4], colsum int32 [O32], max_code =
+max |code|), O32 = O rounded up to 32, K4 = K rounded up to 4, codes[p, k4, c, j] = W^T[4 k4 + j, 32 p + c]
+(0 outside).)doc");
   m.def("linear_int8", &linear_py, py::arg("x"), py::arg("codes"), py::arg("colsum"), py::arg("colscale"),
-        py::arg("K"), py::arg("pool") = nullptr,
+        py::arg("K"), py::arg("pool") = nullptr, py::arg("max_code") = -1,
         R"doc(The exported graph's per-row int8 linear layer on packed weights: x float32 [M, K] -> [M, O], O =
 len(colscale), colscale = scales / 127 (float32). Each row is quantized to uint8 (max |x| -> 127,
-zero point 128, round half to even), the products are exact int32 sums. pool: a ThreadPool.)doc");
+zero point 128, round half to even), the products are exact int32 sums. pool: a ThreadPool.
+max_code: pack_linear_int8's third result (-1: read from the codes); it picks the kernel (AVX2 needs <= 64).)doc");
   m.def("rms_norm_rows", [](const py::handle& x, const py::handle& w1, float eps) {
     py::array xa = checked(x, "x", py::dtype::of<float>(), "float32 [rows, D]", {-1, -1});
     const int T = int(xa.shape(0)), D = int(xa.shape(1));
@@ -230,7 +232,7 @@ zero point 128, round half to even), the products are exact int32 sums. pool: a 
   py::class_<Boundary>(m, "DecoderBoundary", R"doc(
 DecoderBoundary(linears, norms, *, hidden_size, mlp_width, heads, kv_heads, head_dim, eps, gemma2,
 has_end, has_start): graph decoder_i computed natively (decoder_layer.h). linears: {"o", "gate", "up",
-"down" (has_end), "q", "k", "v" (has_start)} -> (codes, colsum, colscale) from pack_linear_int8;
+"down" (has_end), "q", "k", "v" (has_start)} -> (codes, colsum, colscale, max_code) from pack_linear_int8;
 norms: {"post_attention", and for Gemma 2 "pre_feedforward", "post_feedforward" (has_end); "input"
 (has_start)} -> float32 [D] (1 + w). The arrays are kept, never copied.)doc")
       .def(py::init<const py::dict&, const py::dict&, int, int, int, int, int, float, bool, bool, bool>(),

@@ -5,7 +5,9 @@
 
 #include <stdexcept>
 #include <string>
+#include <vector>
 
+#include "bind_util.h"
 #include "matmul_int8.h"
 #include "thread_pool.h"
 
@@ -13,16 +15,8 @@ namespace py = pybind11;
 
 namespace {
 
-void check(const py::array& a, const char* name, const py::dtype& dtype, const char* dtype_name, int ndim) {
-  if (!a.dtype().is(dtype))
-    throw std::invalid_argument(std::string("matmul_int8: ") + name + " must be " + dtype_name + ", got " +
-                                std::string(py::str(a.dtype())));
-  if (!(a.flags() & py::array::c_style))
-    throw std::invalid_argument(std::string("matmul_int8: ") + name + " must be C-contiguous; pass np.ascontiguousarray(" +
-                                name + ")");
-  if (a.ndim() != ndim)
-    throw std::invalid_argument(std::string("matmul_int8: ") + name + " must have " + std::to_string(ndim) +
-                                " dimensions, got " + std::to_string(a.ndim()));
+void check(const py::array& a, const char* name, const py::dtype& dtype, const char* what, int ndim) {
+  engine_bind::checked_array(a, "matmul_int8: ", name, dtype, what, std::vector<py::ssize_t>(size_t(ndim), -1));
 }
 
 py::array_t<float> matmul_int8_py(const py::array& x, const py::array& codes, const py::array& scales,

@@ -1,10 +1,11 @@
-// Helpers shared by the pybind11 glue of the generation loop (bind_generate.cpp) and of the
-// serving kernels (bind_serving.cpp): argument parsing with messages that say what to pass.
+// Helpers shared by the pybind11 glue (bind_*.cpp): argument parsing with messages that say what
+// to pass.
 #pragma once
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -17,6 +18,27 @@ using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>
 
 inline std::string type_name(const py::handle& obj) {
   return py::str(py::type::of(obj).attr("__name__")).cast<std::string>();
+}
+
+// obj as a C-contiguous numpy array of `dtype` whose shape matches `shape` (-1: any extent), else
+// std::invalid_argument "<who><name> must be <what>, got ..." (ValueError in Python).
+inline py::array checked_array(const py::handle& obj, const std::string& who, const std::string& name,
+                               const py::dtype& dtype, const char* what, const std::vector<py::ssize_t>& shape) {
+  if (!py::isinstance<py::array>(obj))
+    throw std::invalid_argument(who + name + " must be a numpy array (" + what + "), got " + type_name(obj));
+  py::array a = py::reinterpret_borrow<py::array>(obj);
+  if (!a.dtype().is(dtype))
+    throw std::invalid_argument(who + name + " must be " + what + ", got dtype " + std::string(py::str(a.dtype())));
+  if (!(a.flags() & py::array::c_style))
+    throw std::invalid_argument(who + name + " must be C-contiguous; pass np.ascontiguousarray(" + name + ")");
+  bool ok = a.ndim() == py::ssize_t(shape.size());
+  for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || a.shape(i) == shape[i];
+  if (!ok) {
+    std::string got = "(";
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) got += (i ? ", " : "") + std::to_string(a.shape(i));
+    throw std::invalid_argument(who + name + " must be " + what + ", got shape " + got + ")");
+  }
+  return a;
 }
 
 inline std::vector<int32_t> token_ids(const py::object& value, const char* name) {

@@ -31,6 +31,7 @@ CpuFeatures detect() {
   f.arch = "aarch64";
 #if defined(__linux__)
   f.neon = (getauxval(AT_HWCAP) & (1ul << 1)) != 0;   // HWCAP_ASIMD
+  f.neon_dot = (getauxval(AT_HWCAP) & (1ul << 20)) != 0;   // HWCAP_ASIMDDP
 #else
   f.neon = true;
 #endif

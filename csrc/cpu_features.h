@@ -13,6 +13,7 @@ struct CpuFeatures {
   bool avx512_vnni = false;
   bool amx = false;       // AMX-TILE (reported only; no kernel uses it)
   bool neon = false;
+  bool neon_dot = false;  // the ARMv8.2 dot-product extension (sdot; HWCAP_ASIMDDP)
   SimdLevel best = SimdLevel::Scalar;   // best level this CPU and this build support
 };
 

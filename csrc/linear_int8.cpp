@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <stdexcept>
 #include <vector>
 
@@ -29,10 +30,11 @@ void quantize_rows_u8(const float* x, int M, int K, uint8_t* u, float* r) {
   }
 }
 
-void pack_linear_int8(const int8_t* wt, int K, int O, int8_t* codes, int32_t* colsum) {
+int pack_linear_int8(const int8_t* wt, int K, int O, int8_t* codes, int32_t* colsum) {
   const int K4 = (K + 3) / 4 * 4, O32 = (O + 31) / 32 * 32;
   std::fill(codes, codes + size_t(K4) * O32, int8_t(0));
   std::fill(colsum, colsum + O32, 0);
+  int max_code = 0;
   // Panel by panel (its K4 x 32 bytes stay in cache), reading 32 contiguous codes of each row of wt.
   for (int p = 0; p < O32 / kLinearPanel; ++p) {
     int8_t* panel = codes + size_t(p) * K4 * kLinearPanel;
@@ -43,9 +45,11 @@ void pack_linear_int8(const int8_t* wt, int K, int O, int8_t* codes, int32_t* co
       for (int c = 0; c < width; ++c) {
         dst[4 * c] = src[c];
         colsum[n0 + c] += src[c];
+        max_code = std::max(max_code, std::abs(int(src[c])));
       }
     }
   }
+  return max_code;
 }
 
 namespace lin8 {
@@ -69,11 +73,18 @@ void run_scalar(const Job& job, int p0, int p1) {
 }  // namespace lin8
 
 namespace {
-lin8::Kernel kernel_for(SimdLevel level) {
+lin8::Kernel kernel_for(SimdLevel level, const PackedLinear& w) {
 #if defined(ENGINE_HAVE_AVX512)
   if (level == SimdLevel::Avx512 && cpu_features().avx512_vnni) return lin8::avx512_vnni_kernel();
 #endif
+#if defined(ENGINE_HAVE_AVX2)
+  if ((level == SimdLevel::Avx2 || level == SimdLevel::Avx512) && w.max_code <= 64) return lin8::avx2_kernel();
+#endif
+#if defined(ENGINE_HAVE_NEON_DOT)
+  if (level == SimdLevel::Neon && cpu_features().neon_dot) return lin8::neon_dot_kernel();
+#endif
   (void)level;
+  (void)w;
   return {&lin8::run_scalar, &quantize_rows_u8};
 }
 constexpr int kRowsPerQuantizeTask = 32;
@@ -85,7 +96,7 @@ void linear_int8(const float* x, int M, const PackedLinear& w, float* y, int64_t
   if (M < 0 || w.K < 1 || w.O < 1 || ldy < w.O)
     throw std::invalid_argument("linear_int8: needs M >= 0, K >= 1, O >= 1 and ldy >= O");
   if (M == 0) return;
-  const lin8::Kernel kernel = kernel_for(active_simd());
+  const lin8::Kernel kernel = kernel_for(active_simd(), w);
   const size_t K4 = size_t(w.k4());
   // u starts on a 64-byte boundary, so the kernels' row reads never straddle lines needlessly.
   std::vector<uint8_t> ubuf(size_t(M) * K4 + 64);

@@ -12,12 +12,17 @@
 //   codes[p][k4][c][j] = W[4 * k4 + j, 32 * p + c]      shape [O32 / 32, K4 / 4, 32, 4] int8
 // with O32 = O rounded up to 32 and K4 = K rounded up to 4 (padding codes are 0), and
 // colsum[n] = sum_k W[k, n] (int32, O32 entries) for the kernels that feed u (not u - 128). The
-// codes must lie in [-127, 127] (the exporter writes 7-bit codes, [-63, 63]).
+// codes must lie in [-127, 127] (the exporter writes 7-bit codes, [-63, 63]); max_code = max |code|
+// decides whether AVX2's vpmaddubsw may take u as it is (u <= 255, so two products stay below
+// its int16 saturation only while |code| <= 64: 2 * 255 * 64 = 32640).
 //
 // Every SIMD path computes the same exact integer sums and the same float ops as the scalar twin,
 // so all levels agree bit for bit. Rows never interact. Prefill (hundreds of rows) is
-// compute-bound: register tiles of 6 rows x 32 channels; decode (a few rows) is memory-bound:
-// each panel is read once per call, as one sequential stream per thread.
+// compute-bound: register tiles of several rows x 32 channels; decode (a few rows) is
+// memory-bound: each panel is read once per call, as one sequential stream per thread.
+// Kernels (chosen per call from the active SIMD level, the CPU and max_code): AVX-512 VNNI
+// (vpdpbusd), AVX2 (vpmaddubsw + vpmaddwd, max_code <= 64), NEON with the dot-product extension
+// (sdot, ARMv8.2+), else the scalar twin.
 #pragma once
 #include <cstdint>
 
@@ -28,6 +33,7 @@ struct PackedLinear {
   const int8_t* codes = nullptr;     // [O32 / 32][K4 / 4][32][4]
   const int32_t* colsum = nullptr;   // [O32]
   const float* colscale = nullptr;   // [O] = (1/127) * scales
+  int max_code = 127;                // max |code| (pack_linear_int8 returns it)
   int k4() const { return (K + 3) / 4 * 4; }
   int o32() const { return (O + 31) / 32 * 32; }
 };
@@ -41,8 +47,9 @@ void quantize_rows_u8(const float* x, int M, int K, uint8_t* u, float* r);
 // y [M, O] (row stride ldy >= O) = the formula above, on the current pool at the active SIMD level.
 void linear_int8(const float* x, int M, const PackedLinear& w, float* y, int64_t ldy);
 
-// Packs W^T as the exporter stores it (wt [K, O] int8, row-major) into codes / colsum (sizes above).
-void pack_linear_int8(const int8_t* wt, int K, int O, int8_t* codes, int32_t* colsum);
+// Packs W^T as the exporter stores it (wt [K, O] int8, row-major) into codes / colsum (sizes above);
+// returns max |code| (PackedLinear::max_code).
+int pack_linear_int8(const int8_t* wt, int K, int O, int8_t* codes, int32_t* colsum);
 
 namespace lin8 {
 // Output rows [m0, m0 + rows) x panels [p0, p1): u, r as from quantize_rows_u8.
@@ -63,6 +70,8 @@ struct Kernel {
 };
 void run_scalar(const Job& job, int p0, int p1);
 Kernel avx512_vnni_kernel();   // defined only where ENGINE_HAVE_AVX512
+Kernel avx2_kernel();          // ENGINE_HAVE_AVX2; needs max_code <= 64
+Kernel neon_dot_kernel();      // ENGINE_HAVE_NEON_DOT (aarch64 with the dot-product extension)
 }  // namespace lin8
 
 }  // namespace engine

@@ -26,6 +26,7 @@ PYBIND11_MODULE(_native, m) {
     d["avx512_vnni"] = f.avx512_vnni;
     d["amx"] = f.amx;
     d["neon"] = f.neon;
+    d["neon_dot"] = f.neon_dot;
     d["best"] = engine::simd_name(f.best);
     d["simd"] = engine::simd_name(engine::active_simd());
     return d;

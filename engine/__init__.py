@@ -31,7 +31,7 @@ WEIGHT_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4", "fp8")
 def cpu_features() -> dict:
     """The CPU's SIMD features as the native core sees them.
 
-    Keys: arch, avx2, avx512, avx512_vnni, amx, neon, `best` (best level this CPU and build
+    Keys: arch, avx2, avx512, avx512_vnni, amx, neon, neon_dot (sdot), `best` (best level this CPU and build
     support) and `simd` (the level kernels use now; ENGINE_SIMD=scalar forces the generic path).
     """
     return dict(_native.cpu_features())

@@ -37,7 +37,8 @@ from .embedding import load_embedding, load_final_norm
 from .processor import Processor
 from .reference import rms_norm
 from .runtime import DEFAULT_BACKEND, open_runner
-from .runtime.native_decoder import DECODER_MODES, NativeDecoder, open_native_decoder, unsupported_reason
+from .runtime.native_decoder import (DECODER_MODES, NativeDecoder, auto_declines, open_native_decoder,
+                                     unsupported_reason)
 from .runtime.native_decoder import enabled_by_env as native_decoder_enabled_by_env
 from .serving.image_cache import FeatureCache, image_key
 from .serving.request import (GenerationSettings, ImageInput, PreparedPrompt, Request, RequestHandle, RequestStats,
@@ -87,9 +88,10 @@ class PaliGemma:
     tied embeddings with final_norm.npy: no second copy of the 257k x D matrix in the runtime,
     and its graph is not loaded), else runs the lm_head graph; "graph" always runs the graph;
     "native" requires the native head. prepacked_cache, warm_up: see engine.runtime.open_runner.
-    decoder: "auto" computes the decoder graphs in the C++ core where it can (onnxruntime backend,
-    per-row int8 artifact, AVX-512 VNNI; engine/runtime/native_decoder.py), "graphs" always runs
-    the backend's graphs, "native" requires the core."""
+    decoder: "auto" computes the decoder graphs in the C++ core where it was measured faster
+    (onnxruntime backend, per-row int8 artifact, AVX-512 VNNI; engine/runtime/native_decoder.py),
+    "graphs" always runs the backend's graphs, "native" requires the core (any CPU: AVX-512
+    VNNI, AVX2 and NEON-sdot kernels, else the scalar twin)."""
 
     def __init__(self, artifact_dir: str | Path, backend: str = DEFAULT_BACKEND, threads: int | None = None,
                  *, verify: bool = True, kv_dtype: str = "auto",
@@ -147,6 +149,8 @@ class PaliGemma:
         if mode == "graphs" or (mode == "auto" and not native_decoder_enabled_by_env()):
             return None
         reason = unsupported_reason(backend, self.manifest)
+        if reason is None and mode == "auto":
+            reason = auto_declines()
         if reason is None:
             try:
                 return open_native_decoder(self.artifact_dir, self.manifest, self.config)

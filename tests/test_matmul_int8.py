@@ -113,7 +113,7 @@ def test_a_memory_mapped_table(tmp_path):
     (lambda: (np.zeros((1, 8), np.float32), np.zeros((4, 8), np.uint8), np.ones(4, np.float32)), "codes must be int8"),
     (lambda: (np.zeros((1, 8), np.float32), np.zeros((4, 9), np.int8), np.ones(4, np.float32)), "hidden size K"),
     (lambda: (np.zeros((1, 8), np.float32), np.zeros((4, 8), np.int8), np.ones(3, np.float32)), "one scale per row"),
-    (lambda: (np.zeros(8, np.float32), np.zeros((4, 8), np.int8), np.ones(4, np.float32)), "2 dimensions"),
+    (lambda: (np.zeros(8, np.float32), np.zeros((4, 8), np.int8), np.ones(4, np.float32)), r"float32 \[rows, K\], got shape \(8\)"),
     (lambda: (np.zeros((8, 2), np.float32).T, np.zeros((4, 8), np.int8), np.ones(4, np.float32)), "C-contiguous"),
     (lambda: (np.full((1, 8), np.nan, np.float32), np.zeros((4, 8), np.int8), np.ones(4, np.float32)), "non-finite"),
 ])

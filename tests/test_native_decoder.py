@@ -16,8 +16,11 @@ from engine.artifact import ArtifactError
 from engine.runtime import native_decoder
 
 STEP = np.float32(1.0 / 127.0)
-VNNI = _native.cpu_features()["avx512_vnni"]
-LEVELS = ["scalar"] + (["avx512"] if VNNI else [])
+FEATURES = _native.cpu_features()
+VNNI = FEATURES["avx512_vnni"]
+# Every level this CPU runs: avx2 (vpmaddubsw), avx512 (VNNI where present, else the AVX2 kernel),
+# neon (sdot where present, else the scalar twin).
+LEVELS = ["scalar"] + {"avx512": ["avx2", "avx512"], "avx2": ["avx2"], "neon": ["neon"]}.get(FEATURES["best"], [])
 
 
 @pytest.fixture
@@ -39,7 +42,8 @@ def test_pack_layout_and_column_sums():
     rng = np.random.default_rng(0)
     for K, O in ((1, 1), (5, 33), (36, 64), (130, 70)):
         wt = rng.integers(-127, 128, (K, O), dtype=np.int8)
-        codes, colsum = _native.pack_linear_int8(wt)
+        codes, colsum, max_code = _native.pack_linear_int8(wt)
+        assert max_code == np.abs(wt.astype(np.int32)).max()
         K4, O32 = -(-K // 4) * 4, -(-O // 32) * 32
         padded = np.zeros((K4, O32), np.int8)
         padded[:K, :O] = wt
@@ -58,16 +62,36 @@ def test_linear_equals_numpy_bit_for_bit(level, simd_level):
         x[M // 2] = 0.0                                    # an all-zero row
         wt = rng.integers(-63, 64, (K, O), dtype=np.int8)
         scales = rng.random(O, dtype=np.float32)
-        codes, colsum = _native.pack_linear_int8(wt)
-        y = _native.linear_int8(x, codes, colsum, STEP * scales, K, pool)
+        codes, colsum, max_code = _native.pack_linear_int8(wt)
+        y = _native.linear_int8(x, codes, colsum, STEP * scales, K, pool, max_code)
         assert np.array_equal(y, reference_linear(x, wt, scales)), (level, M, K, O)
         # rows never interact: a row alone gives what it gives in the call
         assert np.array_equal(_native.linear_int8(x[1:2], codes, colsum, STEP * scales, K), y[1:2])
 
 
+@pytest.mark.parametrize("level", LEVELS)
+def test_linear_at_the_saturation_edges(level, simd_level):
+    """AVX2's vpmaddubsw adds two u8 x s8 products in int16: u = 255 with codes of +-64 is its
+    largest exact case (2 * 255 * 64 = 32640); codes beyond 64 must not take that kernel."""
+    simd_level(level)
+    rng = np.random.default_rng(4)
+    K, O = 68, 40
+    x = np.ones((3, K), np.float32)                        # u = 255 everywhere
+    x[1] = -1.0                                            # u = 1
+    x[2, ::2] = -1.0
+    scales = rng.random(O, dtype=np.float32)
+    for wt in (np.full((K, O), 64, np.int8), np.full((K, O), -64, np.int8),
+               rng.choice(np.array([-64, 64], np.int8), (K, O)),
+               rng.integers(-127, 128, (K, O), dtype=np.int8)):   # full range: max_code 127
+        codes, colsum, max_code = _native.pack_linear_int8(wt)
+        for mc in (max_code, -1):
+            y = _native.linear_int8(x, codes, colsum, STEP * scales, K, None, mc)
+            assert np.array_equal(y, reference_linear(x, wt, scales)), (level, max_code)
+
+
 def test_linear_bad_input_errors():
     wt = np.ones((8, 4), np.int8)
-    codes, colsum = _native.pack_linear_int8(wt)
+    codes, colsum, _ = _native.pack_linear_int8(wt)
     cs = np.full(4, STEP, np.float32)
     with pytest.raises(ValueError, match="x must be float32"):
         _native.linear_int8(np.ones((2, 8), np.float64), codes, colsum, cs, 8)
@@ -79,6 +103,11 @@ def test_linear_bad_input_errors():
         _native.linear_int8(np.ones((1, 8), np.float32), codes[:, :1], colsum, cs, 8)
     with pytest.raises(ValueError, match=r"\[-127, 127\]"):
         _native.pack_linear_int8(np.full((4, 4), -128, np.int8))
+    with pytest.raises(ValueError, match=r"max_code must be max \|code\| <= 127"):
+        _native.linear_int8(np.ones((1, 8), np.float32), codes, colsum, cs, 8, None, 300)
+    with pytest.raises(ValueError, match=r"must be \(codes, colsum, colscale, max_code\)"):
+        _native.DecoderBoundary({"q": (codes, colsum, cs)}, {}, hidden_size=8, mlp_width=8, heads=1, kv_heads=1,
+                                head_dim=4, eps=1e-6, gemma2=True, has_end=False, has_start=True)
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -105,11 +134,9 @@ def graphs_model(module_cache):
     m.close()
 
 
-needs_vnni = pytest.mark.skipif(not VNNI, reason="the native decoder runs only where the CPU has AVX-512 VNNI")
-
-
-@needs_vnni
-def test_boundaries_match_the_onnxruntime_graphs(graphs_model):
+@pytest.mark.parametrize("level", LEVELS)
+def test_boundaries_match_the_onnxruntime_graphs(graphs_model, level, simd_level):
+    simd_level(level)
     nd = native_decoder.open_native_decoder(graphs_model.artifact_dir, graphs_model.manifest, graphs_model.config)
     t = graphs_model.config.text
     rng = np.random.default_rng(3)
@@ -131,8 +158,9 @@ def test_boundaries_match_the_onnxruntime_graphs(graphs_model):
             assert np.array_equal(one[key], got[key][2:3]), (name, key)
 
 
-@needs_vnni
-def test_generation_matches_the_graphs(graphs_model, module_cache):
+@pytest.mark.parametrize("level", [lv for lv in LEVELS if lv != "scalar"])
+def test_generation_matches_the_graphs(graphs_model, module_cache, level, simd_level):
+    simd_level(level)
     native = engine.load(backend="onnxruntime", weights="int8", progress=False, decoder="native")
     try:
         assert native.decoder_kind == "native" and graphs_model.decoder_kind == "graphs"
@@ -146,7 +174,6 @@ def test_generation_matches_the_graphs(graphs_model, module_cache):
         native.close()
 
 
-@needs_vnni
 def test_a_damaged_cache_entry_is_packed_again(graphs_model, module_cache, caplog):
     nd = native_decoder.open_native_decoder(graphs_model.artifact_dir, graphs_model.manifest, graphs_model.config)
     weights = nd.entry / native_decoder.WEIGHTS
@@ -154,10 +181,24 @@ def test_a_damaged_cache_entry_is_packed_again(graphs_model, module_cache, caplo
     data = bytearray(weights.read_bytes())
     data[100] ^= 0xFF
     weights.write_bytes(bytes(data))
+    old_layout = native_decoder.cache_root() / "decoder-an-older-engine"   # never read by this engine
+    old_layout.mkdir(parents=True, exist_ok=True)
+    (old_layout / native_decoder.INDEX).write_text('{"layout": 1}')
     with caplog.at_level("WARNING", logger="engine"):
         nd = native_decoder.open_native_decoder(graphs_model.artifact_dir, graphs_model.manifest, graphs_model.config)
     assert "packing them again" in caplog.text
     assert native_decoder.stamped_dir.check(nd.entry, native_decoder.FILES) is None
+    assert not old_layout.exists() and nd.entry.parent == old_layout.parent
+
+
+def test_auto_takes_the_native_decoder_only_where_it_was_measured_faster(module_cache, simd_level):
+    for level in LEVELS:
+        simd_level(level)
+        m = engine.load(backend="onnxruntime", weights="int8", progress=False)
+        try:
+            assert m.decoder_kind == ("native" if VNNI and level == "avx512" else "graphs"), level
+        finally:
+            m.close()
 
 
 def test_bad_decoder_choice_errors(module_cache):

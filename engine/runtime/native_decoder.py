@@ -7,11 +7,14 @@ the core's own kernel (csrc/linear_int8*.cpp) streams them at 38-39 GB/s (measur
 same thing: the same per-row uint8 quantization and exact int32 sums (bit-identical linear layers,
 tests/test_native_decoder.py); norms and gelu differ in the last float bits.
 
-When (`decoder="auto"`, the default of engine.load): the onnxruntime backend, an artifact whose
-decoder matrices are all per-row int8 MatMulIntegerToFloat (runtime.ort_backend.per_row_int8_only),
-and a CPU with AVX-512 VNNI at the active SIMD level (ENGINE_SIMD=avx2 or scalar keeps the graphs:
-elsewhere the core has no fast kernel for it yet). PALIGEMMA_EDGE_NATIVE_DECODER=0 turns it off;
-`decoder="graphs"` too, `decoder="native"` requires it.
+When: it needs the onnxruntime backend and an artifact whose decoder matrices are all per-row
+int8 MatMulIntegerToFloat (runtime.ort_backend.per_row_int8_only). `decoder="native"` then runs
+it on any CPU: the core has AVX-512 VNNI, AVX2 and NEON-sdot kernels and the scalar twin.
+`decoder="auto"` (the default of engine.load) takes it only where it was measured faster than
+the graphs: AVX-512 VNNI at the active SIMD level. On AVX2-only and Arm CPUs MLAS's own u8 x s8
+kernels run the graphs; our AVX2 and sdot kernels are tested there (bit-identical, and under
+qemu for aarch64) but not timed on such a machine, so auto keeps the graphs.
+PALIGEMMA_EDGE_NATIVE_DECODER=0 turns auto's choice off; `decoder="graphs"` too.
 
 Weights: the exporter's int8 W^T [K, O] and per-channel scales are read from the decoder graphs'
 external data and packed once per artifact into the engine's cache,
@@ -43,7 +46,7 @@ log = logging.getLogger("engine")
 SUBDIR = "native-decoder"
 WEIGHTS, INDEX = "weights.bin", "index.json"
 FILES = {WEIGHTS, INDEX}
-LAYOUT_VERSION = 1                # of the packed layout (csrc/linear_int8.h) and index.json
+LAYOUT_VERSION = 2                # of the packed layout (csrc/linear_int8.h) and index.json (2: max_code)
 ENV_SWITCH = "PALIGEMMA_EDGE_NATIVE_DECODER"
 DECODER_MODES = ("auto", "graphs", "native")
 _ALIGN = 64
@@ -69,17 +72,22 @@ def enabled_by_env() -> bool:
 
 
 def unsupported_reason(backend: str, manifest: Manifest) -> str | None:
-    """Why the native decoder cannot run this artifact here (None: it can)."""
+    """Why the native decoder cannot run this artifact (None: it can)."""
     from .ort_backend import per_row_int8_only
     if backend != "onnxruntime":
         return f"the {backend} backend runs its own graphs"
     if not per_row_int8_only(manifest):
         return "the artifact's decoder matrices are not all per-row int8 (export --weights int8)"
-    features = _native.cpu_features()
-    if not (features["avx512_vnni"] and features["simd"] == "avx512"):
-        return (f"it needs AVX-512 VNNI at the active SIMD level (this CPU: avx512_vnni={features['avx512_vnni']}, "
-                f"SIMD level {features['simd']})")
     return None
+
+
+def auto_declines() -> str | None:
+    """Why decoder="auto" keeps the graphs on this CPU (None: it takes the native decoder)."""
+    features = _native.cpu_features()
+    if features["avx512_vnni"] and features["simd"] == "avx512":
+        return None
+    return (f"the native decoder was measured faster only with AVX-512 VNNI (this CPU: "
+            f"avx512_vnni={features['avx512_vnni']}, SIMD level {features['simd']})")
 
 
 def boundary_names(cfg: PaliGemmaConfig, i: int) -> tuple[dict[str, str], dict[str, str]]:
@@ -152,10 +160,10 @@ def write_entry(artifact_dir: Path, manifest: Manifest, cfg: PaliGemmaConfig, en
                     wt, scales = arrays[wname], arrays[wname + ".scales"]
                     if wt.dtype != np.int8 or wt.ndim != 2:
                         raise ValueError(f"{name}: {wname} is {wt.dtype} {wt.shape}, not per-row int8 W^T [K, O]")
-                    codes, colsum = _native.pack_linear_int8(np.ascontiguousarray(wt))
+                    codes, colsum, max_code = _native.pack_linear_int8(np.ascontiguousarray(wt))
                     colscale = _INT8_STEP * np.asarray(scales, np.float32)   # as MatMulIntegerToFloat's a_scale * b_scale
                     entry_index["linears"][key] = {"K": int(wt.shape[0]), "codes": put(codes), "colsum": put(colsum),
-                                                   "colscale": put(colscale)}
+                                                   "colscale": put(colscale), "max_code": int(max_code)}
                 for key, wname in norms.items():
                     entry_index["norms"][key] = put(np.asarray(arrays[wname + "+1"], np.float32))
                 index["graphs"][name] = entry_index
@@ -164,6 +172,19 @@ def write_entry(artifact_dir: Path, manifest: Manifest, cfg: PaliGemmaConfig, en
         stamped_dir.install(tmp, entry)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _drop_other_layouts(root: Path) -> None:
+    """Remove entries packed in another layout (an older engine's): this engine never reads them,
+    and each holds a model's decoder weights (2 GB for 3B)."""
+    for other in stamped_dir.entries(root):
+        try:
+            layout = json.loads((other / INDEX).read_text(encoding="utf-8")).get("layout")
+        except (OSError, ValueError):
+            continue                 # being written, or damaged: its own load repacks it
+        if layout != LAYOUT_VERSION:
+            log.info("engine: removing %s (packed layout %s, this engine reads %s)", other, layout, LAYOUT_VERSION)
+            shutil.rmtree(other, ignore_errors=True)
 
 
 @dataclass
@@ -192,6 +213,7 @@ def open_native_decoder(artifact_dir: Path, manifest: Manifest, cfg: PaliGemmaCo
         graphs = manifest.graphs["onnx"]
         size = sum(manifest.files[r].size for g, rel in graphs.items() if g.startswith("decoder_")
                    for r in (rel, str(Path(rel).with_suffix(".data"))) if r in manifest.files)
+        _drop_other_layouts(root)
         if not stamped_dir.has_room(root, size):
             raise OSError(f"less than {stamped_dir.MIN_FREE_BYTES >> 30} GiB would stay free in {root}")
         write_entry(artifact_dir, manifest, cfg, entry)
@@ -211,7 +233,8 @@ def open_native_decoder(artifact_dir: Path, manifest: Manifest, cfg: PaliGemmaCo
     boundaries = {}
     for name, rec in index["graphs"].items():
         i = int(name.split("_")[1])
-        linears = {k: (view(v["codes"]), view(v["colsum"]), view(v["colscale"])) for k, v in rec["linears"].items()}
+        linears = {k: (view(v["codes"]), view(v["colsum"]), view(v["colscale"]), int(v["max_code"]))
+                   for k, v in rec["linears"].items()}
         norms = {k: view(v) for k, v in rec["norms"].items()}
         boundaries[name] = _native.DecoderBoundary(
             linears, norms, hidden_size=t.hidden_size, mlp_width=t.intermediate_size, heads=t.num_attention_heads,
