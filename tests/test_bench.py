@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 from engine import _native, tasks
 from engine.bench import report, workers
-from engine.bench.__main__ import parse_systems, parse_workloads, split_workloads
+from engine.bench.__main__ import parse_systems, parse_workloads, split_workloads, warm_page_cache
 from engine.synth import preset_config
 
 HAVE_TRANSFORMERS = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
@@ -357,3 +357,22 @@ def test_memory_bandwidth_rejects_bad_arguments(args):
 def test_memory_bandwidth_rejects_non_integers():
     with pytest.raises(TypeError):
         _native.memory_bandwidth("1GiB", 1, 1)
+
+
+def test_load_files_and_page_cache_warming(tmp_path):
+    """The files a sample's load mapped (and those of a checkpoint directory) are what the bench
+    reads before the system's next sample; unreadable ones are skipped."""
+    import mmap
+    mapped = tmp_path / "weights.bin"
+    mapped.write_bytes(b"\1" * 10000)
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "sub").mkdir(parents=True)
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "sub" / "model.safetensors").write_bytes(b"\0" * 5000)
+    with open(mapped, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ):
+        files = workers.files_in_use(str(ckpt))
+    assert str(mapped) in files
+    assert {str(ckpt / "config.json"), str(ckpt / "sub" / "model.safetensors")} <= set(files)
+    assert not any(p.startswith(("/proc/", "/dev/")) for p in files)
+    read, seconds = warm_page_cache([str(mapped), str(ckpt / "sub" / "model.safetensors"), str(tmp_path / "gone")])
+    assert read == 15000 and seconds >= 0
