@@ -3,6 +3,7 @@
 #include "decoder_layer.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <stdexcept>
 #include <vector>
@@ -59,6 +60,14 @@ void add_rows(const float* a, const float* b, int64_t n, float* y) {
 
 void linear(const float* x, int T, const PackedLinear& w, float* y) { linear_int8(x, T, w, y, w.O); }
 
+// Linear layers sharing the input x: one quantization, one task list (linear_int8_many).
+template <size_t N>
+void many(const float* x, int T, const std::array<const PackedLinear*, N>& ws, const std::array<float*, N>& ys) {
+  std::array<int64_t, N> ld;
+  for (size_t i = 0; i < N; ++i) ld[i] = ws[i]->O;
+  linear_int8_many(x, T, int(N), ws.data(), ys.data(), ld.data());
+}
+
 }  // namespace
 
 void rms_norm_rows(const float* x, int T, int D, const float* w1, float eps, float* y) {
@@ -96,8 +105,7 @@ void run_decoder_boundary(const DecoderBoundary& b, const float* hidden, const f
     rms_norm_rows(out.hidden_out, T, b.D, b.gemma2 ? b.pre_feedforward : b.post_attention, b.eps, h.data());
     const int64_t TF = int64_t(T) * b.F;
     std::vector<float> g(static_cast<size_t>(TF)), u(static_cast<size_t>(TF));
-    linear(h.data(), T, b.gate, g.data());                            // [T, F]
-    linear(h.data(), T, b.up, u.data());                              // [T, F]
+    many<2>(h.data(), T, {&b.gate, &b.up}, {g.data(), u.data()});        // [T, F] each
     gelu_mul(g.data(), u.data(), TF);
     linear(g.data(), T, b.down, o.data());                            // [T, D]
     if (b.gemma2) rms_norm_rows(o.data(), T, b.D, b.post_feedforward, b.eps, o.data());
@@ -106,9 +114,7 @@ void run_decoder_boundary(const DecoderBoundary& b, const float* hidden, const f
   }
   if (b.has_start) {
     rms_norm_rows(x, T, b.D, b.input, b.eps, h.data());
-    linear(h.data(), T, b.q, out.q);                                  // [T, H * hd]
-    linear(h.data(), T, b.k, out.k);                                  // [T, KV * hd]
-    linear(h.data(), T, b.v, out.v);
+    many<3>(h.data(), T, {&b.q, &b.k, &b.v}, {out.q, out.k, out.v});     // [T, H * hd], [T, KV * hd] x 2
   }
 }
 

@@ -92,28 +92,49 @@ constexpr int kRowsPerQuantizeTask = 32;
 constexpr int kPanelsPerTask = 8;
 }  // namespace
 
-void linear_int8(const float* x, int M, const PackedLinear& w, float* y, int64_t ldy) {
-  if (M < 0 || w.K < 1 || w.O < 1 || ldy < w.O)
-    throw std::invalid_argument("linear_int8: needs M >= 0, K >= 1, O >= 1 and ldy >= O");
+void linear_int8_many(const float* x, int M, int n, const PackedLinear* const* ws, float* const* ys,
+                      const int64_t* ldys) {
+  if (M < 0 || n < 1) throw std::invalid_argument("linear_int8: needs M >= 0 and at least one matrix");
+  const int K = ws[0]->K;
+  for (int i = 0; i < n; ++i)
+    if (ws[i]->K != K || ws[i]->K < 1 || ws[i]->O < 1 || ldys[i] < ws[i]->O)
+      throw std::invalid_argument("linear_int8: the matrices of one call need the same K >= 1, O >= 1 and ldy >= O");
   if (M == 0) return;
-  const lin8::Kernel kernel = kernel_for(active_simd(), w);
-  const size_t K4 = size_t(w.k4());
+  const SimdLevel level = active_simd();
+  std::vector<lin8::Kernel> kernels(static_cast<size_t>(n));
+  std::vector<int> first_task(static_cast<size_t>(n) + 1, 0);   // matrix i owns tasks [first_task[i], first_task[i + 1])
+  for (int i = 0; i < n; ++i) {
+    kernels[i] = kernel_for(level, *ws[i]);
+    const int panels = ws[i]->o32() / kLinearPanel;
+    first_task[i + 1] = first_task[i] + (panels + kPanelsPerTask - 1) / kPanelsPerTask;
+  }
+  const size_t K4 = size_t(ws[0]->k4());
   // u starts on a 64-byte boundary, so the kernels' row reads never straddle lines needlessly.
   std::vector<uint8_t> ubuf(size_t(M) * K4 + 64);
   auto* u = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(ubuf.data()) + 63) & ~uintptr_t(63));
   std::vector<float> r(static_cast<size_t>(M));
   const int qtasks = (M + kRowsPerQuantizeTask - 1) / kRowsPerQuantizeTask;
+  // Every kernel's quantizer writes the same u and r (the scalar twin's), so one serves all.
   parallel_for(qtasks, [&](int t, int) {
     const int m0 = t * kRowsPerQuantizeTask, rows = std::min(M - m0, kRowsPerQuantizeTask);
-    kernel.quantize(x + size_t(m0) * w.K, rows, w.K, u + size_t(m0) * K4, r.data() + m0);
+    kernels[0].quantize(x + size_t(m0) * K, rows, K, u + size_t(m0) * K4, r.data() + m0);
   });
-  const lin8::Job job{u, r.data(), M, &w, y, ldy};
-  const int panels = w.o32() / kLinearPanel;
-  const int tasks = (panels + kPanelsPerTask - 1) / kPanelsPerTask;
-  parallel_for(tasks, [&](int t, int) {
-    const int p0 = t * kPanelsPerTask;
-    kernel.run(job, p0, std::min(panels, p0 + kPanelsPerTask));
+  parallel_for(first_task[n], [&](int t, int) {
+    int i = 0;
+    while (t >= first_task[i + 1]) ++i;
+    const lin8::Job job{u, r.data(), M, ws[i], ys[i], ldys[i]};
+    const int p0 = (t - first_task[i]) * kPanelsPerTask;
+    kernels[i].run(job, p0, std::min(ws[i]->o32() / kLinearPanel, p0 + kPanelsPerTask));
   });
+}
+
+void linear_int8(const float* x, int M, const PackedLinear& w, float* y, int64_t ldy) {
+  const PackedLinear* ws[1] = {&w};
+  float* ys[1] = {y};
+  const int64_t ldys[1] = {ldy};
+  if (M < 0 || w.K < 1 || w.O < 1 || ldy < w.O)
+    throw std::invalid_argument("linear_int8: needs M >= 0, K >= 1, O >= 1 and ldy >= O");
+  linear_int8_many(x, M, 1, ws, ys, ldys);
 }
 
 }  // namespace engine

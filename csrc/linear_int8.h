@@ -47,6 +47,13 @@ void quantize_rows_u8(const float* x, int M, int K, uint8_t* u, float* r);
 // y [M, O] (row stride ldy >= O) = the formula above, on the current pool at the active SIMD level.
 void linear_int8(const float* x, int M, const PackedLinear& w, float* y, int64_t ldy);
 
+// Several linear layers of the same input x [M, K] (q/k/v; gate/up): x is quantized once and the
+// panels of all of them are one task list on the pool, so a decode row streams the matrices
+// back to back with one dispatch instead of one per matrix. ys[i] is [M, ws[i]->O], row stride
+// ldys[i]. The same results as n calls of linear_int8.
+void linear_int8_many(const float* x, int M, int n, const PackedLinear* const* ws, float* const* ys,
+                      const int64_t* ldys);
+
 // Packs W^T as the exporter stores it (wt [K, O] int8, row-major) into codes / colsum (sizes above);
 // returns max |code| (PackedLinear::max_code).
 int pack_linear_int8(const int8_t* wt, int K, int O, int8_t* codes, int32_t* colsum);
