@@ -158,6 +158,30 @@ def test_boundaries_match_the_onnxruntime_graphs(graphs_model, level, simd_level
             assert np.array_equal(one[key], got[key][2:3]), (name, key)
 
 
+@pytest.mark.parametrize("level", LEVELS)
+def test_a_layer_start_is_its_norm_then_three_linear_layers_exactly(graphs_model, level, simd_level):
+    """decoder_0 (q/k/v from one quantization and one task list) equals the norm and three
+    separate linear_int8 calls bit for bit."""
+    import json
+    simd_level(level)
+    nd = native_decoder.open_native_decoder(graphs_model.artifact_dir, graphs_model.manifest, graphs_model.config)
+    t = graphs_model.config.text
+    index = json.loads((nd.entry / native_decoder.INDEX).read_text())["graphs"]["decoder_0"]
+    data = np.memmap(nd.entry / native_decoder.WEIGHTS, dtype=np.uint8, mode="r")
+
+    def view(rec):
+        offset, dtype, shape = rec
+        return data[offset:offset + int(np.prod(shape)) * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
+    hidden = np.random.default_rng(5).standard_normal((7, t.hidden_size)).astype(np.float32)
+    got = nd.run("decoder_0", {"hidden": hidden}, _native.ThreadPool(2))
+    h = _native.rms_norm_rows(hidden, np.ascontiguousarray(view(index["norms"]["input"])), float(t.rms_norm_eps))
+    for key in ("q", "k", "v"):
+        rec = index["linears"][key]
+        want = _native.linear_int8(h, view(rec["codes"]), view(rec["colsum"]), view(rec["colscale"]), rec["K"],
+                                   None, rec["max_code"])
+        assert np.array_equal(got[key].reshape(len(hidden), -1), want), (level, key)
+
+
 @pytest.mark.parametrize("level", [lv for lv in LEVELS if lv != "scalar"])
 def test_generation_matches_the_graphs(graphs_model, module_cache, level, simd_level):
     simd_level(level)
