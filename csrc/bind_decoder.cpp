@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -98,6 +99,13 @@ py::array_t<float> linear_py(const py::handle& x, const py::handle& codes, const
   return y;
 }
 
+// The temporaries one forward pass shares across its boundaries (decoder_layer.h); the mutex makes
+// a scratch shared by mistake between threads safe (the calls then take turns).
+struct Scratch {
+  engine::DecoderScratch buffers;
+  std::mutex busy;
+};
+
 // One decoder boundary's weights (views into arrays it keeps alive) and its run().
 class Boundary {
  public:
@@ -152,7 +160,7 @@ class Boundary {
     }
   }
 
-  py::dict run(const py::handle& hidden, const py::object& attn, engine::ThreadPool* pool) const {
+  py::dict run(const py::handle& hidden, const py::object& attn, engine::ThreadPool* pool, Scratch* scratch) const {
     const auto& b = b_;
     py::array h = checked(hidden, "hidden", py::dtype::of<float>(), "float32 [rows, hidden_size]", {-1, b.D});
     const py::ssize_t T = h.shape(0);
@@ -186,7 +194,13 @@ class Boundary {
     {
       py::gil_scoped_release release;
       engine::PoolScope scope(pool);
-      engine::run_decoder_boundary(b, hp, ap, int(T), o);
+      if (scratch == nullptr) {
+        engine::DecoderScratch local;
+        engine::run_decoder_boundary(b, hp, ap, int(T), o, local);
+      } else {
+        std::lock_guard<std::mutex> lock(scratch->busy);
+        engine::run_decoder_boundary(b, hp, ap, int(T), o, scratch->buffers);
+      }
     }
     return out;
   }
@@ -240,7 +254,13 @@ norms: {"post_attention", and for Gemma 2 "pre_feedforward", "post_feedforward" 
            py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("gemma2"),
            py::arg("has_end"), py::arg("has_start"))
       .def("run", &Boundary::run, py::arg("hidden"), py::arg("attn") = py::none(), py::arg("pool") = nullptr,
+           py::arg("scratch") = nullptr,
            R"doc(hidden float32 [T, D], attn float32 [T, heads * head_dim] (when the boundary finishes a layer)
 -> {"hidden_out" [T, D] (has_end), "q" [T, heads, head_dim], "k", "v" [T, kv_heads, head_dim]
-(has_start)}, as the graph decoder_i returns them.)doc");
+(has_start)}, as the graph decoder_i returns them. scratch: a DecoderScratch shared by the boundaries of
+one forward pass (its temporaries are then allocated once per pass; None: per call).)doc");
+  py::class_<Scratch>(m, "DecoderScratch", R"doc(DecoderScratch(): the temporaries of DecoderBoundary.run, kept
+across the boundaries of one forward pass (a 448 px prefill's MLP temporaries are 38 MB each). It
+grows to the largest call it served and is freed with the object; calls sharing one take turns.)doc")
+      .def(py::init<>());
 }

@@ -92,29 +92,34 @@ void gelu_mul(float* g, const float* u, int64_t n) {
 }
 
 void run_decoder_boundary(const DecoderBoundary& b, const float* hidden, const float* attn, int T,
-                          const BoundaryOutputs& out) {
+                          const BoundaryOutputs& out, DecoderScratch& scratch) {
   if (T < 1) throw std::invalid_argument("decoder boundary: needs at least one row");
   const int64_t TD = int64_t(T) * b.D;
-  std::vector<float> h(static_cast<size_t>(TD));     // the current norm's output
+  auto at_least = [](std::vector<float>& v, int64_t n) {   // grows, never shrinks: one allocation per pass
+    if (v.size() < size_t(n)) v.resize(size_t(n));
+    return v.data();
+  };
+  float* h = at_least(scratch.h, TD);                // the current norm's output
   const float* x = hidden;                           // the residual stream after this boundary's end
   if (b.has_end) {
-    std::vector<float> o(static_cast<size_t>(TD));
-    linear(attn, T, b.o, o.data());                                   // [T, D]
-    if (b.gemma2) rms_norm_rows(o.data(), T, b.D, b.post_attention, b.eps, o.data());
-    chunked(TD, int64_t(1) << 16, [&](int64_t s, int64_t e) { add_rows(hidden + s, o.data() + s, e - s, out.hidden_out + s); });
-    rms_norm_rows(out.hidden_out, T, b.D, b.gemma2 ? b.pre_feedforward : b.post_attention, b.eps, h.data());
+    float* o = at_least(scratch.o, TD);
+    linear(attn, T, b.o, o);                                          // [T, D]
+    if (b.gemma2) rms_norm_rows(o, T, b.D, b.post_attention, b.eps, o);
+    chunked(TD, int64_t(1) << 16, [&](int64_t s, int64_t e) { add_rows(hidden + s, o + s, e - s, out.hidden_out + s); });
+    rms_norm_rows(out.hidden_out, T, b.D, b.gemma2 ? b.pre_feedforward : b.post_attention, b.eps, h);
     const int64_t TF = int64_t(T) * b.F;
-    std::vector<float> g(static_cast<size_t>(TF)), u(static_cast<size_t>(TF));
-    many<2>(h.data(), T, {&b.gate, &b.up}, {g.data(), u.data()});        // [T, F] each
-    gelu_mul(g.data(), u.data(), TF);
-    linear(g.data(), T, b.down, o.data());                            // [T, D]
-    if (b.gemma2) rms_norm_rows(o.data(), T, b.D, b.post_feedforward, b.eps, o.data());
-    chunked(TD, int64_t(1) << 16, [&](int64_t s, int64_t e) { add_rows(out.hidden_out + s, o.data() + s, e - s, out.hidden_out + s); });
+    float* g = at_least(scratch.g, TF);
+    float* u = at_least(scratch.u, TF);
+    many<2>(h, T, {&b.gate, &b.up}, {g, u});                          // [T, F] each
+    gelu_mul(g, u, TF);
+    linear(g, T, b.down, o);                                          // [T, D]
+    if (b.gemma2) rms_norm_rows(o, T, b.D, b.post_feedforward, b.eps, o);
+    chunked(TD, int64_t(1) << 16, [&](int64_t s, int64_t e) { add_rows(out.hidden_out + s, o + s, e - s, out.hidden_out + s); });
     x = out.hidden_out;
   }
   if (b.has_start) {
-    rms_norm_rows(x, T, b.D, b.input, b.eps, h.data());
-    many<3>(h.data(), T, {&b.q, &b.k, &b.v}, {out.q, out.k, out.v});     // [T, H * hd], [T, KV * hd] x 2
+    rms_norm_rows(x, T, b.D, b.input, b.eps, h);
+    many<3>(h, T, {&b.q, &b.k, &b.v}, {out.q, out.k, out.v});         // [T, H * hd], [T, KV * hd] x 2
   }
 }
 

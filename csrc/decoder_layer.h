@@ -15,6 +15,7 @@
 // approximation onnxruntime's MLAS uses (|x| clamped to 9). Rows are independent tokens.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "linear_int8.h"
 
@@ -43,10 +44,19 @@ struct BoundaryOutputs {
   float* v = nullptr;
 };
 
+// The temporaries of run_decoder_boundary (the norm's output, o / down output, gate, up), kept
+// by the caller across the boundaries of one forward pass: a 448 px prefill's gate and up are
+// 1,030 x 9,216 floats, 38 MB each, above glibc's largest mmap threshold (32 MB), so allocated
+// per boundary they were fresh pages every time (~20% of the native prefill at 1,030 rows).
+// One caller at a time.
+struct DecoderScratch {
+  std::vector<float> h, o, g, u;
+};
+
 // hidden [T, D]; attn [T, attn_width] (end only, else ignored). Runs on the current pool.
 // Throws std::invalid_argument on a non-finite input to a linear layer.
 void run_decoder_boundary(const DecoderBoundary& b, const float* hidden, const float* attn, int T,
-                          const BoundaryOutputs& out);
+                          const BoundaryOutputs& out, DecoderScratch& scratch);
 
 // The elementwise pieces, exposed for tests: y = rms(x, w1) per row; g = gelu_tanh(g) * u.
 void rms_norm_rows(const float* x, int T, int D, const float* w1, float eps, float* y);

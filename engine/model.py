@@ -230,11 +230,13 @@ class PaliGemma:
         (L), hidden is the last layer's output and attn None."""
         t = self.config.text
         n_layers = t.num_hidden_layers
+        # the native boundaries' temporaries, allocated once for these boundaries, not once each
+        scratch = _native.DecoderScratch() if self._native_decoder is not None else None
         for i in range(start, stop):
             inputs = {"hidden": hidden} if i == 0 else {"hidden": hidden, "attn": attn}
             t0 = time.perf_counter()
             if self._native_decoder is not None:
-                out = self._native_decoder.run(f"decoder_{i}", inputs, self._pool)
+                out = self._native_decoder.run(f"decoder_{i}", inputs, self._pool, scratch)
             else:
                 out = self.run_rows(f"decoder_{i}", inputs)
             t1 = time.perf_counter()

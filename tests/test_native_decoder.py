@@ -142,20 +142,23 @@ def test_boundaries_match_the_onnxruntime_graphs(graphs_model, level, simd_level
     rng = np.random.default_rng(3)
     pool = _native.ThreadPool(2)
     assert sorted(nd.boundaries) == sorted(f"decoder_{i}" for i in range(t.num_hidden_layers + 1))
+    scratch = _native.DecoderScratch()          # shared by every boundary and both row counts below
     for name in nd.boundaries:
         inputs = {"hidden": rng.standard_normal((5, t.hidden_size)).astype(np.float32)}
         if name != "decoder_0":
             inputs["attn"] = rng.standard_normal((5, t.num_attention_heads * t.head_dim)).astype(np.float32)
         want = graphs_model.runner.run(name, inputs)
-        got = nd.run(name, inputs, pool)
+        got = nd.run(name, inputs, pool, scratch)
         assert sorted(got) == sorted(want)
         for key in want:
             assert got[key].shape == want[key].shape, (name, key)
             scale = np.abs(want[key]).max()
             assert np.abs(got[key] - want[key]).max() <= 1e-3 * scale, (name, key)
-        one = nd.run(name, {k: v[2:3] for k, v in inputs.items()}, pool)
+        one = nd.run(name, {k: v[2:3] for k, v in inputs.items()}, pool, scratch)
+        alone = nd.run(name, inputs, pool)       # temporaries of its own
         for key in got:
             assert np.array_equal(one[key], got[key][2:3]), (name, key)
+            assert np.array_equal(alone[key], got[key]), (name, key)
 
 
 @pytest.mark.parametrize("level", LEVELS)

@@ -193,11 +193,13 @@ class NativeDecoder:
     boundaries: dict[str, object]           # graph name -> _native.DecoderBoundary
     entry: Path
 
-    def run(self, graph: str, inputs: dict[str, np.ndarray], pool) -> dict[str, np.ndarray]:
+    def run(self, graph: str, inputs: dict[str, np.ndarray], pool, scratch=None) -> dict[str, np.ndarray]:
+        """Graph `graph` on `inputs`; scratch: a _native.DecoderScratch shared by the boundaries of
+        one forward pass (one caller at a time), None for temporaries of this call alone."""
         hidden = np.ascontiguousarray(inputs["hidden"], np.float32)
         attn = inputs.get("attn")
         attn = None if attn is None else np.ascontiguousarray(attn, np.float32)
-        return self.boundaries[graph].run(hidden, attn, pool)
+        return self.boundaries[graph].run(hidden, attn, pool, scratch)
 
 
 def open_native_decoder(artifact_dir: Path, manifest: Manifest, cfg: PaliGemmaConfig) -> NativeDecoder:
