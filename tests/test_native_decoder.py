@@ -228,6 +228,15 @@ def test_auto_takes_the_native_decoder_only_where_it_was_measured_faster(module_
             m.close()
 
 
+def test_auto_keeps_the_graphs_on_amx(monkeypatch):
+    """AMX CPUs: onnxruntime's MLAS multiplies on AMX tiles; the native decoder has no AMX kernel."""
+    features = dict(_native.cpu_features(), amx=True, avx512_vnni=True, simd="avx512")
+    monkeypatch.setattr(native_decoder._native, "cpu_features", lambda: features)
+    assert "AMX" in native_decoder.auto_declines()
+    monkeypatch.setattr(native_decoder._native, "cpu_features", lambda: dict(features, amx=False))
+    assert native_decoder.auto_declines() is None
+
+
 def test_bad_decoder_choice_errors(module_cache):
     with pytest.raises(ValueError, match="decoder must be one of auto, graphs, native"):
         engine.load(backend="onnxruntime", weights="int8", progress=False, decoder="fast")

@@ -11,7 +11,8 @@ When: it needs the onnxruntime backend and an artifact whose decoder matrices ar
 int8 MatMulIntegerToFloat (runtime.ort_backend.per_row_int8_only). `decoder="native"` then runs
 it on any CPU: the core has AVX-512 VNNI, AVX2 and NEON-sdot kernels and the scalar twin.
 `decoder="auto"` (the default of engine.load) takes it only where it was measured faster than
-the graphs: AVX-512 VNNI at the active SIMD level. On AVX2-only and Arm CPUs MLAS's own u8 x s8
+the graphs: AVX-512 VNNI at the active SIMD level, without AMX (MLAS runs the graphs' int8
+products on AMX tiles there, and the core has no AMX kernel). On AVX2-only and Arm CPUs MLAS's own u8 x s8
 kernels run the graphs; our AVX2 and sdot kernels are tested there (bit-identical, and under
 qemu for aarch64) but not timed on such a machine, so auto keeps the graphs.
 PALIGEMMA_EDGE_NATIVE_DECODER=0 turns auto's choice off; `decoder="graphs"` too.
@@ -84,6 +85,9 @@ def unsupported_reason(backend: str, manifest: Manifest) -> str | None:
 def auto_declines() -> str | None:
     """Why decoder="auto" keeps the graphs on this CPU (None: it takes the native decoder)."""
     features = _native.cpu_features()
+    if features["amx"]:
+        # MLAS runs the graphs' u8 x s8 products on AMX tiles; the core has no AMX kernel
+        return "onnxruntime's MLAS has AMX kernels for the int8 products and the native decoder has none"
     if features["avx512_vnni"] and features["simd"] == "avx512":
         return None
     return (f"the native decoder was measured faster only with AVX-512 VNNI (this CPU: "
