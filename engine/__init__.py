@@ -77,8 +77,9 @@ def load(path=None, backend: str = DEFAULT_BACKEND, threads: int | None = None, 
     warm_up: OpenVINO only: run each graph but the vision tower once at load, so that the first
       generate does not pay for the plugin's lazy weight repacking (engine/runtime/ov_backend.py).
     decoder: "auto" (the C++ core computes the decoder graphs of a per-row int8 artifact on the
-      onnxruntime backend where the CPU has AVX-512 VNNI; its packed weights are kept in the
-      engine's cache, engine/runtime/native_decoder.py), "graphs" or "native".
+      onnxruntime backend where it was measured faster: AVX-512 VNNI without AMX; its packed
+      weights are kept in the engine's cache, engine/runtime/native_decoder.py), "graphs", or
+      "native" (the core on any CPU: AVX-512 VNNI, AVX2 and NEON-sdot kernels, else scalar).
     """
     from pathlib import Path
 
