@@ -50,7 +50,7 @@ def default_cache_dir():
 def load(path=None, backend: str = DEFAULT_BACKEND, threads: int | None = None, *, weights: str = "int8",
          group_size: int = 128, verify: bool = True, kv_dtype: str = "auto", progress: bool = True,
          seg_decoder=None, serving=None, lm_head: str = "auto", prepacked_cache: bool = True,
-         warm_up: bool = True, decoder: str = "auto"):
+         warm_up: bool | str = True, decoder: str = "auto"):
     """Load a model for inference. The model serves any number of threads at once (see
     engine/model.py and engine/serving).
 
@@ -75,7 +75,8 @@ def load(path=None, backend: str = DEFAULT_BACKEND, threads: int | None = None, 
       graphs (about 1x the openvino/ on disk; engine/runtime/ov_compiled.py). False: every load
       does the work again.
     warm_up: OpenVINO only: run each graph but the vision tower once at load, so that the first
-      generate does not pay for the plugin's lazy weight repacking (engine/runtime/ov_backend.py).
+      generate does not pay for the plugin's lazy weight repacking; "full": every graph at a
+      prompt's size (load +4 s for 3B, first generate as fast as a warm one; engine/runtime/ov_backend.py).
     decoder: "auto" (the C++ core computes the decoder graphs of a per-row int8 artifact on the
       onnxruntime backend where it was measured faster: AVX-512 VNNI without AMX; its packed
       weights are kept in the engine's cache, engine/runtime/native_decoder.py), "graphs", or

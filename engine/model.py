@@ -96,7 +96,7 @@ class PaliGemma:
     def __init__(self, artifact_dir: str | Path, backend: str = DEFAULT_BACKEND, threads: int | None = None,
                  *, verify: bool = True, kv_dtype: str = "auto",
                  serving: SchedulerConfig | None = None, lm_head: str = "auto", prepacked_cache: bool = True,
-                 warm_up: bool = True, decoder: str = "auto"):
+                 warm_up: bool | str = True, decoder: str = "auto"):
         t0 = time.perf_counter()
         if decoder not in DECODER_MODES:
             raise ValueError(f"decoder must be one of {', '.join(DECODER_MODES)}, got {decoder!r}")

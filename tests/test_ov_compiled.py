@@ -78,11 +78,38 @@ def test_warm_up_runs_every_graph_but_the_vision_tower_and_changes_no_result(cac
     warmed.close()
 
 
+def test_full_warm_up_runs_every_graph_at_a_prompt_size_and_changes_no_result(cache, monkeypatch):
+    """warm_up="full": the vision tower on a zero image, then every other graph on the image tokens
+    plus 8 rows of zeros (the plugin's first-run work at a prompt's size, done at load)."""
+    from engine.runtime.ov_backend import OvRunner
+    cold = load(prepacked_cache=False, warm_up=False)
+    seen: dict[str, set] = {}
+    run = OvRunner.run
+
+    def record(self, graph, inputs):
+        seen.setdefault(graph, set()).update(v.shape[0] for v in inputs.values() if v.ndim == 2)
+        return run(self, graph, inputs)
+    monkeypatch.setattr(OvRunner, "run", record)
+    full = load(prepacked_cache=False, warm_up="full")
+    monkeypatch.setattr(OvRunner, "run", run)
+    rows = full.config.num_image_tokens + 8
+    assert full.runner.warmup_seconds > 0.0 and full.runner._mapped == {}   # every graph ran once
+    assert set(seen) == set(full.runner.graph_names)
+    assert all(seen[g] == {rows} for g in seen if g.startswith("decoder_")), seen
+    _, expected = recorded_calls(cold)
+    _, got = recorded_calls(full)
+    assert list(got.tokens) == list(expected.tokens) and got.text == expected.text
+    with pytest.raises(ValueError, match="warm_up must be True, False or 'full'"):
+        load(prepacked_cache=False, warm_up="yes")
+    cold.close()
+    full.close()
+
+
 def test_warm_up_feeds_one_row_of_zeros_per_dynamic_dimension(cache):
     model = load(prepacked_cache=False, warm_up=False)
     runner = model.runner
     for graph in runner.graph_names:
-        feed = runner._zero_row(graph)
+        feed = runner._zero_rows(graph, 1)
         assert set(feed) == set(runner.input_names(graph))
         for port in runner._compiled[graph].inputs:
             arr, shape = feed[port.get_any_name()], port.get_partial_shape()

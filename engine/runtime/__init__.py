@@ -76,12 +76,13 @@ def exporter_info(manifest: Manifest, backend: str) -> dict:
 
 
 def open_runner(backend: str, artifact_dir: str | Path, manifest: Manifest, threads: int | None = None,
-                skip: tuple[str, ...] = (), prepacked_cache: bool = True, warm_up: bool = True) -> GraphRunner:
+                skip: tuple[str, ...] = (), prepacked_cache: bool = True, warm_up: bool | str = True) -> GraphRunner:
     """The runner of `backend` for a loaded, validated artifact manifest (engine.artifact.load_manifest).
     skip: graph names not to load (the model computes them itself). prepacked_cache: keep each
     graph's load-time work in the engine's per-machine cache (onnxruntime: its repacked weights,
     ort_prepacked.py; OpenVINO: its compiled model, ov_compiled.py). warm_up: OpenVINO only, run
-    each graph but the vision tower once at load, so that its lazy weight repacking is done
+    each graph but the vision tower once at load, so that its lazy weight repacking is done;
+    "full": every graph at a prompt's size, so the first generate is as fast as later ones
     (ov_backend.py)."""
     if backend == "onnxruntime":
         from .ort_backend import OrtRunner
