@@ -71,13 +71,13 @@ py::tuple pack_py(const py::array& wt) {
   py::array_t<int8_t> codes({py::ssize_t(shape.o32() / 32), py::ssize_t(shape.k4() / 4), py::ssize_t(32), py::ssize_t(4)});
   py::array_t<int32_t> colsum({py::ssize_t(shape.o32())});
   const int8_t* src = static_cast<const int8_t*>(wt.data());
-  for (py::ssize_t i = 0; i < wt.size(); ++i)
-    if (src[i] == -128) throw std::invalid_argument("pack_linear_int8: codes must lie in [-127, 127]; found -128");
   int max_code = 0;
   {
     py::gil_scoped_release release;
     max_code = engine::pack_linear_int8(src, K, O, codes.mutable_data(), colsum.mutable_data());
   }
+  // max |code| is 128 exactly when a code is -128 (the packing pass finds it; no second pass)
+  if (max_code > 127) throw std::invalid_argument("pack_linear_int8: codes must lie in [-127, 127]; found -128");
   return py::make_tuple(codes, colsum, max_code);
 }
 

@@ -173,8 +173,7 @@ def test_a_layer_start_is_its_norm_then_three_linear_layers_exactly(graphs_model
     data = np.memmap(nd.entry / native_decoder.WEIGHTS, dtype=np.uint8, mode="r")
 
     def view(rec):
-        offset, dtype, shape = rec
-        return data[offset:offset + int(np.prod(shape)) * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
+        return native_decoder.packed_array(data, rec)
     hidden = np.random.default_rng(5).standard_normal((7, t.hidden_size)).astype(np.float32)
     got = nd.run("decoder_0", {"hidden": hidden}, _native.ThreadPool(2))
     h = _native.rms_norm_rows(hidden, np.ascontiguousarray(view(index["norms"]["input"])), float(t.rms_norm_eps))

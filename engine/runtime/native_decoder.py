@@ -206,6 +206,14 @@ class NativeDecoder:
         return self.boundaries[graph].run(hidden, attn, pool, scratch)
 
 
+def packed_array(data: np.ndarray, rec: list) -> np.ndarray:
+    """The array an index.json record [offset, dtype, shape] names in weights.bin (`data`, uint8)."""
+    offset, dtype, shape = rec
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape)) * dtype.itemsize
+    return data[offset:offset + count].view(dtype).reshape(shape)
+
+
 def open_native_decoder(artifact_dir: Path, manifest: Manifest, cfg: PaliGemmaConfig) -> NativeDecoder:
     """Map (writing it first when absent or bad) the artifact's packed decoder weights. Raises
     OSError / ValueError when the cache cannot be written or read."""
@@ -230,10 +238,7 @@ def open_native_decoder(artifact_dir: Path, manifest: Manifest, cfg: PaliGemmaCo
     data = np.memmap(entry / WEIGHTS, dtype=np.uint8, mode="r")
 
     def view(rec: list) -> np.ndarray:
-        offset, dtype, shape = rec
-        dtype = np.dtype(dtype)
-        count = int(np.prod(shape)) * dtype.itemsize
-        return data[offset:offset + count].view(dtype).reshape(shape)
+        return packed_array(data, rec)
 
     t = cfg.text
     boundaries = {}
