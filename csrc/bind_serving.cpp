@@ -267,10 +267,13 @@ py::array_t<float> attention_plan_py(const AttentionPlan& plan, int layer, const
 
 void bind_serving(py::module_& m) {
   py::class_<engine::ThreadPool>(m, "ThreadPool", R"doc(
-A model's own pool of attention threads: ThreadPool(num_threads), num_threads >= 1 (the caller
-counts as one). attention_plan(..., pool=pool) runs on it; the threads stop when it is freed.)doc")
-      .def(py::init<int>(), py::arg("num_threads"))
-      .def_property_readonly("num_threads", &engine::ThreadPool::num_threads);
+A model's own pool of threads: ThreadPool(num_threads, spin_us=200), num_threads >= 1 (the caller
+counts as one). attention_plan(..., pool=pool) and the native decoder run on it; the threads stop
+when it is freed. Between calls idle threads spin spin_us microseconds (0..100000) before they
+sleep, so back-to-back calls (a decode step's) do not pay a wake-up each.)doc")
+      .def(py::init<int, int>(), py::arg("num_threads"), py::arg("spin_us") = engine::ThreadPool::kDefaultSpinUs)
+      .def_property_readonly("num_threads", &engine::ThreadPool::num_threads)
+      .def_property_readonly("spin_us", &engine::ThreadPool::spin_us);
 
   py::class_<Decoder>(m, "Decoder", R"doc(
 One request's decode, one step at a time (generate() is the same state driven to the end).

@@ -1,6 +1,7 @@
 #include "thread_pool.h"
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <exception>
 #include <mutex>
@@ -21,16 +22,42 @@ void check_size(int n, const char* what) {
   if (n < 1 || n > 1024)
     throw std::invalid_argument(std::string(what) + ": n must be in [1, 1024], got " + std::to_string(n));
 }
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// Spins until done() or `spin_us` microseconds passed; true when done() held. After the first few
+// microseconds each round yields the core, so threads beyond the cores (two models' pools at once,
+// more threads than cores) still get to run instead of waiting out a busy spinner's time slice.
+template <typename Done>
+bool spin_until(int spin_us, Done done) {
+  if (spin_us <= 0) return done();
+  const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us);
+  for (int i = 0;; ++i) {
+    if (done()) return true;
+    if (i < 256) {
+      cpu_relax();
+    } else {
+      std::this_thread::yield();
+    }
+    if ((i & 15) == 15 && std::chrono::steady_clock::now() >= until) return done();
+  }
+}
 }  // namespace
 
 struct ThreadPool::Impl {
-  explicit Impl(int n) : n_threads(n), pid(getpid()) {
+  Impl(int n, int spin) : n_threads(n), spin_us(spin), pid(getpid()) {
     for (int i = 1; i < n; ++i) workers.emplace_back([this, i] { worker_loop(i); });
   }
   ~Impl() {
     {
       std::lock_guard<std::mutex> lk(m);
-      stop = true;
+      stop.store(true);
     }
     wake.notify_all();
     for (auto& t : workers) t.join();
@@ -54,14 +81,16 @@ struct ThreadPool::Impl {
       fn_ = &fn;
       n_tasks_ = n_tasks;
       next.store(0);
-      busy = static_cast<int>(workers.size());
+      busy.store(static_cast<int>(workers.size()));
       error = nullptr;
-      ++generation;
+      generation.fetch_add(1, std::memory_order_release);   // publishes the fields above to spinners
     }
     wake.notify_all();
     work(0);   // the caller is thread 0
-    std::unique_lock<std::mutex> lk(m);
-    done.wait(lk, [this] { return busy == 0; });
+    if (!spin_until(spin_us, [this] { return busy.load(std::memory_order_acquire) == 0; })) {
+      std::unique_lock<std::mutex> lk(m);
+      done.wait(lk, [this] { return busy.load() == 0; });
+    }
     fn_ = nullptr;
     if (error) std::rethrow_exception(error);
   }
@@ -82,24 +111,28 @@ struct ThreadPool::Impl {
     t_thread = -1;
   }
 
+  // Between calls a worker spins for spin_us before it sleeps: a decode step issues a call every
+  // few tens of microseconds, and waking a sleeping thread costs about that much on a VM.
   void worker_loop(int thread) {
     long seen = 0;
     for (;;) {
-      {
+      auto ready = [&] { return stop.load() || generation.load(std::memory_order_acquire) != seen; };
+      if (!spin_until(spin_us, ready)) {
         std::unique_lock<std::mutex> lk(m);
-        wake.wait(lk, [&] { return stop || generation != seen; });
-        if (stop) return;
-        seen = generation;
+        wake.wait(lk, ready);
       }
+      if (stop.load()) return;
+      seen = generation.load(std::memory_order_acquire);
       work(thread);
-      {
-        std::lock_guard<std::mutex> lk(m);
-        if (--busy == 0) done.notify_one();
+      if (busy.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> lk(m);   // the caller may be checking busy under m before it sleeps
+        done.notify_one();
       }
     }
   }
 
   const int n_threads;
+  const int spin_us;               // how long idle workers and the waiting caller spin before sleeping
   const pid_t pid;                 // the process whose threads these are
   std::vector<std::thread> workers;
   std::mutex run_mutex;            // serializes run()
@@ -108,15 +141,17 @@ struct ThreadPool::Impl {
   const std::function<void(int, int)>* fn_ = nullptr;
   int n_tasks_ = 0;
   std::atomic<int> next{0};
-  int busy = 0;
-  long generation = 0;
-  bool stop = false;
+  std::atomic<int> busy{0};
+  std::atomic<long> generation{0};
+  std::atomic<bool> stop{false};
   std::exception_ptr error;
 };
 
-ThreadPool::ThreadPool(int num_threads) {
+ThreadPool::ThreadPool(int num_threads, int spin_us) {
   check_size(num_threads, "ThreadPool");
-  impl_ = std::make_unique<Impl>(num_threads);
+  if (spin_us < 0 || spin_us > 100000)
+    throw std::invalid_argument("ThreadPool: spin_us must be in [0, 100000], got " + std::to_string(spin_us));
+  impl_ = std::make_unique<Impl>(num_threads, spin_us);
 }
 ThreadPool::~ThreadPool() {
   // A forked child inherits the object but not its threads: leak the state on purpose rather
@@ -124,6 +159,7 @@ ThreadPool::~ThreadPool() {
   if (impl_ && impl_->pid != getpid()) (void)impl_.release();
 }
 int ThreadPool::num_threads() const { return impl_->n_threads; }
+int ThreadPool::spin_us() const { return impl_->spin_us; }
 void ThreadPool::run(int n_tasks, const std::function<void(int, int)>& fn) {
   if (n_tasks > 0) impl_->run(n_tasks, fn);
 }
@@ -149,7 +185,7 @@ std::shared_ptr<ThreadPool> default_pool() {
   // A forked child drops the parent's pool (~ThreadPool does not join threads that do not exist).
   if (g_default && g_default_pid != getpid()) g_default.reset();
   if (!g_default) {
-    g_default = std::make_shared<ThreadPool>(g_default_threads.load());
+    g_default = std::make_shared<ThreadPool>(g_default_threads.load(), 0);
     g_default_pid = getpid();
   }
   return g_default;

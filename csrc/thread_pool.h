@@ -18,11 +18,15 @@ namespace engine {
 
 class ThreadPool {
  public:
-  explicit ThreadPool(int num_threads);   // 1 <= num_threads <= 1024, else std::invalid_argument
+  // 1 <= num_threads <= 1024 and 0 <= spin_us <= 100000, else std::invalid_argument. Idle workers
+  // (and a caller waiting for them) spin spin_us microseconds before they sleep.
+  explicit ThreadPool(int num_threads, int spin_us = kDefaultSpinUs);
   ~ThreadPool();                          // joins the workers
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
   int num_threads() const;
+  int spin_us() const;
+  static constexpr int kDefaultSpinUs = 200;
   // Runs fn(task, thread) for task in [0, n_tasks); thread in [0, num_threads()). In a forked
   // child (whose pool threads do not exist) it runs every task on the calling thread.
   void run(int n_tasks, const std::function<void(int task, int thread)>& fn);

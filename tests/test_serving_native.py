@@ -173,6 +173,9 @@ def test_step_kernels_reject_bad_calls():
         _native.attention_plan(plan, 0, *(np.zeros((1, 1, 2), np.float32),) * 3, scale=1.0)
     with pytest.raises(ValueError):
         _native.ThreadPool(0)
+    with pytest.raises(ValueError, match=r"spin_us must be in \[0, 100000\], got -1"):
+        _native.ThreadPool(2, spin_us=-1)
+    assert _native.ThreadPool(2).spin_us == 200 and _native.ThreadPool(2, 0).spin_us == 0
 
 
 def test_attention_plan_equals_one_call_per_cache():

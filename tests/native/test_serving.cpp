@@ -2,6 +2,7 @@
 // states (each must give exactly generate()'s results on its own), and per-owner thread pools.
 // Filter with `native_tests decode_state` / `thread_pool`.
 #include <atomic>
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <stdexcept>
@@ -253,4 +254,39 @@ TEST(thread_pool_per_owner_and_scope) {
     engine::parallel_for(8, [&](int, int) { ++n; });
     CHECK(n == 8);
   }
+}
+
+// Spinning workers (spin_us > 0) take calls without sleeping in between: back-to-back calls of
+// varied sizes from two threads at once, each task once, for spin budgets from none to one that
+// never runs out during the test; a pool destroyed while its workers spin stops promptly.
+TEST(thread_pool_spinning) {
+  CHECK_THROWS(std::invalid_argument, engine::ThreadPool(2, -1));
+  CHECK_THROWS(std::invalid_argument, engine::ThreadPool(2, 100001));
+  for (int spin : {0, 1, 200, 100000}) {
+    engine::ThreadPool pool(3, spin);
+    CHECK(pool.spin_us() == spin);
+    std::vector<std::atomic<long>> sums(2);
+    auto caller = [&](int who) {
+      engine::PoolScope scope(&pool);
+      for (int round = 0; round < 3000; ++round) {
+        const int n = 1 + round % 7;
+        std::vector<std::atomic<int>> hits(static_cast<size_t>(n));
+        engine::parallel_for(n, [&](int task, int) { ++hits[static_cast<size_t>(task)]; });
+        long ok = 0;
+        for (auto& h : hits) ok += h == 1;
+        sums[static_cast<size_t>(who)] += ok == n ? 1 : 0;
+      }
+    };
+    std::thread t0(caller, 0), t1(caller, 1);
+    t0.join();
+    t1.join();
+    CHECK(sums[0] == 3000 && sums[1] == 3000);
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  {
+    engine::ThreadPool pool(2, 100000);
+    engine::PoolScope scope(&pool);
+    engine::parallel_for(2, [](int, int) {});
+  }   // the worker is spinning here (up to 100 ms): the destructor must not wait for the budget
+  CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(90));
 }
