@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import shutil
 import sys
 from dataclasses import dataclass
@@ -214,6 +215,18 @@ def packed_array(data: np.ndarray, rec: list) -> np.ndarray:
     return data[offset:offset + count].view(dtype).reshape(shape)
 
 
+def map_populated(path: Path) -> np.ndarray:
+    """The file as a read-only uint8 array, its page-table entries filled at load (MAP_POPULATE,
+    Linux) rather than by the first generate's page faults: 3B-224 int8 on Zen 4, load +0.1-0.2 s,
+    the first prefill's decoder part 1.53-1.56 -> 1.42-1.47 s (warm: 1.37-1.45). Elsewhere a
+    plain memory map."""
+    if not hasattr(mmap, "MAP_POPULATE"):
+        return np.memmap(path, dtype=np.uint8, mode="r")
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+    return np.frombuffer(mm, dtype=np.uint8)
+
+
 def open_native_decoder(artifact_dir: Path, manifest: Manifest, cfg: PaliGemmaConfig) -> NativeDecoder:
     """Map (writing it first when absent or bad) the artifact's packed decoder weights. Raises
     OSError / ValueError when the cache cannot be written or read."""
@@ -235,7 +248,7 @@ def open_native_decoder(artifact_dir: Path, manifest: Manifest, cfg: PaliGemmaCo
     index = json.loads((entry / INDEX).read_text(encoding="utf-8"))
     if index.get("layout") != LAYOUT_VERSION:
         raise ValueError(f"{entry}: packed layout {index.get('layout')}, this engine reads {LAYOUT_VERSION}")
-    data = np.memmap(entry / WEIGHTS, dtype=np.uint8, mode="r")
+    data = map_populated(entry / WEIGHTS)
 
     def view(rec: list) -> np.ndarray:
         return packed_array(data, rec)
