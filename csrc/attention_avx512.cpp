@@ -3,6 +3,7 @@
 // GCC 12 warns about its own intrinsics (_mm512_undefined_* in avx512fintrin.h): a false positive.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 #include <immintrin.h>
 
