@@ -120,11 +120,12 @@ class PaliGemma:
                                 f"this version); {REEXPORT}, or use lm_head='auto'")
         self._native_decoder = self._open_native_decoder(decoder, backend)
         # This model's threads for attention and the native decoder. With the native decoder they
-        # run the whole step (~110 calls per token), so idle threads spin 200 us before sleeping
-        # (a wake-up costs 5-10 us on a VM; Zen 4: decoder part 74 -> 66 ms per token); between
-        # graph runs they sleep at once, leaving the cores to the runtime's threads.
-        self._pool = _native.ThreadPool(threads or os.cpu_count() or 1,
-                                        spin_us=200 if self._native_decoder is not None else 0)
+        # run the whole step (~110 calls per token), so idle threads spin (ThreadPool's default,
+        # 200 us) before sleeping (a wake-up costs 5-10 us on a VM; Zen 4: decoder part 74 -> 66 ms
+        # per token); between graph runs they sleep at once, leaving the cores to the runtime's.
+        n_threads = threads or os.cpu_count() or 1
+        self._pool = (_native.ThreadPool(n_threads) if self._native_decoder is not None
+                      else _native.ThreadPool(n_threads, spin_us=0))
         skip = ("lm_head",) if self._final_norm is not None else ()
         if self._native_decoder is not None:
             skip += tuple(self._native_decoder.boundaries)
