@@ -272,6 +272,7 @@ void attend_tiles(const attn::Kernels& kn, const KVCache& cache, int layer, cons
 attn::Kernels fast_kernels(SimdLevel level) {
   switch (level) {
 #if defined(ENGINE_HAVE_AVX512)
+    case SimdLevel::Amx:
     case SimdLevel::Avx512: return attn::avx512_kernels();
 #endif
 #if defined(ENGINE_HAVE_AVX2)

@@ -99,6 +99,41 @@ py::array_t<float> linear_py(const py::handle& x, const py::handle& codes, const
   return y;
 }
 
+py::list linear_many_py(const py::handle& x, const py::list& linears, int K, engine::ThreadPool* pool) {
+  py::array xa = checked(x, "x", py::dtype::of<float>(), "float32 [rows, K]", {-1, K});
+  if (linears.size() < 1 || linears.size() > 16)
+    throw std::invalid_argument("linear_int8_many: pass 1 to 16 (codes, colsum, colscale, max_code) tuples");
+  std::vector<Linear> ls;
+  for (const py::handle item : linears) {
+    if (!py::isinstance<py::tuple>(item) || py::len(item) != 4)
+      throw std::invalid_argument("linear_int8_many: each matrix must be (codes, colsum, colscale, max_code)");
+    const py::tuple t = py::reinterpret_borrow<py::tuple>(item);
+    if (!py::isinstance<py::array>(t[2])) throw std::invalid_argument("colscale must be a numpy array");
+    const int O = int(py::reinterpret_borrow<py::array>(t[2]).shape(0));
+    ls.push_back(make_linear(t[0], t[1], t[2], K, O, t[3].cast<int>(), "linear_int8_many"));
+  }
+  const int M = int(xa.shape(0)), n = int(ls.size());
+  std::vector<py::array_t<float>> ys;
+  std::vector<const engine::PackedLinear*> ws;
+  std::vector<float*> yp;
+  std::vector<int64_t> ld;
+  for (const Linear& l : ls) {
+    ys.emplace_back(std::vector<py::ssize_t>{py::ssize_t(M), py::ssize_t(l.view.O)});
+    ws.push_back(&l.view);
+    yp.push_back(ys.back().mutable_data());
+    ld.push_back(l.view.O);
+  }
+  const float* xp = static_cast<const float*>(xa.data());
+  {
+    py::gil_scoped_release release;
+    engine::PoolScope scope(pool);
+    engine::linear_int8_many(xp, M, n, ws.data(), yp.data(), ld.data());
+  }
+  py::list out;
+  for (auto& y : ys) out.append(y);
+  return out;
+}
+
 // The temporaries one forward pass shares across its boundaries (decoder_layer.h); the mutex makes
 // a scratch shared by mistake between threads safe (the calls then take turns).
 struct Scratch {
@@ -226,6 +261,21 @@ max |code|), O32 = O rounded up to 32, K4 = K rounded up to 4, codes[p, k4, c, j
 len(colscale), colscale = scales / 127 (float32). Each row is quantized to uint8 (max |x| -> 127,
 zero point 128, round half to even), the products are exact int32 sums. pool: a ThreadPool.
 max_code: pack_linear_int8's third result (-1: read from the codes); it picks the kernel (AVX2 needs <= 64).)doc");
+  m.def("linear_int8_many", &linear_many_py, py::arg("x"), py::arg("linears"), py::arg("K"), py::arg("pool") = nullptr,
+        R"doc(linear_int8 for several matrices of the same input x float32 [M, K] in one call (one quantization,
+one task list; how the decoder runs q/k/v and gate/up): linears = [(codes, colsum, colscale, max_code),
+...] -> [y_i float32 [M, O_i]]. The same results as one linear_int8 call per matrix.)doc");
+  m.def("linear_int8_kernel", [](int M, int K, int O, int max_code) {
+    if (M < 1 || K < 1 || O < 1 || max_code < 0 || max_code > 127)
+      throw std::invalid_argument("linear_int8_kernel: needs M, K, O >= 1 and 0 <= max_code <= 127");
+    engine::PackedLinear w;
+    w.K = K;
+    w.O = O;
+    w.max_code = max_code;
+    return std::string(engine::linear_int8_kernel(M, w));
+  }, py::arg("M"), py::arg("K"), py::arg("O"), py::arg("max_code") = 63,
+        "The kernel linear_int8 takes for M rows of a K -> O matrix at the active SIMD level: 'amx', "
+        "'avx512_vnni', 'avx2', 'neon_dot' or 'scalar'.");
   m.def("rms_norm_rows", [](const py::handle& x, const py::handle& w1, float eps) {
     py::array xa = checked(x, "x", py::dtype::of<float>(), "float32 [rows, D]", {-1, -1});
     const int T = int(xa.shape(0)), D = int(xa.shape(1));

@@ -7,9 +7,36 @@
 #if defined(__linux__) && (defined(__aarch64__) || defined(__arm__))
 #include <sys/auxv.h>
 #endif
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace engine {
 namespace {
+
+#if defined(__x86_64__) || defined(__i386__)
+// AMX-INT8 usable by this process: the CPUID bits, the OS's XCR0 tile state, and (Linux >= 5.16)
+// the permission to use the 8 KB tile data state, which a process must ask for once.
+bool detect_amx() {
+  unsigned a = 7, b = 0, c = 0, d = 0;
+  __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d));
+  (void)b;
+  const bool tile = (d >> 24) & 1u, int8 = (d >> 25) & 1u;
+  if (!tile || !int8) return false;
+  unsigned a1 = 1, b1 = 0, c1 = 0, d1 = 0;
+  __asm__ volatile("cpuid" : "+a"(a1), "=b"(b1), "+c"(c1), "=d"(d1));
+  if (!((c1 >> 27) & 1u)) return false;   // OSXSAVE: xgetbv is available
+  unsigned lo = 0, hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  if ((lo & (3u << 17)) != (3u << 17)) return false;   // XTILECFG and XTILEDATA enabled
+#if defined(__linux__) && defined(__x86_64__)
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) return false;
+#endif
+  return true;
+}
+#endif
 
 CpuFeatures detect() {
   CpuFeatures f;
@@ -20,13 +47,7 @@ CpuFeatures detect() {
   f.avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
   f.avx512_vnni = __builtin_cpu_supports("avx512vnni");
-  {
-    // AMX-TILE: CPUID leaf 7, EDX bit 24.
-    unsigned a = 7, b = 0, c = 0, d = 0;
-    __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d));
-    (void)b;
-    f.amx = (d >> 24) & 1u;
-  }
+  f.amx = detect_amx();
 #elif defined(__aarch64__)
   f.arch = "aarch64";
 #if defined(__linux__)
@@ -48,6 +69,9 @@ CpuFeatures detect() {
 #if defined(ENGINE_HAVE_AVX512)
   if (f.avx512 && f.avx2) f.best = SimdLevel::Avx512;
 #endif
+#if defined(ENGINE_HAVE_AMX)
+  if (f.best == SimdLevel::Avx512 && f.avx512_vnni && f.amx) f.best = SimdLevel::Amx;
+#endif
   return f;
 }
 
@@ -55,8 +79,9 @@ bool supported(const CpuFeatures& f, SimdLevel level) {
   switch (level) {
     case SimdLevel::Scalar: return true;
     case SimdLevel::Neon: return f.best == SimdLevel::Neon;
-    case SimdLevel::Avx2: return f.best == SimdLevel::Avx2 || f.best == SimdLevel::Avx512;
-    case SimdLevel::Avx512: return f.best == SimdLevel::Avx512;
+    case SimdLevel::Avx2: return f.best == SimdLevel::Avx2 || uses_avx512(f.best);
+    case SimdLevel::Avx512: return uses_avx512(f.best);
+    case SimdLevel::Amx: return f.best == SimdLevel::Amx;
   }
   return false;
 }
@@ -98,7 +123,8 @@ SimdLevel parse_simd_level(const std::string& name) {
   if (name == "neon") return SimdLevel::Neon;
   if (name == "avx2") return SimdLevel::Avx2;
   if (name == "avx512") return SimdLevel::Avx512;
-  throw std::invalid_argument("unknown SIMD level '" + name + "' (use scalar, avx2, avx512 or neon)");
+  if (name == "amx") return SimdLevel::Amx;
+  throw std::invalid_argument("unknown SIMD level '" + name + "' (use scalar, avx2, avx512, amx or neon)");
 }
 
 const char* simd_name(SimdLevel level) {
@@ -107,6 +133,7 @@ const char* simd_name(SimdLevel level) {
     case SimdLevel::Neon: return "neon";
     case SimdLevel::Avx2: return "avx2";
     case SimdLevel::Avx512: return "avx512";
+    case SimdLevel::Amx: return "amx";
   }
   return "?";
 }

@@ -16,6 +16,9 @@ namespace engine {
 namespace gelu_avx512 {
 void gelu_mul(float* g, const float* u, int64_t n);   // decoder_layer_avx512.cpp
 }
+namespace norm_avx512 {
+void rms_norm_row(const float* x, int D, const float* w1, float eps, float* y);   // decoder_layer_avx512.cpp
+}
 
 float gelu_tanh_scalar(float x) {
   // tanh(y) = y P(y^2) / Q(y^2), |y| <= 9: the rational approximation of MLAS (and Eigen)
@@ -71,6 +74,14 @@ void many(const float* x, int T, const std::array<const PackedLinear*, N>& ws, c
 }  // namespace
 
 void rms_norm_rows(const float* x, int T, int D, const float* w1, float eps, float* y) {
+#if defined(ENGINE_HAVE_AVX512)
+  if (uses_avx512(active_simd())) {
+    chunked(T, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) norm_avx512::rms_norm_row(x + r * D, D, w1, eps, y + r * D);
+    });
+    return;
+  }
+#endif
   chunked(T, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* xr = x + r * D;
@@ -86,7 +97,7 @@ void rms_norm_rows(const float* x, int T, int D, const float* w1, float eps, flo
 void gelu_mul(float* g, const float* u, int64_t n) {
   void (*fn)(float*, const float*, int64_t) = &gelu_mul_scalar;
 #if defined(ENGINE_HAVE_AVX512)
-  if (active_simd() == SimdLevel::Avx512) fn = &gelu_avx512::gelu_mul;
+  if (uses_avx512(active_simd())) fn = &gelu_avx512::gelu_mul;
 #endif
   chunked(n, int64_t(1) << 15, [&](int64_t a, int64_t b) { fn(g + a, u + a, b - a); });
 }

@@ -1,5 +1,8 @@
-// AVX-512 gelu_tanh(g) * u for the native decoder (decoder_layer.h): the same rational tanh as the
-// scalar twin, 16 floats per step (equal to it up to the rounding of fused multiply-adds).
+// AVX-512 pieces of the native decoder (decoder_layer.h), 16 floats per step:
+// - gelu_tanh(g) * u: the same rational tanh as the scalar twin (equal to it up to the rounding
+//   of fused multiply-adds);
+// - one row's rms norm: the sum of squares in double like the scalar twin (the squares are exact
+//   there, only the order of the additions differs), then the same x / rms * w1 per element.
 // GCC 12 warns about its own intrinsics (_mm512_undefined_* in avx512fintrin.h): a false positive.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -7,6 +10,7 @@
 #endif
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
 
 namespace engine {
@@ -39,4 +43,27 @@ void gelu_mul(float* g, const float* u, int64_t n) {
 }
 
 }  // namespace gelu_avx512
+
+namespace norm_avx512 {
+
+void rms_norm_row(const float* x, int D, const float* w1, float eps, float* y) {
+  __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
+  for (int d = 0; d < D; d += 16) {
+    const __mmask16 mk = D - d >= 16 ? __mmask16(0xffff) : __mmask16((1u << (D - d)) - 1u);
+    const __m512 v = _mm512_maskz_loadu_ps(mk, x + d);
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+    const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    s0 = _mm512_fmadd_pd(lo, lo, s0);
+    s1 = _mm512_fmadd_pd(hi, hi, s1);
+  }
+  const double ss = _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
+  const __m512 rms = _mm512_set1_ps(std::sqrt(float(ss / D) + eps));
+  for (int d = 0; d < D; d += 16) {
+    const __mmask16 mk = D - d >= 16 ? __mmask16(0xffff) : __mmask16((1u << (D - d)) - 1u);
+    const __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(mk, x + d), rms);
+    _mm512_mask_storeu_ps(y + d, mk, _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mk, w1 + d)));
+  }
+}
+
+}  // namespace norm_avx512
 }  // namespace engine

@@ -1,5 +1,7 @@
 #include "kv_cache.h"
 
+#include "cpu_features.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -260,8 +262,8 @@ void KVCache::store(int layer, int slot, int index, int h, const float* k, const
     case KVDtype::F16: {
       auto* kh = reinterpret_cast<uint16_t*>(kd);
       auto* vh = reinterpret_cast<uint16_t*>(vd);
-      for (int d = 0; d < D_; ++d) kh[d] = float_to_half(k[d]);
-      for (int d = 0; d < D_; ++d) vh[d] = float_to_half(v[d]);
+      floats_to_halves(k, D_, kh);
+      floats_to_halves(v, D_, vh);
       break;
     }
     case KVDtype::I8: {
@@ -328,6 +330,20 @@ void KVCache::read(int layer, int slot, float* k, float* v) const {
         }
       }
     }
+}
+
+#if defined(ENGINE_HAVE_AVX2)
+namespace f16c {
+void floats_to_halves(const float* x, int n, uint16_t* y);   // kv_cache_avx2.cpp
+}
+#endif
+
+void floats_to_halves(const float* x, int n, uint16_t* y) {
+#if defined(ENGINE_HAVE_AVX2)
+  const SimdLevel level = active_simd();
+  if (level == SimdLevel::Avx2 || uses_avx512(level)) return f16c::floats_to_halves(x, n, y);
+#endif
+  for (int i = 0; i < n; ++i) y[i] = float_to_half(x[i]);
 }
 
 uint16_t float_to_half(float f) {

@@ -124,5 +124,8 @@ class KVCache {
 // IEEE half <-> float, round-to-nearest-even (portable; used for stores and the scalar path).
 uint16_t float_to_half(float f);
 float half_to_float(uint16_t h);
+// y[i] = float_to_half(x[i]): F16C at the x86 SIMD levels (kv_cache_avx2.cpp), the portable loop
+// at scalar and on Arm; the same bits either way for every non-NaN input.
+void floats_to_halves(const float* x, int n, uint16_t* y);
 
 }  // namespace engine

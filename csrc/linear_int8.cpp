@@ -73,22 +73,33 @@ void run_scalar(const Job& job, int p0, int p1) {
 }  // namespace lin8
 
 namespace {
-lin8::Kernel kernel_for(SimdLevel level, const PackedLinear& w) {
+// Rows from which the AMX kernel takes a call: below, a call is decode-sized and memory-bound,
+// and VNNI streams the panels without computing the padding rows of a 32-row block.
+constexpr int kAmxMinRows = 16;
+
+lin8::Kernel kernel_for(SimdLevel level, const PackedLinear& w, int M) {
+#if defined(ENGINE_HAVE_AMX)
+  if (level == SimdLevel::Amx && M >= kAmxMinRows && w.k4() % 64 == 0) return lin8::amx_kernel();
+#endif
 #if defined(ENGINE_HAVE_AVX512)
-  if (level == SimdLevel::Avx512 && cpu_features().avx512_vnni) return lin8::avx512_vnni_kernel();
+  if (uses_avx512(level) && cpu_features().avx512_vnni) return lin8::avx512_vnni_kernel();
 #endif
 #if defined(ENGINE_HAVE_AVX2)
-  if ((level == SimdLevel::Avx2 || level == SimdLevel::Avx512) && w.max_code <= 64) return lin8::avx2_kernel();
+  if ((level == SimdLevel::Avx2 || uses_avx512(level)) && w.max_code <= 64) return lin8::avx2_kernel();
 #endif
 #if defined(ENGINE_HAVE_NEON_DOT)
   if (level == SimdLevel::Neon && cpu_features().neon_dot) return lin8::neon_dot_kernel();
 #endif
   (void)level;
   (void)w;
-  return {&lin8::run_scalar, &quantize_rows_u8};
+  (void)M;
+  return {&lin8::run_scalar, &quantize_rows_u8, "scalar"};
 }
 constexpr int kRowsPerQuantizeTask = 32;
 // Panels per task: 8 panels of a 2304-wide matrix are 590 KB of codes, a few dozen tasks per call.
+// An AMX call's task is long (all its rows), so a matrix of fewer than 16 such tasks takes 4
+// panels per task: a 2304-channel matrix (72 panels) splits into 18 tasks, which two threads
+// share evenly (9 would leave one thread 5 of them).
 constexpr int kPanelsPerTask = 8;
 }  // namespace
 
@@ -103,30 +114,39 @@ void linear_int8_many(const float* x, int M, int n, const PackedLinear* const* w
   const SimdLevel level = active_simd();
   std::vector<lin8::Kernel> kernels(static_cast<size_t>(n));
   std::vector<int> first_task(static_cast<size_t>(n) + 1, 0);   // matrix i owns tasks [first_task[i], first_task[i + 1])
+  std::vector<int> task_panels(static_cast<size_t>(n), kPanelsPerTask);
+  int rows = M;   // rows of u: whole AMX blocks where a matrix takes the AMX kernel
   for (int i = 0; i < n; ++i) {
-    kernels[i] = kernel_for(level, *ws[i]);
+    kernels[i] = kernel_for(level, *ws[i], M);
+    if (kernels[i].padded_rows) {
+      rows = (M + lin8::kAmxRows - 1) / lin8::kAmxRows * lin8::kAmxRows;
+      if (ws[i]->o32() / kLinearPanel < 16 * kPanelsPerTask) task_panels[i] = kPanelsPerTask / 2;
+    }
     const int panels = ws[i]->o32() / kLinearPanel;
-    first_task[i + 1] = first_task[i] + (panels + kPanelsPerTask - 1) / kPanelsPerTask;
+    first_task[i + 1] = first_task[i] + (panels + task_panels[i] - 1) / task_panels[i];
   }
   const size_t K4 = size_t(ws[0]->k4());
   // u starts on a 64-byte boundary, so the kernels' row reads never straddle lines needlessly.
-  std::vector<uint8_t> ubuf(size_t(M) * K4 + 64);
+  std::vector<uint8_t> ubuf(size_t(rows) * K4 + 64);
   auto* u = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(ubuf.data()) + 63) & ~uintptr_t(63));
+  std::fill(u + size_t(M) * K4, u + size_t(rows) * K4, uint8_t(128));   // padding rows: zeros after the offset
   std::vector<float> r(static_cast<size_t>(M));
   const int qtasks = (M + kRowsPerQuantizeTask - 1) / kRowsPerQuantizeTask;
   // Every kernel's quantizer writes the same u and r (the scalar twin's), so one serves all.
   parallel_for(qtasks, [&](int t, int) {
-    const int m0 = t * kRowsPerQuantizeTask, rows = std::min(M - m0, kRowsPerQuantizeTask);
-    kernels[0].quantize(x + size_t(m0) * K, rows, K, u + size_t(m0) * K4, r.data() + m0);
+    const int m0 = t * kRowsPerQuantizeTask, nrows = std::min(M - m0, kRowsPerQuantizeTask);
+    kernels[0].quantize(x + size_t(m0) * K, nrows, K, u + size_t(m0) * K4, r.data() + m0);
   });
   parallel_for(first_task[n], [&](int t, int) {
     int i = 0;
     while (t >= first_task[i + 1]) ++i;
     const lin8::Job job{u, r.data(), M, ws[i], ys[i], ldys[i]};
-    const int p0 = (t - first_task[i]) * kPanelsPerTask;
-    kernels[i].run(job, p0, std::min(ws[i]->o32() / kLinearPanel, p0 + kPanelsPerTask));
+    const int p0 = (t - first_task[i]) * task_panels[i];
+    kernels[i].run(job, p0, std::min(ws[i]->o32() / kLinearPanel, p0 + task_panels[i]));
   });
 }
+
+const char* linear_int8_kernel(int M, const PackedLinear& w) { return kernel_for(active_simd(), w, M).name; }
 
 void linear_int8(const float* x, int M, const PackedLinear& w, float* y, int64_t ldy) {
   const PackedLinear* ws[1] = {&w};

@@ -22,7 +22,8 @@
 // memory-bound: each panel is read once per call, as one sequential stream per thread.
 // Kernels (chosen per call from the active SIMD level, the CPU and max_code): AVX-512 VNNI
 // (vpdpbusd), AVX2 (vpmaddubsw + vpmaddwd, max_code <= 64), NEON with the dot-product extension
-// (sdot, ARMv8.2+), else the scalar twin.
+// (sdot, ARMv8.2+), else the scalar twin; at the amx level, AMX-INT8 tiles (tdpbusd) for calls
+// of >= 16 rows whose K4 is a multiple of 64 (prefill), VNNI for the others.
 #pragma once
 #include <cstdint>
 
@@ -54,6 +55,10 @@ void linear_int8(const float* x, int M, const PackedLinear& w, float* y, int64_t
 void linear_int8_many(const float* x, int M, int n, const PackedLinear* const* ws, float* const* ys,
                       const int64_t* ldys);
 
+// The kernel a call of M rows on w takes at the active SIMD level: "amx", "avx512_vnni", "avx2",
+// "neon_dot" or "scalar".
+const char* linear_int8_kernel(int M, const PackedLinear& w);
+
 // Packs W^T as the exporter stores it (wt [K, O] int8, row-major) into codes / colsum (sizes above);
 // returns max |code| (PackedLinear::max_code).
 int pack_linear_int8(const int8_t* wt, int K, int O, int8_t* codes, int32_t* colsum);
@@ -74,9 +79,14 @@ using QuantizeFn = void (*)(const float* x, int M, int K, uint8_t* u, float* r);
 struct Kernel {
   Fn run;
   QuantizeFn quantize;
+  const char* name;
+  bool padded_rows = false;   // reads u in whole blocks of kAmxRows rows (AMX)
 };
 void run_scalar(const Job& job, int p0, int p1);
 Kernel avx512_vnni_kernel();   // defined only where ENGINE_HAVE_AVX512
+// ENGINE_HAVE_AMX; needs K4 % 64 == 0 and u padded to whole blocks of kAmxRows rows
+Kernel amx_kernel();
+constexpr int kAmxRows = 32;
 Kernel avx2_kernel();          // ENGINE_HAVE_AVX2; needs max_code <= 64
 Kernel neon_dot_kernel();      // ENGINE_HAVE_NEON_DOT (aarch64 with the dot-product extension)
 }  // namespace lin8

@@ -79,6 +79,6 @@ void run_avx2(const lin8::Job& job, int p0, int p1) {
 
 }  // namespace
 
-lin8::Kernel lin8::avx2_kernel() { return {&run_avx2, &quantize_rows_u8}; }
+lin8::Kernel lin8::avx2_kernel() { return {&run_avx2, &quantize_rows_u8, "avx2"}; }
 
 }  // namespace engine

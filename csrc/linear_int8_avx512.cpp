@@ -114,6 +114,6 @@ void quantize_avx512(const float* x, int M, int K, uint8_t* u, float* r) {
 
 }  // namespace
 
-lin8::Kernel lin8::avx512_vnni_kernel() { return {&run_vnni, &quantize_avx512}; }
+lin8::Kernel lin8::avx512_vnni_kernel() { return {&run_vnni, &quantize_avx512, "avx512_vnni"}; }
 
 }  // namespace engine

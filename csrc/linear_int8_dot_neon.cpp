@@ -63,6 +63,6 @@ void run_neon_dot(const lin8::Job& job, int p0, int p1) {
 
 }  // namespace
 
-lin8::Kernel lin8::neon_dot_kernel() { return {&run_neon_dot, &quantize_rows_u8}; }
+lin8::Kernel lin8::neon_dot_kernel() { return {&run_neon_dot, &quantize_rows_u8, "neon_dot"}; }
 
 }  // namespace engine

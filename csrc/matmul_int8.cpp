@@ -63,6 +63,7 @@ mm8::Kernel kernel_for(SimdLevel level) {
   using mm8::Operand;
   switch (level) {
 #if defined(ENGINE_HAVE_AVX512)
+    case SimdLevel::Amx:      // the LM head is memory-bound at decode: VNNI, no tiles
     case SimdLevel::Avx512:   // AVX-512 without VNNI (Skylake-X) runs the AVX2 kernel
       if (cpu_features().avx512_vnni) return {mm8::avx512_vnni_kernel(), Operand::Offset};
       return {mm8::avx2_kernel(), Operand::Abs};

@@ -34,7 +34,7 @@ PYBIND11_MODULE(_native, m) {
 
   m.def("set_simd_level", [](const std::string& name) {
     engine::set_simd_level(engine::parse_simd_level(name));
-  }, py::arg("level"), "Force the kernels' SIMD level: 'scalar', 'avx2', 'avx512' or 'neon'.");
+  }, py::arg("level"), "Force the kernels' SIMD level: 'scalar', 'avx2', 'avx512', 'amx' or 'neon'.");
   m.def("simd_level", [] { return std::string(engine::simd_name(engine::active_simd())); });
 
   bind_attention(m);

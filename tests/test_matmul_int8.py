@@ -23,7 +23,8 @@ def reference(x: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> np.ndarra
 
 def levels() -> list[str]:
     best = nat.cpu_features()["best"]
-    return ["scalar"] + ([best] if best != "scalar" else []) + (["avx2"] if best == "avx512" else [])
+    return ["scalar"] + {"amx": ["avx2", "avx512", "amx"], "avx512": ["avx2", "avx512"], "avx2": ["avx2"],
+                         "neon": ["neon"]}.get(best, [])
 
 
 @pytest.fixture

@@ -17,9 +17,11 @@ def test_native_module_is_compiled_extension():
 def test_cpu_features_keys_and_consistency():
     f = engine.cpu_features()
     assert set(f) >= {"arch", "avx2", "avx512", "avx512_vnni", "amx", "neon", "best", "simd"}
-    assert f["best"] in ("scalar", "avx2", "avx512", "neon")
-    if f["best"] == "avx512":
+    assert f["best"] in ("scalar", "avx2", "avx512", "amx", "neon")
+    if f["best"] in ("avx512", "amx"):
         assert f["avx512"] and f["avx2"]
+    if f["best"] == "amx":
+        assert f["amx"] and f["avx512_vnni"]
     if f["best"] == "avx2":
         assert f["avx2"]
     if f["arch"] == "x86_64":
@@ -29,6 +31,8 @@ def test_cpu_features_keys_and_consistency():
             flags = open("/proc/cpuinfo").read().split()
             assert f["avx2"] == ("avx2" in flags and "fma" in flags)
             assert f["avx512"] == all(x in flags for x in ("avx512f", "avx512bw", "avx512dq", "avx512vl"))
+            if f["amx"]:   # usable AMX needs both CPU flags (and the OS's permission, which the flags don't show)
+                assert "amx_tile" in flags and "amx_int8" in flags
 
 
 def _simd_in_subprocess(env_value):

@@ -19,8 +19,11 @@ STEP = np.float32(1.0 / 127.0)
 FEATURES = _native.cpu_features()
 VNNI = FEATURES["avx512_vnni"]
 # Every level this CPU runs: avx2 (vpmaddubsw), avx512 (VNNI where present, else the AVX2 kernel),
-# neon (sdot where present, else the scalar twin).
-LEVELS = ["scalar"] + {"avx512": ["avx2", "avx512"], "avx2": ["avx2"], "neon": ["neon"]}.get(FEATURES["best"], [])
+# amx (AMX tiles for calls of >= 16 rows with K4 % 64 == 0, else VNNI), neon (sdot where present,
+# else the scalar twin).
+LEVELS = ["scalar"] + {"amx": ["avx2", "avx512", "amx"], "avx512": ["avx2", "avx512"], "avx2": ["avx2"],
+                       "neon": ["neon"]}.get(FEATURES["best"], [])
+AMX = FEATURES["best"] == "amx"
 
 
 @pytest.fixture
@@ -67,6 +70,34 @@ def test_linear_equals_numpy_bit_for_bit(level, simd_level):
         assert np.array_equal(y, reference_linear(x, wt, scales)), (level, M, K, O)
         # rows never interact: a row alone gives what it gives in the call
         assert np.array_equal(_native.linear_int8(x[1:2], codes, colsum, STEP * scales, K), y[1:2])
+
+
+@pytest.mark.skipif(not AMX, reason="needs a CPU with AMX-INT8 tiles that the OS enables")
+@pytest.mark.parametrize("level", ["amx", "avx512"])
+def test_prefill_sized_linear_equals_numpy_bit_for_bit(level, simd_level):
+    """The AMX kernel's shapes: 32-row blocks (rows padded, the padding dropped), K4 % 64 == 0,
+    channel tails, the 16-row threshold, and K4 % 64 != 0 (VNNI at any row count)."""
+    simd_level(level)
+    rng = np.random.default_rng(5)
+    pool = _native.ThreadPool(2)
+    tiles = "amx" if level == "amx" else "avx512_vnni"
+    assert _native.linear_int8_kernel(16, 64, 40) == tiles and _native.linear_int8_kernel(260, 2304, 9216) == tiles
+    assert _native.linear_int8_kernel(15, 64, 40) == "avx512_vnni" == _native.linear_int8_kernel(300, 100, 40)
+    for M, K, O in ((16, 64, 1), (17, 128, 33), (31, 64, 64), (33, 192, 97), (64, 256, 300), (95, 320, 31),
+                    (300, 128, 70), (15, 64, 40), (40, 100, 50), (20, 60, 32)):
+        x = (rng.standard_normal((M, K)) * rng.choice([1e-3, 1.0, 50.0], (M, 1))).astype(np.float32)
+        x[M // 3] = 0.0
+        wt = rng.integers(-127, 128, (K, O), dtype=np.int8)
+        scales = rng.random(O, dtype=np.float32)
+        codes, colsum, max_code = _native.pack_linear_int8(wt)
+        y = _native.linear_int8(x, codes, colsum, STEP * scales, K, pool, max_code)
+        assert np.array_equal(y, reference_linear(x, wt, scales)), (level, M, K, O)
+        assert np.array_equal(_native.linear_int8(x[:1], codes, colsum, STEP * scales, K), y[:1])
+        # several matrices of one call (q/k/v): each its own kernel choice, one padded u
+        wt2 = rng.integers(-127, 128, (K, 37), dtype=np.int8)
+        c2, s2, m2 = _native.pack_linear_int8(wt2)
+        y1, y2 = _native.linear_int8_many(x, [(codes, colsum, STEP * scales, max_code), (c2, s2, STEP * scales[:1].repeat(37), m2)], K, pool)
+        assert np.array_equal(y1, y) and np.array_equal(y2, reference_linear(x, wt2, scales[:1].repeat(37)))
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -119,6 +150,12 @@ def test_norm_and_gelu_against_float64(level, simd_level):
     x64 = x.astype(np.float64)
     want = x64 / np.sqrt((x64 ** 2).mean(1, keepdims=True) + 1e-6) * w1
     np.testing.assert_allclose(_native.rms_norm_rows(x, w1, 1e-6), want, rtol=2e-6, atol=1e-6)
+    # the SIMD rows against the scalar twin: the same float ops after the (double) sum of squares
+    xl = (rng.standard_normal((40, 2304)) * rng.choice([1e-3, 1.0, 300.0], (40, 1))).astype(np.float32)
+    wl = (rng.random(2304) + 0.5).astype(np.float32)
+    got = _native.rms_norm_rows(xl, wl, 1e-6)
+    simd_level("scalar")
+    np.testing.assert_array_equal(got, _native.rms_norm_rows(xl, wl, 1e-6))
     g = np.linspace(-12, 12, 1001).astype(np.float32)
     u = rng.standard_normal(1001).astype(np.float32)
     g64 = g.astype(np.float64)
@@ -224,18 +261,24 @@ def test_auto_takes_the_native_decoder_only_where_it_was_measured_faster(module_
         simd_level(level)
         m = engine.load(backend="onnxruntime", weights="int8", progress=False)
         try:
-            assert m.decoder_kind == ("native" if VNNI and level == "avx512" else "graphs"), level
+            native = level == "amx" or (VNNI and level == "avx512" and not FEATURES["amx"])
+            assert m.decoder_kind == ("native" if native else "graphs"), level
         finally:
             m.close()
 
 
-def test_auto_keeps_the_graphs_on_amx(monkeypatch):
-    """AMX CPUs: onnxruntime's MLAS multiplies on AMX tiles; the native decoder has no AMX kernel."""
-    features = dict(_native.cpu_features(), amx=True, avx512_vnni=True, simd="avx512")
+def test_auto_on_amx_takes_the_native_decoder_at_the_amx_level_only(monkeypatch):
+    """AMX CPUs: the core's AMX kernel beats MLAS's at the amx level; forced down to avx512, the core
+    has VNNI only and MLAS still multiplies on AMX tiles, so the graphs stay."""
+    features = dict(_native.cpu_features(), amx=True, avx512_vnni=True, simd="amx")
     monkeypatch.setattr(native_decoder._native, "cpu_features", lambda: features)
-    assert "AMX" in native_decoder.auto_declines()
-    monkeypatch.setattr(native_decoder._native, "cpu_features", lambda: dict(features, amx=False))
     assert native_decoder.auto_declines() is None
+    monkeypatch.setattr(native_decoder._native, "cpu_features", lambda: dict(features, simd="avx512"))
+    assert "AMX" in native_decoder.auto_declines()
+    monkeypatch.setattr(native_decoder._native, "cpu_features", lambda: dict(features, amx=False, simd="avx512"))
+    assert native_decoder.auto_declines() is None
+    monkeypatch.setattr(native_decoder._native, "cpu_features", lambda: dict(features, amx=False, simd="avx2"))
+    assert "avx2" in native_decoder.auto_declines()
 
 
 def test_bad_decoder_choice_errors(module_cache):

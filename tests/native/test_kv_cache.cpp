@@ -1,10 +1,12 @@
 // KV cache bookkeeping: bounds, capacity overflow, copy-on-write forks, reorder, fp16 conversion.
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <vector>
 
 #include "attention.h"
+#include "cpu_features.h"
 #include "harness.h"
 #include "kv_cache.h"
 
@@ -126,4 +128,40 @@ TEST(half_conversion) {
   CHECK(engine::float_to_half(5.9604645e-8f) == 0x0001);      // smallest subnormal
   CHECK(engine::float_to_half(2.9802322e-8f) == 0x0000);      // half of it: tie -> even (0)
   CHECK(std::isnan(engine::half_to_float(engine::float_to_half(std::nanf("")))));
+}
+
+// The vector conversion (F16C where the level has it) against the portable one: every half's
+// value, the midpoints between neighbours (ties to even), random bit patterns, subnormals,
+// overflow, and lengths with tails.
+TEST(half_conversion_vector_equals_scalar) {
+  std::vector<float> x;
+  for (uint32_t h = 0; h < 0x7c00; ++h) {
+    const float a = engine::half_to_float(uint16_t(h)), b = engine::half_to_float(uint16_t(h + 1));
+    for (float s : {1.f, -1.f}) {
+      x.push_back(s * a);
+      x.push_back(s * (a + (b - a) / 2));   // exact midpoint
+      x.push_back(s * std::nextafter(a + (b - a) / 2, 0.f));
+    }
+  }
+  uint32_t state = 12345;
+  for (int i = 0; i < 100000; ++i) {
+    state = state * 1664525u + 1013904223u;
+    float f;
+    std::memcpy(&f, &state, 4);
+    if (!std::isnan(f)) x.push_back(f);
+  }
+  for (float f : {65504.f, 65519.f, 65520.f, 1e30f, -1e30f, std::numeric_limits<float>::infinity(), 1e-30f, -0.f})
+    x.push_back(f);
+  const engine::SimdLevel before = engine::active_simd();
+  for (engine::SimdLevel level : {engine::SimdLevel::Scalar, engine::cpu_features().best}) {
+    engine::set_simd_level(level);
+    for (int n : {int(x.size()), 1, 7, 9, 15}) {
+      std::vector<uint16_t> y(size_t(n), 0xffff);
+      engine::floats_to_halves(x.data(), n, y.data());
+      int bad = 0;
+      for (int i = 0; i < n; ++i) bad += y[size_t(i)] != engine::float_to_half(x[size_t(i)]);
+      CHECK_MSG(bad == 0, "level %s n %d: %d mismatches", engine::simd_name(level), n, bad);
+    }
+  }
+  engine::set_simd_level(before);
 }
