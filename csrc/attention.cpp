@@ -285,6 +285,17 @@ attn::Kernels fast_kernels(SimdLevel level) {
   }
 }
 
+// The prefill tile kernels: at the amx level, AMX-BF16 products for f16 and int8 caches (an f32
+// cache keeps fp32 products, so float artifacts stay transformers-exact); else the level's own.
+attn::Kernels tile_kernels(const attn::Kernels& kn, const KVCache& cache) {
+#if defined(ENGINE_HAVE_AMX)
+  if (active_simd() == SimdLevel::Amx && cache.dtype() != KVDtype::F32 && cache.head_dim() <= attn::kAmxMaxDim)
+    return attn::amx_kernels();
+#endif
+  (void)cache;
+  return kn;
+}
+
 // Floats of work per parallel task in prepare_q and the append (smaller calls stay on one thread).
 constexpr size_t kSerialFloats = size_t(1) << 15;
 
@@ -340,7 +351,7 @@ void attend_impl(const KVCache& cache, int layer, const float* q, int H, const s
   } else {
     const float* qr = prepare_q(q, M, H, D, positions, rope, p.scale);   // scale folded into q
     if (T * G >= kTileMinRows)
-      attend_tiles(kn, cache, layer, qr, H, slots, T, p, out);
+      attend_tiles(tile_kernels(kn, cache), cache, layer, qr, H, slots, T, p, out);
     else
       attend_blocked(kn.decode, cache, layer, qr, H, slots, T, p, out);
   }

@@ -90,6 +90,10 @@ struct Kernels {
 Kernels avx2_kernels();
 Kernels avx512_kernels();
 Kernels neon_kernels();
+// ENGINE_HAVE_AMX: the AVX-512 decode kernel plus the AMX-BF16 prefill pack / tile (attention_amx.cpp;
+// f16 and int8 caches, head_dim <= kAmxMaxDim).
+Kernels amx_kernels();
+constexpr int kAmxMaxDim = 512;
 
 }  // namespace attn
 }  // namespace engine

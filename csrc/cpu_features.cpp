@@ -16,14 +16,14 @@ namespace engine {
 namespace {
 
 #if defined(__x86_64__) || defined(__i386__)
-// AMX-INT8 usable by this process: the CPUID bits, the OS's XCR0 tile state, and (Linux >= 5.16)
+// AMX-INT8 and AMX-BF16 usable by this process: the CPUID bits, the OS's XCR0 tile state, and (Linux >= 5.16)
 // the permission to use the 8 KB tile data state, which a process must ask for once.
 bool detect_amx() {
   unsigned a = 7, b = 0, c = 0, d = 0;
   __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d));
   (void)b;
-  const bool tile = (d >> 24) & 1u, int8 = (d >> 25) & 1u;
-  if (!tile || !int8) return false;
+  const bool bf16 = (d >> 22) & 1u, tile = (d >> 24) & 1u, int8 = (d >> 25) & 1u;
+  if (!tile || !int8 || !bf16) return false;
   unsigned a1 = 1, b1 = 0, c1 = 0, d1 = 0;
   __asm__ volatile("cpuid" : "+a"(a1), "=b"(b1), "+c"(c1), "=d"(d1));
   if (!((c1 >> 27) & 1u)) return false;   // OSXSAVE: xgetbv is available

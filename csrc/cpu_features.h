@@ -16,7 +16,7 @@ struct CpuFeatures {
   bool avx2 = false;      // AVX2 + FMA + F16C
   bool avx512 = false;    // AVX-512 F/BW/DQ/VL
   bool avx512_vnni = false;
-  // AMX-TILE + AMX-INT8 in CPUID, the tile state enabled by the OS (XCR0) and, on Linux, this
+  // AMX-TILE + AMX-INT8 + AMX-BF16 in CPUID, the tile state enabled by the OS (XCR0) and, on Linux, this
   // process granted it (arch_prctl ARCH_REQ_XCOMP_PERM, asked once at detection).
   bool amx = false;
   bool neon = false;

@@ -22,6 +22,19 @@ LEVELS = ["scalar"] + {"amx": ["avx2", "avx512", "amx"], "avx512": ["avx2", "avx
                        "neon": ["neon"]}.get(nat.cpu_features()["best"], [])
 TOL_ORACLE = {"f32": 2e-5, "f16": 5e-3, "int8": 6e-2}
 TOL_VS_SCALAR = {"f32": 1e-5, "f16": 1e-5, "int8": 1e-5}
+# At the amx level, prefill tiles on f16 / int8 caches multiply in bf16 on AMX tiles
+# (csrc/attention_amx.cpp): q, k, p and v keep 8 mantissa bits, sums stay fp32. Bound on
+# max |native - scalar| / max |scalar| (measured 3.4e-3 to 6.6e-3 on these cases, qscale 2:
+# scores of +-20 before the softcap, where bf16's 2^-9 relative rounding moves a probability by
+# up to ~1%).
+TOL_BF16_REL = 1.5e-2
+
+
+def close_to_scalar(out, ref, level, dtype):
+    err = float(np.abs(out - ref).max())
+    if level == "amx" and dtype != "f32":
+        return err <= TOL_BF16_REL * float(np.abs(ref).max())
+    return err < TOL_VS_SCALAR[dtype]
 
 
 @pytest.fixture(autouse=True)
@@ -212,7 +225,7 @@ def test_every_level_matches_scalar(dtype, D, KV, G):
     for level in LEVELS[1:]:
         res = run_scenario(level, **args)
         for (o, _), (r, _) in zip(res, ref):
-            assert np.abs(o - r).max() < TOL_VS_SCALAR[dtype], level
+            assert close_to_scalar(o, r, level, dtype), level
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -255,7 +268,7 @@ def test_prefill_tiles_every_level_matches_scalar(D, KV, G, T, P, window, softca
     for level in LEVELS[1:]:
         res = run_scenario(level, **args)
         for (o, _), (r, _) in zip(res, ref):
-            assert np.abs(o - r).max() < TOL_VS_SCALAR[dtype], level
+            assert close_to_scalar(o, r, level, dtype), level
         if dtype == "f32":
             assert max_err(res) < TOL_ORACLE["f32"], level
 
@@ -291,7 +304,7 @@ def test_prefill_tiles_chunked_and_batched(dtype):
     for level in LEVELS[1:]:
         res = _chunked_batched(level, dtype)
         for (o, _), (r, _) in zip(res, ref):
-            assert np.abs(o - r).max() < TOL_VS_SCALAR[dtype], level
+            assert close_to_scalar(o, r, level, dtype), level
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -352,18 +365,24 @@ def test_rope_two_thetas_in_one_cache(level):
 
 # ---------------------------------------------------------------- compact caches
 def test_compact_cache_accuracy(capsys):
-    """f16 / int8 cache error vs the float64 oracle, PG1-like shapes, 300-token prompt + decode."""
+    """f16 / int8 cache error vs the float64 oracle, PG1-like shapes, 300-token prompt + decode, with
+    fp32 products (the best level below amx); at the amx level the prefill's bf16 products too."""
+    fp32_level = "avx512" if LEVELS[-1] == "amx" else LEVELS[-1]
+    cases = [(fp32_level, d) for d in ("f32", "f16", "int8")] + ([("amx", "f16"), ("amx", "int8")] if "amx" in LEVELS else [])
     errs = {}
-    for dtype in ("f32", "f16", "int8"):
-        res = run_scenario(LEVELS[-1], D=256, KV=1, G=8, prompts=[300], prefixes=[260], decode_steps=4,
+    for level, dtype in cases:
+        res = run_scenario(level, D=256, KV=1, G=8, prompts=[300], prefixes=[260], decode_steps=4,
                            dtype=dtype, qscale=2.0)
         rel = max(float(np.abs(o - r).max() / np.abs(r).max()) for o, r in res)
-        errs[dtype] = (max_err(res), rel)
-        assert errs[dtype][0] < TOL_ORACLE[dtype], (dtype, errs[dtype])
+        errs[(level, dtype)] = (max_err(res), rel)
+        if level == fp32_level:
+            assert errs[(level, dtype)][0] < TOL_ORACLE[dtype], (dtype, errs[(level, dtype)])
+        else:   # the storage's own error plus bf16's
+            assert rel < errs[(fp32_level, dtype)][1] + TOL_BF16_REL / 2, (level, dtype, errs[(level, dtype)])
     with capsys.disabled():
         print("\nKV cache accuracy (max abs err, max err / max |out|) vs float64 oracle: " +
-              ", ".join(f"{d}: {a:.2e} / {r:.2e}" for d, (a, r) in errs.items()))
-    assert errs["f16"][0] < errs["int8"][0]
+              ", ".join(f"{d} ({lv}): {a:.2e} / {r:.2e}" for (lv, d), (a, r) in errs.items()))
+    assert errs[(fp32_level, "f16")][0] < errs[(fp32_level, "int8")][0]
 
 
 def test_f16_storage_is_round_to_nearest_even():

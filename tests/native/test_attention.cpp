@@ -88,8 +88,9 @@ std::vector<SimdLevel> fast_levels() {
   std::vector<SimdLevel> out;
   const SimdLevel best = engine::cpu_features().best;
   if (best == SimdLevel::Neon) out.push_back(SimdLevel::Neon);
-  if (best == SimdLevel::Avx2 || best == SimdLevel::Avx512) out.push_back(SimdLevel::Avx2);
-  if (best == SimdLevel::Avx512) out.push_back(SimdLevel::Avx512);
+  if (best == SimdLevel::Avx2 || engine::uses_avx512(best)) out.push_back(SimdLevel::Avx2);
+  if (engine::uses_avx512(best)) out.push_back(SimdLevel::Avx512);
+  if (best == SimdLevel::Amx) out.push_back(SimdLevel::Amx);
   return out;
 }
 
@@ -119,9 +120,14 @@ TEST(attention_simd_vs_scalar) {
   std::printf("  comparing %zu fast level(s) with scalar\n", levels.size());
   for (const auto& sc : scenarios()) {
     const auto ref = run(sc, SimdLevel::Scalar, 2);
+    float ref_max = 0.f;
+    for (float x : ref) ref_max = std::max(ref_max, std::fabs(x));
     for (SimdLevel lvl : levels) {
       const float err = max_abs_diff(run(sc, lvl, 2), ref);
-      CHECK_MSG(err < 1e-5f, "%s D=%d KV=%d G=%d dtype=%s: max |diff| %.3g", engine::simd_name(lvl), sc.D, sc.KV,
+      // amx: prefill tiles on f16 / int8 caches multiply in bf16 (attention_amx.cpp; the Python
+      // tests measure 3-7e-3 relative), everything else is fp32 as in the reference
+      const float tol = lvl == SimdLevel::Amx && sc.dtype != KVDtype::F32 ? 1.5e-2f * ref_max : 1e-5f;
+      CHECK_MSG(err < tol, "%s D=%d KV=%d G=%d dtype=%s: max |diff| %.3g", engine::simd_name(lvl), sc.D, sc.KV,
                 sc.G, engine::kv_dtype_name(sc.dtype), err);
     }
   }
