@@ -31,8 +31,10 @@ WEIGHT_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4", "fp8")
 def cpu_features() -> dict:
     """The CPU's SIMD features as the native core sees them.
 
-    Keys: arch, avx2, avx512, avx512_vnni, amx, neon, neon_dot (sdot), `best` (best level this CPU and build
-    support) and `simd` (the level kernels use now; ENGINE_SIMD=scalar forces the generic path).
+    Keys: arch, avx2, avx512, avx512_vnni, amx (AMX-INT8 / AMX-BF16 tiles that the OS lets this process
+    use), neon, neon_dot (sdot), `best` (best level this CPU and build support: scalar, neon, avx2,
+    avx512 or amx) and `simd` (the level kernels use now; ENGINE_SIMD=scalar forces the generic
+    path, ENGINE_SIMD=avx512 keeps AVX-512 without the AMX tiles).
     """
     return dict(_native.cpu_features())
 
