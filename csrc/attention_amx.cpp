@@ -21,7 +21,6 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wunused-function"
 #endif
 #include <immintrin.h>
 
@@ -30,9 +29,9 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
+#include "amx_tiles.h"
 #include "attention_kernels.h"
 
 namespace engine {
@@ -40,28 +39,11 @@ namespace attn_amx {
 
 #include "attention_avx512_v.inl"
 
-#include "attention_simd.inl"   // vexp, softcap_span, max_span, exp_sum_span (the fp32 softmax)
-
 namespace {
 
+#include "attention_softmax.inl"   // the fp32 softmax of the AVX-512 tile kernel
+
 constexpr int kKeys = 32;   // chunk: keys per S column block, keys per P V step
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-TileConfig make_config() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  return cfg;
-}
 
 inline int padded_dim(int D) { return (D + 31) / 32 * 32; }
 
@@ -90,8 +72,8 @@ void pack_bf16(const attn::PackJob& pj) {
   auto* vp = reinterpret_cast<uint16_t*>(pj.vp);
   const E* K = static_cast<const E*>(pj.view->k);
   const E* Vs = static_cast<const E*>(pj.view->v);
-  alignas(64) float tmp[512 + 32];
-  alignas(64) uint16_t kb[512 + 32], vb[512 + 32];
+  alignas(64) float tmp[attn::kAmxMaxDim];
+  alignas(64) uint16_t kb[attn::kAmxMaxDim], vb[attn::kAmxMaxDim];
   for (int j = 0; j < pj.count; ++j) {
     const int row = pj.first + j, x = pj.x0 + j;
     for (int d = 0; d < D; d += 16) V::store(tmp + d, V::load_tail(K + size_t(row) * D + d, std::min(16, D - d)));
@@ -126,7 +108,6 @@ void pack_amx(const attn::PackJob& pj) {
 }
 
 void tile_amx(const attn::TileTask& tt, const attn::TileScratch& sc) {
-  static const TileConfig cfg = make_config();
   const attn::Task& t = tt.rows;
   const int R = t.rows, D = t.D, Dp = padded_dim(D), lds = sc.ld, np = tt.np;
   const int Rp = (R + 31) / 32 * 32;
@@ -146,14 +127,11 @@ void tile_amx(const attn::TileTask& tt, const attn::TileScratch& sc) {
   for (int r = 0; r < R; ++r) row_to_bf16(t.q[r], D, Dp, 1.f, qb + size_t(r) * Dp);
   std::memset(qb + size_t(R) * Dp, 0, sizeof(uint16_t) * size_t(Rp - R) * Dp);
 
-  _tile_loadconfig(&cfg);
+  amx::configure_tiles();
   // ---- pass 1: S = Q K^T ----
   for (int r0 = 0; r0 < Rp; r0 += 32) {
     for (int x = 0; x < Lw; x += 32) {
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
+      amx::zero_c_tiles();
       const uint16_t* k0 = kp + size_t((xs + x) / 16) * 16 * Dp;
       const uint16_t* k1 = k0 + size_t(16) * Dp;
       for (int d = 0; d < Dp; d += 32) {
@@ -166,23 +144,14 @@ void tile_amx(const attn::TileTask& tt, const attn::TileScratch& sc) {
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
       }
-      float* s = sc.s + size_t(r0) * lds + x;
-      _tile_stored(0, s, lds * 4);
-      _tile_stored(1, s + 16, lds * 4);
-      _tile_stored(2, s + size_t(16) * lds, lds * 4);
-      _tile_stored(3, s + size_t(16) * lds + 16, lds * 4);
+      amx::store_c_tiles(sc.s + size_t(r0) * lds + x, sizeof(float) * size_t(lds));
     }
   }
 
   // ---- softcap, mask, softmax (fp32; 1 / sum kept in inv), P in bf16 ----
   for (int r = 0; r < R; ++r) {
     float* s = sc.s + size_t(r) * lds;
-    const int a = t.lo[r] - key0, e = t.hi[r] - key0;   // visible columns [a, e), e > a
-    if (t.softcap > 0.f) softcap_span(s + a, e - a, t.softcap);
-    const float m = max_span(s + a, e - a);
-    sc.inv[r] = 1.f / exp_sum_span(s + a, e - a, m);
-    for (int j = 0; j < a; ++j) s[j] = 0.f;
-    for (int j = e; j < Lw; ++j) s[j] = 0.f;
+    sc.inv[r] = softmax_row(s, t.lo[r] - key0, t.hi[r] - key0, Lw, t.softcap);
     row_to_bf16(s, Lw, Lw, 1.f, pb + size_t(r) * Lw);
   }
   std::memset(pb + size_t(R) * Lw, 0, sizeof(uint16_t) * size_t(Rp - R) * Lw);
@@ -191,10 +160,7 @@ void tile_amx(const attn::TileTask& tt, const attn::TileScratch& sc) {
   alignas(64) float c[32][32];
   for (int r0 = 0; r0 < Rp; r0 += 32) {
     for (int d0 = 0; d0 < Dp; d0 += 32) {
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
+      amx::zero_c_tiles();
       const uint16_t* v0 = vp + (size_t(d0 / 16) * (np / 2) + xs / 2) * 32;
       const uint16_t* v1 = v0 + size_t(np / 2) * 32;
       for (int x = 0; x < Lw; x += 32) {
@@ -207,10 +173,7 @@ void tile_amx(const attn::TileTask& tt, const attn::TileScratch& sc) {
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
       }
-      _tile_stored(0, &c[0][0], 128);
-      _tile_stored(1, &c[0][16], 128);
-      _tile_stored(2, &c[16][0], 128);
-      _tile_stored(3, &c[16][16], 128);
+      amx::store_c_tiles(c, sizeof(c[0]));
       const int rows = std::min(32, R - r0);
       for (int i = 0; i < rows; ++i) {
         const __m512 iv = _mm512_set1_ps(sc.inv[r0 + i]);

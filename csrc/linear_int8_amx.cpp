@@ -25,28 +25,11 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "amx_tiles.h"
 #include "linear_int8.h"
 
 namespace engine {
 namespace {
-
-// The 64-byte operand of ldtilecfg (palette 1).
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};   // bytes per row
-  uint8_t rows[16] = {};
-};
-
-TileConfig make_config() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {   // C: 16 x 16 int32; A: 16 rows x 64 u8; B: 16 groups x 64 bytes
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  return cfg;
-}
 
 // y rows [m0, m0 + rows) x the 32 channels of panel p from the 32 x 32 sums c.
 inline void store_block(const lin8::Job& job, const int32_t (*c)[32], int m0, int rows, int p) {
@@ -68,10 +51,10 @@ inline void store_block(const lin8::Job& job, const int32_t (*c)[32], int m0, in
 constexpr int kChunkRows = 256;
 
 void run_amx(const lin8::Job& job, int p0, int p1) {
-  static const TileConfig cfg = make_config();
-  _tile_loadconfig(&cfg);
+  amx::configure_tiles();
   const int K4 = job.w->k4();
   const size_t panel_bytes = size_t(K4) * kLinearPanel;
+  static_assert(lin8::kAmxRows == 32, "a block is two 16-row tiles");
   alignas(64) int32_t c[32][32];
   // Rows in chunks of kChunkRows (a 2304-wide chunk is 590 KB of u), the task's panels within a
   // chunk: the chunk and the panels (8 x 74 KB) stay in L2 together.
@@ -79,12 +62,9 @@ void run_amx(const lin8::Job& job, int p0, int p1) {
     const int mc_end = job.M - mc < kChunkRows ? job.M : mc + kChunkRows;
     for (int p = p0; p < p1; ++p) {
       const int8_t* panel = job.w->codes + size_t(p) * panel_bytes;
-      for (int m0 = mc; m0 < mc_end; m0 += 32) {
+      for (int m0 = mc; m0 < mc_end; m0 += lin8::kAmxRows) {
         const uint8_t* a = job.u + size_t(m0) * K4;
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
+        amx::zero_c_tiles();
         for (int k = 0; k < K4; k += 64) {
           const int8_t* b = panel + size_t(k / 4) * 128;
           _tile_loadd(4, a + k, K4);
@@ -96,11 +76,8 @@ void run_amx(const lin8::Job& job, int p0, int p1) {
           _tile_dpbusd(2, 5, 6);
           _tile_dpbusd(3, 5, 7);
         }
-        _tile_stored(0, &c[0][0], 128);
-        _tile_stored(1, &c[0][16], 128);
-        _tile_stored(2, &c[16][0], 128);
-        _tile_stored(3, &c[16][16], 128);
-        store_block(job, c, m0, job.M - m0 < 32 ? job.M - m0 : 32, p);
+        amx::store_c_tiles(c, sizeof(c[0]));
+        store_block(job, c, m0, job.M - m0 < lin8::kAmxRows ? job.M - m0 : lin8::kAmxRows, p);
       }
     }
   }
