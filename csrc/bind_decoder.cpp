@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "bind_linear.h"
 #include "bind_util.h"
 #include "decoder_layer.h"
 #include "linear_int8.h"
@@ -23,42 +24,12 @@ namespace py = pybind11;
 
 namespace {
 
+using engine_bind::Linear;
+using engine_bind::make_linear;
+
 py::array checked(const py::handle& obj, const std::string& name, const py::dtype& dtype, const char* what,
                   const std::vector<py::ssize_t>& shape) {
   return engine_bind::checked_array(obj, "", name, dtype, what, shape);
-}
-
-struct Linear {
-  py::array codes, colsum, colscale;
-  engine::PackedLinear view;
-};
-
-// max_code: max |code| as pack_linear_int8 returned it (-1: measured here, reading the codes once).
-Linear make_linear(const py::handle& codes, const py::handle& colsum, const py::handle& colscale, int K, int O,
-                   int max_code, const std::string& name) {
-  if (K < 1 || O < 1 || K > (1 << 20) || O > (1 << 24))
-    throw std::invalid_argument(name + ": K and O must be positive, got K=" + std::to_string(K) + " O=" + std::to_string(O));
-  Linear l;
-  l.view.K = K;
-  l.view.O = O;
-  const py::ssize_t O32 = l.view.o32(), K4 = l.view.k4();
-  l.codes = checked(codes, name + " codes", py::dtype::of<int8_t>(), "int8 [O32/32, K4/4, 32, 4] from pack_linear_int8",
-                    {O32 / 32, K4 / 4, 32, 4});
-  l.colsum = checked(colsum, name + " colsum", py::dtype::of<int32_t>(), "int32 [O32] from pack_linear_int8", {O32});
-  l.colscale = checked(colscale, name + " colscale", py::dtype::of<float>(), "float32 [O] = scales / 127", {O});
-  l.view.codes = static_cast<const int8_t*>(l.codes.data());
-  l.view.colsum = static_cast<const int32_t*>(l.colsum.data());
-  l.view.colscale = static_cast<const float*>(l.colscale.data());
-  if (max_code < 0) {
-    const int8_t* c = l.view.codes;
-    max_code = 0;
-    for (py::ssize_t i = 0; i < l.codes.size(); ++i) max_code = std::max(max_code, std::abs(int(c[i])));
-  }
-  if (max_code > 127)
-    throw std::invalid_argument(name + ": max_code must be max |code| <= 127 (pack_linear_int8 returns it), got " +
-                                std::to_string(max_code));
-  l.view.max_code = max_code;
-  return l;
 }
 
 py::tuple pack_py(const py::array& wt) {

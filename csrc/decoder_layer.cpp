@@ -15,6 +15,7 @@ namespace engine {
 
 namespace gelu_avx512 {
 void gelu_mul(float* g, const float* u, int64_t n);   // decoder_layer_avx512.cpp
+void gelu(float* x, int64_t n);
 }
 namespace norm_avx512 {
 void rms_norm_row(const float* x, int D, const float* w1, float eps, float* y);   // decoder_layer_avx512.cpp
@@ -45,16 +46,8 @@ void gelu_mul_scalar(float* g, const float* u, int64_t n) {
   for (int64_t i = 0; i < n; ++i) g[i] = gelu_tanh_scalar(g[i]) * u[i];
 }
 
-// Runs fn(begin, end) over [0, n) in chunks of `chunk`, inline when there is a single chunk
-// (decode rows: no thread wake-up for a few microseconds of work).
-template <class Fn>
-void chunked(int64_t n, int64_t chunk, Fn fn) {
-  const int64_t tasks = (n + chunk - 1) / chunk;
-  if (tasks <= 1) {
-    if (n > 0) fn(int64_t(0), n);
-    return;
-  }
-  parallel_for(int(tasks), [&](int t, int) { fn(t * chunk, std::min(n, (t + 1) * chunk)); });
+void gelu_scalar(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = gelu_tanh_scalar(x[i]);
 }
 
 void add_rows(const float* a, const float* b, int64_t n, float* y) {
@@ -76,13 +69,13 @@ void many(const float* x, int T, const std::array<const PackedLinear*, N>& ws, c
 void rms_norm_rows(const float* x, int T, int D, const float* w1, float eps, float* y) {
 #if defined(ENGINE_HAVE_AVX512)
   if (uses_avx512(active_simd())) {
-    chunked(T, 16, [&](int64_t r0, int64_t r1) {
+    parallel_chunks(T, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) norm_avx512::rms_norm_row(x + r * D, D, w1, eps, y + r * D);
     });
     return;
   }
 #endif
-  chunked(T, 16, [&](int64_t r0, int64_t r1) {
+  parallel_chunks(T, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* xr = x + r * D;
       float* yr = y + r * D;
@@ -99,7 +92,15 @@ void gelu_mul(float* g, const float* u, int64_t n) {
 #if defined(ENGINE_HAVE_AVX512)
   if (uses_avx512(active_simd())) fn = &gelu_avx512::gelu_mul;
 #endif
-  chunked(n, int64_t(1) << 15, [&](int64_t a, int64_t b) { fn(g + a, u + a, b - a); });
+  parallel_chunks(n, int64_t(1) << 15, [&](int64_t a, int64_t b) { fn(g + a, u + a, b - a); });
+}
+
+void gelu_inplace(float* x, int64_t n) {
+  void (*fn)(float*, int64_t) = &gelu_scalar;
+#if defined(ENGINE_HAVE_AVX512)
+  if (uses_avx512(active_simd())) fn = &gelu_avx512::gelu;
+#endif
+  parallel_chunks(n, int64_t(1) << 15, [&](int64_t a, int64_t b) { fn(x + a, b - a); });
 }
 
 void run_decoder_boundary(const DecoderBoundary& b, const float* hidden, const float* attn, int T,
@@ -116,7 +117,7 @@ void run_decoder_boundary(const DecoderBoundary& b, const float* hidden, const f
     float* o = at_least(scratch.o, TD);
     linear(attn, T, b.o, o);                                          // [T, D]
     if (b.gemma2) rms_norm_rows(o, T, b.D, b.post_attention, b.eps, o);
-    chunked(TD, int64_t(1) << 16, [&](int64_t s, int64_t e) { add_rows(hidden + s, o + s, e - s, out.hidden_out + s); });
+    parallel_chunks(TD, int64_t(1) << 16, [&](int64_t s, int64_t e) { add_rows(hidden + s, o + s, e - s, out.hidden_out + s); });
     rms_norm_rows(out.hidden_out, T, b.D, b.gemma2 ? b.pre_feedforward : b.post_attention, b.eps, h);
     const int64_t TF = int64_t(T) * b.F;
     float* g = at_least(scratch.g, TF);
@@ -125,7 +126,7 @@ void run_decoder_boundary(const DecoderBoundary& b, const float* hidden, const f
     gelu_mul(g, u, TF);
     linear(g, T, b.down, o);                                          // [T, D]
     if (b.gemma2) rms_norm_rows(o, T, b.D, b.post_feedforward, b.eps, o);
-    chunked(TD, int64_t(1) << 16, [&](int64_t s, int64_t e) { add_rows(out.hidden_out + s, o + s, e - s, out.hidden_out + s); });
+    parallel_chunks(TD, int64_t(1) << 16, [&](int64_t s, int64_t e) { add_rows(out.hidden_out + s, o + s, e - s, out.hidden_out + s); });
     x = out.hidden_out;
   }
   if (b.has_start) {

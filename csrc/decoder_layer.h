@@ -58,9 +58,11 @@ struct DecoderScratch {
 void run_decoder_boundary(const DecoderBoundary& b, const float* hidden, const float* attn, int T,
                           const BoundaryOutputs& out, DecoderScratch& scratch);
 
-// The elementwise pieces, exposed for tests: y = rms(x, w1) per row; g = gelu_tanh(g) * u.
+// The elementwise pieces, exposed for tests: y = rms(x, w1) per row; g = gelu_tanh(g) * u;
+// x = gelu_tanh(x) (the vision tower's MLP, vision_tower.h). On the current pool.
 void rms_norm_rows(const float* x, int T, int D, const float* w1, float eps, float* y);
 void gelu_mul(float* g, const float* u, int64_t n);
+void gelu_inplace(float* x, int64_t n);
 float gelu_tanh_scalar(float x);
 
 }  // namespace engine

@@ -1,5 +1,5 @@
 // AVX-512 pieces of the native decoder (decoder_layer.h), 16 floats per step:
-// - gelu_tanh(g) * u: the same rational tanh as the scalar twin (equal to it up to the rounding
+// - gelu_tanh(g) * u and gelu_tanh(x): the same rational tanh as the scalar twin (equal to it up to the rounding
 //   of fused multiply-adds);
 // - one row's rms norm: the sum of squares in double like the scalar twin (the squares are exact
 //   there, only the order of the additions differs), then the same x / rms * w1 per element.
@@ -16,29 +16,44 @@
 namespace engine {
 namespace gelu_avx512 {
 
-void gelu_mul(float* g, const float* u, int64_t n) {
+namespace {
+// gelu_tanh of 16 floats (the scalar twin's formula and rational tanh)
+inline __m512 gelu16(__m512 x) {
   const __m512 c = _mm512_set1_ps(0.7978845608028654f), c3 = _mm512_set1_ps(0.044715f);
   const __m512 lim = _mm512_set1_ps(9.f), half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.f);
+  __m512 y = _mm512_mul_ps(c, _mm512_add_ps(x, _mm512_mul_ps(c3, _mm512_mul_ps(_mm512_mul_ps(x, x), x))));
+  y = _mm512_min_ps(lim, _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), lim), y));
+  const __m512 p = _mm512_mul_ps(y, y);
+  __m512 num = _mm512_set1_ps(-2.76076847742355e-16f);
+  num = _mm512_fmadd_ps(num, p, _mm512_set1_ps(2.00018790482477e-13f));
+  num = _mm512_fmadd_ps(num, p, _mm512_set1_ps(-8.60467152213735e-11f));
+  num = _mm512_fmadd_ps(num, p, _mm512_set1_ps(5.12229709037114e-08f));
+  num = _mm512_fmadd_ps(num, p, _mm512_set1_ps(1.48572235717979e-05f));
+  num = _mm512_fmadd_ps(num, p, _mm512_set1_ps(6.37261928875436e-04f));
+  num = _mm512_fmadd_ps(num, p, _mm512_set1_ps(4.89352455891786e-03f));
+  __m512 den = _mm512_set1_ps(1.19825839466702e-06f);
+  den = _mm512_fmadd_ps(den, p, _mm512_set1_ps(1.18534705686654e-04f));
+  den = _mm512_fmadd_ps(den, p, _mm512_set1_ps(2.26843463243900e-03f));
+  den = _mm512_fmadd_ps(den, p, _mm512_set1_ps(4.89352518554385e-03f));
+  const __m512 t = _mm512_div_ps(_mm512_mul_ps(y, num), den);
+  return _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, t));
+}
+
+inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u); }
+}  // namespace
+
+void gelu_mul(float* g, const float* u, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 mk = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1u);
-    const __m512 x = _mm512_maskz_loadu_ps(mk, g + i);
-    __m512 y = _mm512_mul_ps(c, _mm512_add_ps(x, _mm512_mul_ps(c3, _mm512_mul_ps(_mm512_mul_ps(x, x), x))));
-    y = _mm512_min_ps(lim, _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), lim), y));
-    const __m512 p = _mm512_mul_ps(y, y);
-    __m512 num = _mm512_set1_ps(-2.76076847742355e-16f);
-    num = _mm512_fmadd_ps(num, p, _mm512_set1_ps(2.00018790482477e-13f));
-    num = _mm512_fmadd_ps(num, p, _mm512_set1_ps(-8.60467152213735e-11f));
-    num = _mm512_fmadd_ps(num, p, _mm512_set1_ps(5.12229709037114e-08f));
-    num = _mm512_fmadd_ps(num, p, _mm512_set1_ps(1.48572235717979e-05f));
-    num = _mm512_fmadd_ps(num, p, _mm512_set1_ps(6.37261928875436e-04f));
-    num = _mm512_fmadd_ps(num, p, _mm512_set1_ps(4.89352455891786e-03f));
-    __m512 den = _mm512_set1_ps(1.19825839466702e-06f);
-    den = _mm512_fmadd_ps(den, p, _mm512_set1_ps(1.18534705686654e-04f));
-    den = _mm512_fmadd_ps(den, p, _mm512_set1_ps(2.26843463243900e-03f));
-    den = _mm512_fmadd_ps(den, p, _mm512_set1_ps(4.89352518554385e-03f));
-    const __m512 t = _mm512_div_ps(_mm512_mul_ps(y, num), den);
-    const __m512 r = _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, t));
+    const __mmask16 mk = tail_mask(n - i);
+    const __m512 r = gelu16(_mm512_maskz_loadu_ps(mk, g + i));
     _mm512_mask_storeu_ps(g + i, mk, _mm512_mul_ps(r, _mm512_maskz_loadu_ps(mk, u + i)));
+  }
+}
+
+void gelu(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mk = tail_mask(n - i);
+    _mm512_mask_storeu_ps(x + i, mk, gelu16(_mm512_maskz_loadu_ps(mk, x + i)));
   }
 }
 

@@ -13,6 +13,7 @@ void bind_bench(py::module_& m);
 void bind_serving(py::module_& m);
 void bind_matmul(py::module_& m);
 void bind_decoder(py::module_& m);
+void bind_vision(py::module_& m);
 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "PaliGemma engine native core";
@@ -43,4 +44,5 @@ PYBIND11_MODULE(_native, m) {
   bind_serving(m);
   bind_matmul(m);
   bind_decoder(m);
+  bind_vision(m);
 }

@@ -11,6 +11,8 @@
 // - The first exception thrown by a task is rethrown in the caller after all tasks stopped.
 // - Results never depend on the thread count as long as each task writes its own outputs.
 #pragma once
+#include <algorithm>
+#include <cstdint>
 #include <functional>
 #include <memory>
 
@@ -52,6 +54,18 @@ class PoolScope {
 // Runs fn(task, thread) for task in [0, n_tasks) on the current pool; thread is in
 // [0, get_num_threads()) and identifies the executing thread (for per-thread scratch).
 void parallel_for(int n_tasks, const std::function<void(int task, int thread)>& fn);
+
+// Runs fn(begin, end) over [0, n) in chunks of `chunk` on the current pool, inline when there is a
+// single chunk (a decode row's few microseconds of work wake no thread).
+template <class Fn>
+void parallel_chunks(int64_t n, int64_t chunk, Fn fn) {
+  const int64_t tasks = (n + chunk - 1) / chunk;
+  if (tasks <= 1) {
+    if (n > 0) fn(int64_t(0), n);
+    return;
+  }
+  parallel_for(int(tasks), [&](int t, int) { fn(t * chunk, std::min(n, (t + 1) * chunk)); });
+}
 
 // Threads of the current pool (caller included).
 int get_num_threads();

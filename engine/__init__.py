@@ -52,7 +52,7 @@ def default_cache_dir():
 def load(path=None, backend: str = DEFAULT_BACKEND, threads: int | None = None, *, weights: str = "int8",
          group_size: int = 128, verify: bool = True, kv_dtype: str = "auto", progress: bool = True,
          seg_decoder=None, serving=None, lm_head: str = "auto", prepacked_cache: bool = True,
-         warm_up: bool | str = True, decoder: str = "auto"):
+         warm_up: bool | str = True, decoder: str = "auto", vision: str = "auto"):
     """Load a model for inference. The model serves any number of threads at once (see
     engine/model.py and engine/serving).
 
@@ -83,6 +83,8 @@ def load(path=None, backend: str = DEFAULT_BACKEND, threads: int | None = None, 
       onnxruntime backend where it was measured faster: AVX-512 VNNI without AMX; its packed
       weights are kept in the engine's cache, engine/runtime/native_decoder.py), "graphs", or
       "native" (the core on any CPU: AVX-512 VNNI, AVX2 and NEON-sdot kernels, else scalar).
+    vision: the same for the vision graph (SigLIP + projector; engine/runtime/native_vision.py):
+      "auto" (the graph until the core is measured faster on this CPU class), "graph" or "native".
     """
     from pathlib import Path
 
@@ -109,13 +111,15 @@ def load(path=None, backend: str = DEFAULT_BACKEND, threads: int | None = None, 
     seen = manifest_identity(path)
     try:
         model = PaliGemma(path, backend, threads, verify=verify, kv_dtype=kv_dtype, serving=serving, lm_head=lm_head,
-                          prepacked_cache=prepacked_cache, warm_up=warm_up, decoder=decoder)
+                          prepacked_cache=prepacked_cache, warm_up=warm_up, decoder=decoder,
+                          vision=vision)
     except ArtifactError as e:
         if export is None:        # the user's own artifact: theirs to fix, the error says how
             raise
         path = reexport(export, path, e, seen, progress)     # a cached export heals itself
         model = PaliGemma(path, backend, threads, verify=verify, kv_dtype=kv_dtype, serving=serving, lm_head=lm_head,
-                          prepacked_cache=prepacked_cache, warm_up=warm_up, decoder=decoder)
+                          prepacked_cache=prepacked_cache, warm_up=warm_up, decoder=decoder,
+                          vision=vision)
     if seg_decoder is not None:
         model.load_seg_decoder(seg_decoder)
     return model

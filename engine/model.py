@@ -40,6 +40,7 @@ from .runtime import DEFAULT_BACKEND, open_runner
 from .runtime.native_decoder import (DECODER_MODES, NativeDecoder, auto_declines, open_native_decoder,
                                      unsupported_reason)
 from .runtime.native_decoder import enabled_by_env as native_decoder_enabled_by_env
+from .runtime import native_vision
 from .serving.image_cache import FeatureCache, image_key
 from .serving.request import (GenerationSettings, ImageInput, PreparedPrompt, Request, RequestHandle, RequestStats,
                               StepTimes, follow_stream, now)
@@ -92,15 +93,19 @@ class PaliGemma:
     (onnxruntime backend, per-row int8 artifact, AVX-512 VNNI without AMX;
     engine/runtime/native_decoder.py),
     "graphs" always runs the backend's graphs, "native" requires the core (any CPU: AVX-512
-    VNNI, AVX2 and NEON-sdot kernels, else the scalar twin)."""
+    VNNI, AVX2 and NEON-sdot kernels, else the scalar twin). vision: the same choice for the vision
+    graph (engine/runtime/native_vision.py): "auto" (the graph until the core is measured faster
+    on this CPU class), "graph" or "native"."""
 
     def __init__(self, artifact_dir: str | Path, backend: str = DEFAULT_BACKEND, threads: int | None = None,
                  *, verify: bool = True, kv_dtype: str = "auto",
                  serving: SchedulerConfig | None = None, lm_head: str = "auto", prepacked_cache: bool = True,
-                 warm_up: bool | str = True, decoder: str = "auto"):
+                 warm_up: bool | str = True, decoder: str = "auto", vision: str = "auto"):
         t0 = time.perf_counter()
         if decoder not in DECODER_MODES:
             raise ValueError(f"decoder must be one of {', '.join(DECODER_MODES)}, got {decoder!r}")
+        if vision not in native_vision.VISION_MODES:
+            raise ValueError(f"vision must be one of {', '.join(native_vision.VISION_MODES)}, got {vision!r}")
         if lm_head not in ("auto", "graph", "native"):
             raise ValueError(f"lm_head must be 'auto', 'graph' or 'native', got {lm_head!r}")
         self.artifact_dir = Path(artifact_dir)
@@ -119,6 +124,7 @@ class PaliGemma:
                                 f"final_norm.npy (int8 / int4 / fp8 exports of tied-embedding checkpoints by "
                                 f"this version); {REEXPORT}, or use lm_head='auto'")
         self._native_decoder = self._open_native_decoder(decoder, backend)
+        self._native_vision = self._open_native_vision(vision, backend)
         # This model's threads for attention and the native decoder. With the native decoder they
         # run the whole step (~110 calls per token), so idle threads spin (ThreadPool's default,
         # 200 us) before sleeping (a wake-up costs 5-10 us on a VM; Zen 4: decoder part 74 -> 66 ms
@@ -129,6 +135,8 @@ class PaliGemma:
         skip = ("lm_head",) if self._final_norm is not None else ()
         if self._native_decoder is not None:
             skip += tuple(self._native_decoder.boundaries)
+        if self._native_vision is not None:
+            skip += (native_vision.GRAPH,)
         self.runner = open_runner(backend, self.artifact_dir, self.manifest, threads, skip=skip,
                                   prepacked_cache=prepacked_cache, warm_up=warm_up)
         manifest_bytes = (self.artifact_dir / "manifest.json").read_bytes()
@@ -169,6 +177,29 @@ class PaliGemma:
             raise ArtifactError(f"{self.artifact_dir}: decoder='native' cannot run: {reason}; use decoder='auto'")
         return None
 
+    def _open_native_vision(self, mode: str, backend: str) -> native_vision.NativeVision | None:
+        """The native vision tower (engine/runtime/native_vision.py) for vision="auto" / "native", or None."""
+        if mode == "graph" or (mode == "auto" and not native_vision.enabled_by_env()):
+            return None
+        reason = native_vision.unsupported_reason(backend, self.manifest)
+        if reason is None and mode == "auto":
+            reason = native_vision.auto_declines()
+        if reason is None:
+            try:
+                return native_vision.open_native_vision(self.artifact_dir, self.manifest, self.config)
+            except (OSError, ValueError) as e:
+                reason = f"its packed weights could not be written or read ({e})"
+                if mode == "auto":
+                    log.warning("engine: running the vision graph: the native vision tower's %s", reason)
+        if mode == "native":
+            raise ArtifactError(f"{self.artifact_dir}: vision='native' cannot run: {reason}; use vision='auto'")
+        return None
+
+    @property
+    def vision_kind(self) -> str:
+        """"native" when the C++ core computes the vision graph, else "graph"."""
+        return "native" if self._native_vision is not None else "graph"
+
     @property
     def decoder_kind(self) -> str:
         """"native" when the C++ core computes the decoder graphs, else "graphs"."""
@@ -181,6 +212,8 @@ class PaliGemma:
 
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
         """pixel_values [N, 3, S, S] -> image features [N, P, D], in one graph call."""
+        if self._native_vision is not None:
+            return self._native_vision.run(pixel_values, self._pool)
         return self.runner.run("vision", {"pixel_values": pixel_values})["image_features"]
 
     def encode_image(self, pixel_values: np.ndarray, times: StepTimes | None = None) -> np.ndarray:

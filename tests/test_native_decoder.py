@@ -13,7 +13,7 @@ import engine
 from engine import _native
 from engine.__main__ import example_image_path
 from engine.artifact import ArtifactError
-from engine.runtime import native_decoder
+from engine.runtime import native_decoder, packed_weights
 
 STEP = np.float32(1.0 / 127.0)
 FEATURES = _native.cpu_features()
@@ -210,7 +210,7 @@ def test_a_layer_start_is_its_norm_then_three_linear_layers_exactly(graphs_model
     data = np.memmap(nd.entry / native_decoder.WEIGHTS, dtype=np.uint8, mode="r")
 
     def view(rec):
-        return native_decoder.packed_array(data, rec)
+        return packed_weights.packed_array(data, rec)
     hidden = np.random.default_rng(5).standard_normal((7, t.hidden_size)).astype(np.float32)
     got = nd.run("decoder_0", {"hidden": hidden}, _native.ThreadPool(2))
     h = _native.rms_norm_rows(hidden, np.ascontiguousarray(view(index["norms"]["input"])), float(t.rms_norm_eps))

@@ -30,11 +30,7 @@ and the onnxruntime sessions of the decoder graphs are not created at all (no se
 """
 from __future__ import annotations
 
-import json
 import logging
-import mmap
-import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,18 +39,15 @@ import numpy as np
 from .. import _native
 from ..artifact import Manifest
 from ..config import PaliGemmaConfig
-from . import stamped_dir
+from . import packed_weights, stamped_dir
 
 log = logging.getLogger("engine")
 
 SUBDIR = "native-decoder"
-WEIGHTS, INDEX = "weights.bin", "index.json"
-FILES = {WEIGHTS, INDEX}
+WEIGHTS, INDEX, FILES = packed_weights.WEIGHTS, packed_weights.INDEX, packed_weights.FILES
 LAYOUT_VERSION = 2                # of the packed layout (csrc/linear_int8.h) and index.json (2: max_code)
 ENV_SWITCH = "PALIGEMMA_EDGE_NATIVE_DECODER"
 DECODER_MODES = ("auto", "graphs", "native")
-_ALIGN = 64
-_INT8_STEP = np.float32(1.0 / 127.0)   # the graphs' activation scale (export/onnx_graphs.ACT_SCALE)
 
 # The linear layers and norms of a boundary: key -> canonical name suffix (export/graph_def.py)
 END_LINEARS = {"o": "self_attn.o_proj.weight", "gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight",
@@ -115,24 +108,6 @@ def boundary_names(cfg: PaliGemmaConfig, i: int) -> tuple[dict[str, str], dict[s
     return linears, norms
 
 
-def _graph_arrays(graph_path: Path) -> dict[str, np.ndarray]:
-    """A graph's initializers by name, without reading them: memory maps of its external data
-    (inline ones, the small constants, as arrays)."""
-    import onnx
-    from onnx import numpy_helper
-    model = onnx.load(str(graph_path), load_external_data=False)
-    arrays = {}
-    for t in model.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            info = {e.key: e.value for e in t.external_data}
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
-            arrays[t.name] = np.memmap(graph_path.parent / info["location"], dtype=dtype, mode="r",
-                                       offset=int(info.get("offset", 0)), shape=tuple(t.dims))
-        else:
-            arrays[t.name] = numpy_helper.to_array(t)
-    return arrays
-
-
 def entry_dir(root: Path, manifest: Manifest) -> Path:
     import hashlib
     graphs = manifest.graphs.get("onnx", {})
@@ -146,55 +121,17 @@ def entry_dir(root: Path, manifest: Manifest) -> Path:
 
 def write_entry(artifact_dir: Path, manifest: Manifest, cfg: PaliGemmaConfig, entry: Path,
                 progress: bool | None = None) -> None:
-    """Pack every decoder graph's weights into a temporary directory, seal it, rename it to `entry`."""
-    from tqdm import tqdm
+    """Pack every decoder graph's weights into `entry` (packed_weights.write_entry)."""
     graphs = manifest.graphs["onnx"]
+
+    def pack(writer: packed_weights.ArrayWriter, name: str) -> tuple[str, dict]:
+        arrays = packed_weights.graph_arrays(artifact_dir / graphs[name])
+        linears, norms = boundary_names(cfg, int(name.split("_")[1]))
+        return name, {"linears": {key: writer.linear(arrays, wname, name) for key, wname in linears.items()},
+                      "norms": {key: writer.put(np.asarray(arrays[wname + "+1"], np.float32))
+                                for key, wname in norms.items()}}
     names = [f"decoder_{i}" for i in range(cfg.text.num_hidden_layers + 1)]
-    tmp = stamped_dir.new_tmp(entry)
-    index: dict = {"layout": LAYOUT_VERSION, "graphs": {}}
-    show = sys.stderr.isatty() if progress is None else progress
-    try:
-        with open(tmp / WEIGHTS, "wb") as f, tqdm(names, desc="packing native decoder weights", disable=not show,
-                                                   file=sys.stderr, dynamic_ncols=True) as bar:
-            def put(array: np.ndarray) -> list:
-                pad = (-f.tell()) % _ALIGN
-                f.write(b"\0" * pad)
-                offset = f.tell()
-                f.write(np.ascontiguousarray(array).tobytes())
-                return [offset, str(array.dtype), list(array.shape)]
-            for name in bar:
-                arrays = _graph_arrays(artifact_dir / graphs[name])
-                linears, norms = boundary_names(cfg, int(name.split("_")[1]))
-                entry_index: dict = {"linears": {}, "norms": {}}
-                for key, wname in linears.items():
-                    wt, scales = arrays[wname], arrays[wname + ".scales"]
-                    if wt.dtype != np.int8 or wt.ndim != 2:
-                        raise ValueError(f"{name}: {wname} is {wt.dtype} {wt.shape}, not per-row int8 W^T [K, O]")
-                    codes, colsum, max_code = _native.pack_linear_int8(np.ascontiguousarray(wt))
-                    colscale = _INT8_STEP * np.asarray(scales, np.float32)   # as MatMulIntegerToFloat's a_scale * b_scale
-                    entry_index["linears"][key] = {"K": int(wt.shape[0]), "codes": put(codes), "colsum": put(colsum),
-                                                   "colscale": put(colscale), "max_code": int(max_code)}
-                for key, wname in norms.items():
-                    entry_index["norms"][key] = put(np.asarray(arrays[wname + "+1"], np.float32))
-                index["graphs"][name] = entry_index
-        (tmp / INDEX).write_text(json.dumps(index), encoding="utf-8")
-        stamped_dir.seal(tmp)
-        stamped_dir.install(tmp, entry)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _drop_other_layouts(root: Path) -> None:
-    """Remove entries packed in another layout (an older engine's): this engine never reads them,
-    and each holds a model's decoder weights (2 GB for 3B)."""
-    for other in stamped_dir.entries(root):
-        try:
-            layout = json.loads((other / INDEX).read_text(encoding="utf-8")).get("layout")
-        except (OSError, ValueError):
-            continue                 # being written, or damaged: its own load repacks it
-        if layout != LAYOUT_VERSION:
-            log.info("engine: removing %s (packed layout %s, this engine reads %s)", other, layout, LAYOUT_VERSION)
-            shutil.rmtree(other, ignore_errors=True)
+    packed_weights.write_entry(entry, LAYOUT_VERSION, "packing native decoder weights", names, pack, progress)
 
 
 @dataclass
@@ -212,58 +149,24 @@ class NativeDecoder:
         return self.boundaries[graph].run(hidden, attn, pool, scratch)
 
 
-def packed_array(data: np.ndarray, rec: list) -> np.ndarray:
-    """The array an index.json record [offset, dtype, shape] names in weights.bin (`data`, uint8)."""
-    offset, dtype, shape = rec
-    dtype = np.dtype(dtype)
-    count = int(np.prod(shape)) * dtype.itemsize
-    return data[offset:offset + count].view(dtype).reshape(shape)
-
-
-def map_populated(path: Path) -> np.ndarray:
-    """The file as a read-only uint8 array, its page-table entries filled at load (MAP_POPULATE,
-    Linux) rather than by the first generate's page faults: 3B-224 int8 on Zen 4, load +0.1-0.2 s,
-    the first prefill's decoder part 1.53-1.56 -> 1.42-1.47 s (warm: 1.37-1.45). Elsewhere a
-    plain memory map."""
-    if not hasattr(mmap, "MAP_POPULATE"):
-        return np.memmap(path, dtype=np.uint8, mode="r")
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
-    return np.frombuffer(mm, dtype=np.uint8)
-
-
 def open_native_decoder(artifact_dir: Path, manifest: Manifest, cfg: PaliGemmaConfig) -> NativeDecoder:
     """Map (writing it first when absent or bad) the artifact's packed decoder weights. Raises
     OSError / ValueError when the cache cannot be written or read."""
-    root = cache_root()
-    entry = entry_dir(root, manifest)
-    problem = stamped_dir.check(entry, FILES) if entry.is_dir() else "absent"
-    if problem is not None:
-        if entry.is_dir():
-            log.warning("engine: the native decoder weights %s are bad (%s); packing them again", entry, problem)
-            shutil.rmtree(entry, ignore_errors=True)
-        graphs = manifest.graphs["onnx"]
-        size = sum(manifest.files[r].size for g, rel in graphs.items() if g.startswith("decoder_")
-                   for r in (rel, str(Path(rel).with_suffix(".data"))) if r in manifest.files)
-        _drop_other_layouts(root)
-        if not stamped_dir.has_room(root, size):
-            raise OSError(f"less than {stamped_dir.MIN_FREE_BYTES >> 30} GiB would stay free in {root}")
-        write_entry(artifact_dir, manifest, cfg, entry)
-    stamped_dir.touch(entry)
-    index = json.loads((entry / INDEX).read_text(encoding="utf-8"))
-    if index.get("layout") != LAYOUT_VERSION:
-        raise ValueError(f"{entry}: packed layout {index.get('layout')}, this engine reads {LAYOUT_VERSION}")
-    data = map_populated(entry / WEIGHTS)
+    entry = entry_dir(cache_root(), manifest)
+    graphs = manifest.graphs["onnx"]
+    size = sum(manifest.files[r].size for g, rel in graphs.items() if g.startswith("decoder_")
+               for r in (rel, str(Path(rel).with_suffix(".data"))) if r in manifest.files)
+    index, data = packed_weights.open_entry(entry, LAYOUT_VERSION, size,
+                                            lambda e: write_entry(artifact_dir, manifest, cfg, e))
 
     def view(rec: list) -> np.ndarray:
-        return packed_array(data, rec)
+        return packed_weights.packed_array(data, rec)
 
     t = cfg.text
     boundaries = {}
     for name, rec in index["graphs"].items():
         i = int(name.split("_")[1])
-        linears = {k: (view(v["codes"]), view(v["colsum"]), view(v["colscale"]), int(v["max_code"]))
-                   for k, v in rec["linears"].items()}
+        linears = {k: packed_weights.linear_arrays(data, v) for k, v in rec["linears"].items()}
         norms = {k: view(v) for k, v in rec["norms"].items()}
         boundaries[name] = _native.DecoderBoundary(
             linears, norms, hidden_size=t.hidden_size, mlp_width=t.intermediate_size, heads=t.num_attention_heads,

@@ -1,0 +1,152 @@
+"""The native vision tower: the vision graph (SigLIP + projector) of a per-row int8 artifact
+computed by the C++ core (csrc/vision_tower.h).
+
+Why: at 224 px the vision graph is a fifth to a third of the time to first token (README
+Performance), and on AMX CPUs the core's AMX-INT8 kernel runs prefill-sized matrices 2.5-3x
+faster than VNNI, where onnxruntime's MLAS ran this graph at 580-800 GOP/s. Its linear layers are
+the graph's per-row int8 MatMulIntegerToFloat bit for bit (then + bias); layer norms, gelu and
+the softmax differ in the last float bits; the attention is the core's (AMX-BF16 tiles at the amx
+level, fp32 elsewhere).
+
+When: the onnxruntime backend and a per-row int8 artifact, like the native decoder.
+`vision="native"` runs it on any CPU. `vision="auto"` (the default of engine.load) takes it
+only where it was measured faster than the graph; see `auto_declines`.
+PALIGEMMA_EDGE_NATIVE_VISION=0 turns auto's choice off; `vision="graph"` too.
+
+Weights: packed once per artifact into `<default_cache_dir()>/native-vision/<key>/` (weights.bin,
+index.json, stamp.json; packed_weights.py), memory-mapped; the onnxruntime session of the vision
+graph is then not created.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import _native
+from ..artifact import Manifest
+from ..config import PaliGemmaConfig
+from . import packed_weights, stamped_dir
+
+SUBDIR = "native-vision"
+LAYOUT_VERSION = 1
+ENV_SWITCH = "PALIGEMMA_EDGE_NATIVE_VISION"
+VISION_MODES = ("auto", "graph", "native")
+GRAPH = "vision"
+
+# key -> canonical name prefix of a linear layer (its .weight, .weight.scales and .bias), per layer
+LAYER_LINEARS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                 "o": "self_attn.out_proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+LAYER_NORMS = {"ln1_w": "layer_norm1.weight", "ln1_b": "layer_norm1.bias",
+               "ln2_w": "layer_norm2.weight", "ln2_b": "layer_norm2.bias"}
+PATCH, PROJECTOR = "vision.embeddings.patch_embedding", "projector"
+POSITION = "vision.embeddings.position_embedding.weight"
+POST = ("vision.post_layernorm.weight", "vision.post_layernorm.bias")
+
+
+def cache_root() -> Path:
+    from .. import default_cache_dir
+    return default_cache_dir() / SUBDIR
+
+
+def enabled_by_env() -> bool:
+    return stamped_dir.env_enabled(ENV_SWITCH)
+
+
+def unsupported_reason(backend: str, manifest: Manifest) -> str | None:
+    """Why the native vision tower cannot run this artifact (None: it can)."""
+    from .ort_backend import per_row_int8_only
+    if backend != "onnxruntime":
+        return f"the {backend} backend runs its own graphs"
+    if not per_row_int8_only(manifest):
+        return "the artifact's matrices are not all per-row int8 (export --weights int8)"
+    if GRAPH not in manifest.graphs.get("onnx", {}):
+        return "the artifact has no vision graph"
+    return None
+
+
+def auto_declines() -> str | None:
+    """Why vision="auto" keeps the graph on this CPU (None: it takes the native tower).
+
+    Measured (3B-224, 2 threads): on a 2-core Emerald Rapids slice with AVX-512 VNNI and no AMX
+    the native tower and the graph took the same time (0.44-0.46 s against 0.39-0.46 s: both at
+    the VNNI ceiling), and at the avx2 level the core is 3-4x slower (1.4 s against 0.34-0.46 s). No
+    measurement on an AMX CPU yet, so auto keeps the graph everywhere for now."""
+    features = _native.cpu_features()
+    return (f"the native vision tower was not measured faster than onnxruntime's graph on this CPU class "
+            f"(SIMD level {features['simd']})")
+
+
+def entry_dir(root: Path, manifest: Manifest) -> Path:
+    rel = manifest.graphs["onnx"][GRAPH]
+    parts = [f"layout{LAYOUT_VERSION}", f"stamp{stamped_dir.VERSION}"]
+    parts += [f"{r}={manifest.files[r].sha256}" for r in (rel, str(Path(rel).with_suffix(".data")))
+              if r in manifest.files]
+    return root / f"vision-{hashlib.sha256(chr(10).join(parts).encode()).hexdigest()[:24]}"
+
+
+def write_entry(artifact_dir: Path, manifest: Manifest, cfg: PaliGemmaConfig, entry: Path,
+                progress: bool | None = None) -> None:
+    """Pack the vision graph's weights into `entry`: one index record per encoder layer, plus
+    "embeddings" (patch, position) and "head" (post layer norm, projector)."""
+    arrays = packed_weights.graph_arrays(artifact_dir / manifest.graphs["onnx"][GRAPH])
+
+    def vec(writer: packed_weights.ArrayWriter, name: str) -> list:
+        return writer.put(np.asarray(arrays[name], np.float32))
+
+    def linear(writer: packed_weights.ArrayWriter, prefix: str) -> dict:
+        return dict(writer.linear(arrays, prefix + ".weight", GRAPH), bias=vec(writer, prefix + ".bias"))
+
+    def pack(writer: packed_weights.ArrayWriter, item) -> tuple[str, dict]:
+        if item == "embeddings":
+            return item, {"patch": linear(writer, PATCH), "position": vec(writer, POSITION)}
+        if item == "head":
+            return item, {"post_w": vec(writer, POST[0]), "post_b": vec(writer, POST[1]),
+                          "projector": linear(writer, PROJECTOR)}
+        pre = f"vision.encoder.layers.{item}."
+        return f"layer_{item}", {**{k: linear(writer, pre + v) for k, v in LAYER_LINEARS.items()},
+                                 **{k: vec(writer, pre + v) for k, v in LAYER_NORMS.items()}}
+    items = ["embeddings", *range(cfg.vision.num_hidden_layers), "head"]
+    packed_weights.write_entry(entry, LAYOUT_VERSION, "packing native vision weights", items, pack, progress)
+
+
+@dataclass
+class NativeVision:
+    """The artifact's vision graph as one _native.VisionTower over a memory map."""
+    tower: object
+    entry: Path
+
+    def run(self, pixel_values: np.ndarray, pool) -> np.ndarray:
+        """pixel_values [N, 3, S, S] -> image features [N, P, D], as the vision graph."""
+        return self.tower.run(np.ascontiguousarray(pixel_values, np.float32), pool)
+
+
+def open_native_vision(artifact_dir: Path, manifest: Manifest, cfg: PaliGemmaConfig,
+                       attn_dtype: str = "auto") -> NativeVision:
+    """Map (writing it first when absent or bad) the artifact's packed vision weights. Raises
+    OSError / ValueError when the cache cannot be written or read."""
+    entry = entry_dir(cache_root(), manifest)
+    rel = manifest.graphs["onnx"][GRAPH]
+    size = sum(manifest.files[r].size for r in (rel, str(Path(rel).with_suffix(".data"))) if r in manifest.files)
+    index, data = packed_weights.open_entry(entry, LAYOUT_VERSION, size,
+                                            lambda e: write_entry(artifact_dir, manifest, cfg, e))
+    graphs = index["graphs"]
+
+    def view(rec: list) -> np.ndarray:
+        return packed_weights.packed_array(data, rec)
+
+    def linear(rec: dict) -> tuple:
+        return (*packed_weights.linear_arrays(data, rec), view(rec["bias"]))
+
+    v = cfg.vision
+    layers = [{**{k: linear(rec[k]) for k in LAYER_LINEARS}, **{k: view(rec[k]) for k in LAYER_NORMS}}
+              for rec in (graphs[f"layer_{i}"] for i in range(v.num_hidden_layers))]
+    emb, head = graphs["embeddings"], graphs["head"]
+    tower = _native.VisionTower(
+        linear(emb["patch"]), view(emb["position"]), layers, (view(head["post_w"]), view(head["post_b"])),
+        linear(head["projector"]), image_size=v.image_size, patch_size=v.patch_size, channels=v.num_channels,
+        hidden_size=v.hidden_size, mlp_width=v.intermediate_size, heads=v.num_attention_heads,
+        out_dim=cfg.text.hidden_size, eps=float(v.layer_norm_eps), attn_dtype=attn_dtype)
+    return NativeVision(tower, entry)

@@ -1,0 +1,156 @@
+"""Packed-weight cache entries of the native core: a graph's per-row int8 matrices repacked for the
+C++ kernels (csrc/linear_int8.h) into one file, weights.bin, with index.json naming each array.
+
+The native decoder (native_decoder.py) and the native vision tower (native_vision.py) each keep
+one entry per artifact under the engine's cache. An entry is sealed and checked like the other
+runtime caches (stamped_dir.py); `open_entry` writes it when absent or bad, drops entries of other
+layouts, and memory-maps weights.bin: file-backed pages shared by every model of the artifact in
+the process, and no second copy in a runtime session.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import shutil
+import sys
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+import numpy as np
+
+from .. import _native
+from . import stamped_dir
+
+log = logging.getLogger("engine")
+
+WEIGHTS, INDEX = "weights.bin", "index.json"
+FILES = {WEIGHTS, INDEX}
+ALIGN = 64
+INT8_STEP = np.float32(1.0 / 127.0)   # the graphs' activation scale (export/onnx_graphs.ACT_SCALE)
+
+
+def graph_arrays(graph_path: Path) -> dict[str, np.ndarray]:
+    """A graph's initializers by name, without reading them: memory maps of its external data
+    (inline ones, the small constants, as arrays)."""
+    import onnx
+    from onnx import numpy_helper
+    model = onnx.load(str(graph_path), load_external_data=False)
+    arrays = {}
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+            arrays[t.name] = np.memmap(graph_path.parent / info["location"], dtype=dtype, mode="r",
+                                       offset=int(info.get("offset", 0)), shape=tuple(t.dims))
+        else:
+            arrays[t.name] = numpy_helper.to_array(t)
+    return arrays
+
+
+class ArrayWriter:
+    """Appends arrays to weights.bin, each 64-byte aligned; `put` returns its index record
+    [offset, dtype, shape]."""
+
+    def __init__(self, f: BinaryIO):
+        self.f = f
+
+    def put(self, array: np.ndarray) -> list:
+        pad = (-self.f.tell()) % ALIGN
+        self.f.write(b"\0" * pad)
+        offset = self.f.tell()
+        self.f.write(np.ascontiguousarray(array).tobytes())
+        return [offset, str(array.dtype), list(array.shape)]
+
+    def linear(self, arrays: dict[str, np.ndarray], wname: str, where: str) -> dict:
+        """The exporter's per-row int8 W^T [K, O] `wname` and its `.scales`, packed for the kernels:
+        {"K", "codes", "colsum", "colscale", "max_code"}."""
+        wt, scales = arrays[wname], arrays[wname + ".scales"]
+        if wt.dtype != np.int8 or wt.ndim != 2:
+            raise ValueError(f"{where}: {wname} is {wt.dtype} {wt.shape}, not per-row int8 W^T [K, O]")
+        codes, colsum, max_code = _native.pack_linear_int8(np.ascontiguousarray(wt))
+        colscale = INT8_STEP * np.asarray(scales, np.float32)   # as MatMulIntegerToFloat's a_scale * b_scale
+        return {"K": int(wt.shape[0]), "codes": self.put(codes), "colsum": self.put(colsum),
+                "colscale": self.put(colscale), "max_code": int(max_code)}
+
+
+def packed_array(data: np.ndarray, rec: list) -> np.ndarray:
+    """The array an index.json record [offset, dtype, shape] names in weights.bin (`data`, uint8)."""
+    offset, dtype, shape = rec
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape)) * dtype.itemsize
+    return data[offset:offset + count].view(dtype).reshape(shape)
+
+
+def linear_arrays(data: np.ndarray, rec: dict) -> tuple:
+    """(codes, colsum, colscale, max_code) of an ArrayWriter.linear record, as the core takes them."""
+    return (packed_array(data, rec["codes"]), packed_array(data, rec["colsum"]),
+            packed_array(data, rec["colscale"]), int(rec["max_code"]))
+
+
+def map_populated(path: Path) -> np.ndarray:
+    """The file as a read-only uint8 array, its page-table entries filled at load (MAP_POPULATE,
+    Linux) rather than by the first generate's page faults: 3B-224 int8 on Zen 4, load +0.1-0.2 s,
+    the first prefill's decoder part 1.53-1.56 -> 1.42-1.47 s (warm: 1.37-1.45). Elsewhere a
+    plain memory map."""
+    if not hasattr(mmap, "MAP_POPULATE"):
+        return np.memmap(path, dtype=np.uint8, mode="r")
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+    return np.frombuffer(mm, dtype=np.uint8)
+
+
+def write_entry(entry: Path, layout: int, desc: str, items: list, pack: Callable[[ArrayWriter, object], tuple[str, dict]],
+                progress: bool | None = None) -> None:
+    """Write weights.bin and index.json {"layout", "graphs": {name: record}} into a temporary
+    directory, seal it, rename it to `entry`. pack(writer, item) -> (name, record) for each item,
+    under a progress bar (`desc`) on a terminal."""
+    from tqdm import tqdm
+    tmp = stamped_dir.new_tmp(entry)
+    index: dict = {"layout": layout, "graphs": {}}
+    show = sys.stderr.isatty() if progress is None else progress
+    try:
+        with open(tmp / WEIGHTS, "wb") as f, tqdm(items, desc=desc, disable=not show, file=sys.stderr,
+                                                   dynamic_ncols=True) as bar:
+            writer = ArrayWriter(f)
+            for item in bar:
+                name, record = pack(writer, item)
+                index["graphs"][name] = record
+        (tmp / INDEX).write_text(json.dumps(index), encoding="utf-8")
+        stamped_dir.seal(tmp)
+        stamped_dir.install(tmp, entry)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def drop_other_layouts(root: Path, layout: int) -> None:
+    """Remove entries packed in another layout (an older engine's): this engine never reads them,
+    and each holds a model's packed weights (2 GB for a 3B decoder)."""
+    for other in stamped_dir.entries(root):
+        try:
+            found = json.loads((other / INDEX).read_text(encoding="utf-8")).get("layout")
+        except (OSError, ValueError):
+            continue                 # being written, or damaged: its own load repacks it
+        if found != layout:
+            log.info("engine: removing %s (packed layout %s, this engine reads %s)", other, found, layout)
+            shutil.rmtree(other, ignore_errors=True)
+
+
+def open_entry(entry: Path, layout: int, source_bytes: int, write: Callable[[Path], None]) -> tuple[dict, np.ndarray]:
+    """(index.json, weights.bin mapped) of `entry`, written first by write(entry) when absent or bad
+    (source_bytes: about what it will hold, checked against the free space). Raises OSError /
+    ValueError when the cache cannot be written or read."""
+    problem = stamped_dir.check(entry, FILES) if entry.is_dir() else "absent"
+    if problem is not None:
+        if entry.is_dir():
+            log.warning("engine: the packed weights %s are bad (%s); packing them again", entry, problem)
+            shutil.rmtree(entry, ignore_errors=True)
+        drop_other_layouts(entry.parent, layout)
+        if not stamped_dir.has_room(entry.parent, source_bytes):
+            raise OSError(f"less than {stamped_dir.MIN_FREE_BYTES >> 30} GiB would stay free in {entry.parent}")
+        write(entry)
+    stamped_dir.touch(entry)
+    index = json.loads((entry / INDEX).read_text(encoding="utf-8"))
+    if index.get("layout") != layout:
+        raise ValueError(f"{entry}: packed layout {index.get('layout')}, this engine reads {layout}")
+    return index, map_populated(entry / WEIGHTS)
