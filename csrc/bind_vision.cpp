@@ -70,13 +70,18 @@ class Tower {
       l.v = lin("v", D, D);
       l.o = lin("o", D, D);
       l.fc1 = lin("fc1", D, t.F);
-      l.fc2 = lin("fc2", t.F, D);
+      const int fc2_k = fc2_rows(d, at);
+      if (i == 0) t.mlp_stride = fc2_k;
+      else if (fc2_k != t.mlp_stride)
+        throw std::invalid_argument("VisionTower: every layer's fc2 needs the same padding as layers[0]'s");
+      l.fc2 = lin("fc2", fc2_k, D);
       l.ln1_w = norm("ln1_w");
       l.ln1_b = norm("ln1_b");
       l.ln2_w = norm("ln2_w");
       l.ln2_b = norm("ln2_b");
     }
     if (post.size() != 2) throw std::invalid_argument("VisionTower: post must be (weight, bias), float32 [hidden_size] each");
+    if (t.layers.empty()) t.mlp_stride = t.F;
     t.post_w = vec(post[0], "post weight", "float32 [hidden_size]", {D});
     t.post_b = vec(post[1], "post bias", "float32 [hidden_size]", {D});
     t.projector = linear(projector, D, out_dim, "projector");
@@ -102,8 +107,26 @@ class Tower {
 
   std::string attn_dtype() const { return engine::kv_dtype_name(t_.attn_dtype); }
   int layers() const { return int(t_.layers.size()); }
+  int mlp_stride() const { return t_.mlp_stride; }
 
  private:
+  // fc2's K as its packed codes give it: the MLP width F, or F rounded up to 64 (zero codes added
+  // by the packer so that the AMX kernel takes it; vision_tower.h)
+  int fc2_rows(const py::dict& d, const std::string& at) const {
+    const int F = t_.F, k4 = (F + 3) / 4 * 4, k64 = (F + 63) / 64 * 64;
+    if (!d.contains("fc2") || !py::isinstance<py::tuple>(d["fc2"]) || py::len(d["fc2"]) != 5)
+      throw std::invalid_argument("VisionTower: " + at + "['fc2'] must be " + kLinearTuple);
+    const py::object codes = d["fc2"].cast<py::tuple>()[0];
+    if (!py::isinstance<py::array>(codes) || py::reinterpret_borrow<py::array>(codes).ndim() != 4)
+      throw std::invalid_argument("VisionTower: " + at + "['fc2'] codes must be int8 [O32/32, K4/4, 32, 4]");
+    const int rows = int(py::reinterpret_borrow<py::array>(codes).shape(1)) * 4;
+    if (rows == k4) return F;
+    if (rows == k64) return k64;
+    throw std::invalid_argument("VisionTower: " + at + "['fc2'] must have K = mlp_width (" + std::to_string(F) +
+                                ") or mlp_width rounded up to 64 (" + std::to_string(k64) + "), got " +
+                                std::to_string(rows) + " packed rows");
+  }
+
   engine::BiasedLinear linear(const py::handle& obj, int K, int O, const std::string& name) {
     if (!py::isinstance<py::tuple>(obj) || py::len(obj) != 5)
       throw std::invalid_argument("VisionTower: " + name + " must be " + kLinearTuple);
@@ -144,6 +167,7 @@ the amx SIMD level, for the AMX-BF16 tiles, else f32). The arrays are kept, neve
       .def("run", &Tower::run, py::arg("pixel_values"), py::arg("pool") = nullptr,
            "pixel_values float32 [N, C, S, S] -> image features float32 [N, tokens, out_dim], as the vision graph.")
       .def_property_readonly("attn_dtype", &Tower::attn_dtype)
+      .def_property_readonly("mlp_stride", [](const Tower& t) { return t.mlp_stride(); })
       .def_property_readonly("num_layers", &Tower::layers);
   m.def("layer_norm_rows", [](const py::handle& x, const py::handle& w, const py::handle& b, float eps) {
     py::array xa = engine_bind::checked_array(x, "", "x", py::dtype::of<float>(), "float32 [rows, D]", {-1, -1});

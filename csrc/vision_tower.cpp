@@ -53,13 +53,13 @@ void row_shifted_sums(const float* x, int D, float shift, float* sum, float* squ
   *squares = ss;
 }
 
-// y = x W^T + b for rows [M, w.O] (a linear_int8 call, then the bias row by row)
-void biased_linear(const float* x, int M, const BiasedLinear& l, float* y) {
-  linear_int8(x, M, l.w, y, l.w.O);
+// y = x W^T + b for rows [M, w.O], row stride ldy (a linear_int8 call, then the bias row by row)
+void biased_linear(const float* x, int M, const BiasedLinear& l, float* y, int64_t ldy) {
+  linear_int8(x, M, l.w, y, ldy);
   const int O = l.w.O;
   parallel_chunks(M, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      float* yr = y + r * O;
+      float* yr = y + r * ldy;
       for (int o = 0; o < O; ++o) yr[o] += l.bias[o];
     }
   });
@@ -77,6 +77,9 @@ void check_tower(const VisionTower& t, int N) {
     throw std::invalid_argument("vision tower: image_size must be a positive multiple of patch_size");
   if (t.heads < 1 || t.head_dim < 1 || t.heads * t.head_dim != t.D || t.F < 1 || t.out_dim < 1)
     throw std::invalid_argument("vision tower: needs heads * head_dim == hidden size and positive widths");
+  if (t.mlp_stride < t.F) throw std::invalid_argument("vision tower: mlp_stride must be >= the MLP width");
+  for (const VisionLayer& l : t.layers)
+    if (l.fc2.w.K != t.mlp_stride) throw std::invalid_argument("vision tower: fc2's K must equal mlp_stride");
   const int64_t rows = int64_t(N) * t.tokens();
   if (rows > (int64_t(1) << 24)) throw std::invalid_argument("vision tower: too many images in one call");
 }
@@ -125,9 +128,9 @@ void run_vision_tower(const VisionTower& t, const float* pixels, int N, float* o
   const int64_t MD = int64_t(M) * D;
   // One allocation per call, none per layer: x, h, q, k, v, attention output [M, D]; MLP [M, F].
   std::vector<float> patches(size_t(M) * K0), x(MD), h(MD), q(MD), k(MD), v(MD), a(MD);
-  std::vector<float> f(size_t(M) * t.F);
+  std::vector<float> f(size_t(M) * t.mlp_stride);   // zero-initialized: the padding columns stay 0
   extract_patches(pixels, N, t.channels, t.image_size, t.patch_size, patches.data());
-  biased_linear(patches.data(), M, t.patch, x.data());                              // [M, D]
+  biased_linear(patches.data(), M, t.patch, x.data(), D);                              // [M, D]
   parallel_chunks(M, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* pos = t.position + (r % P) * D;
@@ -160,16 +163,16 @@ void run_vision_tower(const VisionTower& t, const float* pixels, int N, float* o
     cache.reset();
     for (int s = 0; s < N; ++s) cache.set_prefix_length(s, P);
     attention(cache, 0, q.data(), k.data(), v.data(), t.heads, slots, P, positions.data(), params, a.data());
-    biased_linear(a.data(), M, l.o, h.data());
+    biased_linear(a.data(), M, l.o, h.data(), D);
     add_into(x.data(), h.data(), MD);
     layer_norm_rows(x.data(), M, D, l.ln2_w, l.ln2_b, t.eps, h.data());
-    biased_linear(h.data(), M, l.fc1, f.data());                                    // [M, F]
-    gelu_inplace(f.data(), int64_t(M) * t.F);
-    biased_linear(f.data(), M, l.fc2, h.data());                                    // [M, D]
+    biased_linear(h.data(), M, l.fc1, f.data(), t.mlp_stride);                      // [M, F] (stride)
+    gelu_inplace(f.data(), int64_t(M) * t.mlp_stride);                              // gelu(0) = 0
+    biased_linear(f.data(), M, l.fc2, h.data(), D);                                 // [M, D]
     add_into(x.data(), h.data(), MD);
   }
   layer_norm_rows(x.data(), M, D, t.post_w, t.post_b, t.eps, h.data());
-  biased_linear(h.data(), M, t.projector, out);                                     // [M, out_dim]
+  biased_linear(h.data(), M, t.projector, out, t.out_dim);                                     // [M, out_dim]
 }
 
 }  // namespace engine

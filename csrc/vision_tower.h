@@ -39,6 +39,11 @@ struct VisionTower {
   int image_size = 0, patch_size = 0, channels = 3;
   int D = 0, F = 0, heads = 0, head_dim = 0;   // hidden size, MLP width; heads * head_dim == D
   int out_dim = 0;                             // projector output (the text model's hidden size)
+  // fc2's K: F, or F rounded up to 64 with zero codes in the extra rows, so that the AMX kernel
+  // (K4 % 64 == 0) takes the MLP's second matrix too (SigLIP's 4,304 is 64 x 67 + 16). The
+  // MLP activations are kept with this row stride, their padding columns zero: a zero column
+  // quantizes to the zero point and adds exactly nothing, so the results are the same bits.
+  int mlp_stride = 0;
   float eps = 1e-6f;
   KVDtype attn_dtype = KVDtype::F32;
   BiasedLinear patch;                          // C*p*p -> D

@@ -61,13 +61,15 @@ def test_layer_norm_and_gelu_against_float64(level, simd_level):
     np.testing.assert_allclose(_native.gelu_tanh(g), gelu64(g), rtol=1e-5, atol=1e-6)
 
 
-def random_tower(rng, *, D=24, heads=3, F=40, image=12, patch=4, out=20, layers=2, C=3):
-    """A small tower with random per-row int8 weights: (the VisionTower, the numpy oracle)."""
-    def linear(K, O):
+def random_tower(rng, *, D=24, heads=3, F=40, image=12, patch=4, out=20, layers=2, C=3, fc2_rows=None):
+    """A small tower with random per-row int8 weights: (the VisionTower, the numpy oracle).
+    fc2_rows: fc2 packed with zero rows up to this K (the packer's padding for the AMX kernel)."""
+    def linear(K, O, rows=None):
         wt = rng.integers(-63, 64, (K, O), dtype=np.int8)
         scales = (rng.random(O, dtype=np.float32) + 0.5) * np.float32(0.02)
         bias = rng.standard_normal(O).astype(np.float32)
-        codes, colsum, max_code = _native.pack_linear_int8(wt)
+        padded = wt if rows is None else np.concatenate([wt, np.zeros((rows - K, O), np.int8)])
+        codes, colsum, max_code = _native.pack_linear_int8(padded)
         return (codes, colsum, STEP * scales, max_code, bias), (wt, scales, bias)
 
     def norm():
@@ -78,7 +80,7 @@ def random_tower(rng, *, D=24, heads=3, F=40, image=12, patch=4, out=20, layers=
     layer_args, layer_np = [], []
     for _ in range(layers):
         lins = {k: linear(*kio) for k, kio in {"q": (D, D), "k": (D, D), "v": (D, D), "o": (D, D), "fc1": (D, F),
-                                                "fc2": (F, D)}.items()}
+                                                "fc2": (F, D, fc2_rows)}.items()}
         (w1, b1), (w2, b2) = norm(), norm()
         layer_args.append({**{k: v[0] for k, v in lins.items()}, "ln1_w": w1, "ln1_b": b1, "ln2_w": w2, "ln2_b": b2})
         layer_np.append(({k: v[1] for k, v in lins.items()}, (w1, b1), (w2, b2)))
@@ -129,6 +131,20 @@ def test_small_tower_against_numpy(level, simd_level):
     assert np.array_equal(tower.run(pixels[:1]), got[:1])          # the default pool, the same bits
 
 
+@pytest.mark.parametrize("level", LEVELS)
+def test_fc2_padded_to_64_gives_the_same_bits(level, simd_level):
+    """The packer pads fc2's K to a multiple of 64 (SigLIP's 4,304 -> 4,352) so that the AMX kernel
+    takes it: zero codes against zero activation columns add exactly nothing."""
+    simd_level(level)
+    plain, _ = random_tower(np.random.default_rng(4), F=40)
+    padded, _ = random_tower(np.random.default_rng(4), F=40, fc2_rows=64)
+    assert (plain.mlp_stride, padded.mlp_stride) == (40, 64)
+    pixels = np.random.default_rng(5).uniform(-1, 1, (2, 3, 12, 12)).astype(np.float32)
+    assert np.array_equal(plain.run(pixels), padded.run(pixels))
+    with pytest.raises(ValueError, match=r"fc2'\] must have K = mlp_width \(40\) or mlp_width rounded up to 64"):
+        random_tower(np.random.default_rng(4), F=40, fc2_rows=48)
+
+
 def test_tower_bad_input_errors():
     rng = np.random.default_rng(2)
     tower, _ = random_tower(rng)
@@ -175,6 +191,7 @@ def test_tower_matches_the_onnxruntime_graph(graph_model, level, simd_level):
     simd_level(level)
     nv = native_vision.open_native_vision(graph_model.artifact_dir, graph_model.manifest, graph_model.config)
     v = graph_model.config.vision
+    assert nv.tower.mlp_stride == -(-v.intermediate_size // 64) * 64
     rng = np.random.default_rng(3)
     batch = rng.uniform(-1, 1, (2, 3, v.image_size, v.image_size)).astype(np.float32)
     batch[0] = graph_model.processor.preprocess(example_image_path())       # a real image, and noise

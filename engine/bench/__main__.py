@@ -302,7 +302,8 @@ def run_samples(systems: list[dict], checkpoint: Path, args) -> None:
             k += 1
             spec = {"kind": s["kind"], "backend": s["backend"], "weights": s["weights"],
                     "checkpoint": str(checkpoint), "artifact": s.get("artifact"), "threads": args.threads,
-                    "new_tokens": args.new_tokens, "workloads": args.workloads, "detect_tokens": args.detect_tokens}
+                    "new_tokens": args.new_tokens, "workloads": args.workloads, "detect_tokens": args.detect_tokens,
+                    "vision": args.vision}
             warmed = warm_page_cache(load_files[s["id"]]) if load_files.get(s["id"]) else None
             load = loadavg()
             res = run_worker(spec, args.threads, args.timeout)
@@ -350,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help=f"samples per system, interleaved (default {FULL['repeats']})")
     p.add_argument("--threads", type=int, default=None, help="threads for every system (default: all cores)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
+    p.add_argument("--vision", choices=("auto", "graph", "native"), default="auto",
+                   help="engine.load(vision=...) for the onnxruntime systems: the native vision tower or the "
+                        "graph (default auto; engine/runtime/native_vision.py)")
     p.add_argument("--out", help="results directory (default bench-results/<model>)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per worker (default 1800)")
     p.add_argument("--quick", action="store_true", help="the whole path on tiny-pg2 in well under a minute")
@@ -516,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
                      "detect_prompt": detect_prompt(list(workers.DETECT_LABELS)),
                      "detect_tokens": args.detect_tokens,
                      "detect_max_new_tokens": sorted({x["max_new_tokens"] for x in detect}),
-                     "quick": args.quick, "order": "interleaved", "engine_load": "engine.load() (verify=True, stamped)"},
+                     "quick": args.quick, "order": "interleaved", "engine_load": "engine.load() (verify=True, stamped)",
+                     "vision": args.vision},
         "machine": machine,
         "versions": versions(),
         "model": {"name": args.preset or checkpoint.name, "source": source, "version": cfg.version,

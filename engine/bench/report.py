@@ -470,7 +470,8 @@ def markdown_report(results: dict, chart_name: str | None) -> str:
               *(f"- {w}" for w in workloads),
               f"- {st['repeats']} repeat(s), systems interleaved, each sample a fresh process that runs "
               f"the workloads in order ({', '.join(st['workloads'])}); image: {st['image']}",
-              f"- threads: {st['threads']} for every system",
+              f"- threads: {st['threads']} for every system" + (f"; onnxruntime systems loaded with vision={st['vision']!r}"
+                                                                if st.get("vision", "auto") != "auto" else ""),
               f"- load average {mach['loadavg_start']} at start, {mach['loadavg_end']} at end",
               "- versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items() if v), ""]
     if "caption" in st["workloads"]:

@@ -31,7 +31,8 @@ from ..config import PaliGemmaConfig
 from . import packed_weights, stamped_dir
 
 SUBDIR = "native-vision"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2                # of index.json (2: fc2 padded to K % 64 == 0)
+FC2_K_MULTIPLE = 64               # the AMX kernel's K step (csrc/vision_tower.h, mlp_stride)
 ENV_SWITCH = "PALIGEMMA_EDGE_NATIVE_VISION"
 VISION_MODES = ("auto", "graph", "native")
 GRAPH = "vision"
@@ -96,8 +97,8 @@ def write_entry(artifact_dir: Path, manifest: Manifest, cfg: PaliGemmaConfig, en
     def vec(writer: packed_weights.ArrayWriter, name: str) -> list:
         return writer.put(np.asarray(arrays[name], np.float32))
 
-    def linear(writer: packed_weights.ArrayWriter, prefix: str) -> dict:
-        return dict(writer.linear(arrays, prefix + ".weight", GRAPH), bias=vec(writer, prefix + ".bias"))
+    def linear(writer: packed_weights.ArrayWriter, prefix: str, k_multiple: int = 1) -> dict:
+        return dict(writer.linear(arrays, prefix + ".weight", GRAPH, k_multiple), bias=vec(writer, prefix + ".bias"))
 
     def pack(writer: packed_weights.ArrayWriter, item) -> tuple[str, dict]:
         if item == "embeddings":
@@ -106,7 +107,8 @@ def write_entry(artifact_dir: Path, manifest: Manifest, cfg: PaliGemmaConfig, en
             return item, {"post_w": vec(writer, POST[0]), "post_b": vec(writer, POST[1]),
                           "projector": linear(writer, PROJECTOR)}
         pre = f"vision.encoder.layers.{item}."
-        return f"layer_{item}", {**{k: linear(writer, pre + v) for k, v in LAYER_LINEARS.items()},
+        return f"layer_{item}", {**{k: linear(writer, pre + v, FC2_K_MULTIPLE if k == "fc2" else 1)
+                                    for k, v in LAYER_LINEARS.items()},
                                  **{k: vec(writer, pre + v) for k, v in LAYER_NORMS.items()}}
     items = ["embeddings", *range(cfg.vision.num_hidden_layers), "head"]
     packed_weights.write_entry(entry, LAYOUT_VERSION, "packing native vision weights", items, pack, progress)

@@ -62,12 +62,16 @@ class ArrayWriter:
         self.f.write(np.ascontiguousarray(array).tobytes())
         return [offset, str(array.dtype), list(array.shape)]
 
-    def linear(self, arrays: dict[str, np.ndarray], wname: str, where: str) -> dict:
+    def linear(self, arrays: dict[str, np.ndarray], wname: str, where: str, k_multiple: int = 1) -> dict:
         """The exporter's per-row int8 W^T [K, O] `wname` and its `.scales`, packed for the kernels:
-        {"K", "codes", "colsum", "colscale", "max_code"}."""
+        {"K", "codes", "colsum", "colscale", "max_code"}. k_multiple: K padded with zero rows up to
+        a multiple of it (its inputs must then carry as many zero columns)."""
         wt, scales = arrays[wname], arrays[wname + ".scales"]
         if wt.dtype != np.int8 or wt.ndim != 2:
             raise ValueError(f"{where}: {wname} is {wt.dtype} {wt.shape}, not per-row int8 W^T [K, O]")
+        pad = -wt.shape[0] % k_multiple
+        if pad:
+            wt = np.concatenate([wt, np.zeros((pad, wt.shape[1]), np.int8)])
         codes, colsum, max_code = _native.pack_linear_int8(np.ascontiguousarray(wt))
         colscale = INT8_STEP * np.asarray(scales, np.float32)   # as MatMulIntegerToFloat's a_scale * b_scale
         return {"K": int(wt.shape[0]), "codes": self.put(codes), "colsum": self.put(colsum),
