@@ -126,11 +126,12 @@ void run_vision_tower(const VisionTower& t, const float* pixels, int N, float* o
   const int P = t.tokens(), D = t.D, K0 = t.channels * t.patch_size * t.patch_size;
   const int M = N * P;
   const int64_t MD = int64_t(M) * D;
-  // One allocation per call, none per layer: x, h, q, k, v, attention output [M, D]; MLP [M, F].
+  // One allocation per call, none per layer: x, h, q, k, v, attention output [M, D]; MLP
+  // activations [M, mlp_stride].
   std::vector<float> patches(size_t(M) * K0), x(MD), h(MD), q(MD), k(MD), v(MD), a(MD);
   std::vector<float> f(size_t(M) * t.mlp_stride);   // zero-initialized: the padding columns stay 0
   extract_patches(pixels, N, t.channels, t.image_size, t.patch_size, patches.data());
-  biased_linear(patches.data(), M, t.patch, x.data(), D);                              // [M, D]
+  biased_linear(patches.data(), M, t.patch, x.data(), D);                         // [M, D]
   parallel_chunks(M, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* pos = t.position + (r % P) * D;
@@ -172,7 +173,7 @@ void run_vision_tower(const VisionTower& t, const float* pixels, int N, float* o
     add_into(x.data(), h.data(), MD);
   }
   layer_norm_rows(x.data(), M, D, t.post_w, t.post_b, t.eps, h.data());
-  biased_linear(h.data(), M, t.projector, out, t.out_dim);                                     // [M, out_dim]
+  biased_linear(h.data(), M, t.projector, out, t.out_dim);                        // [M, out_dim]
 }
 
 }  // namespace engine

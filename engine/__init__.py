@@ -84,7 +84,8 @@ def load(path=None, backend: str = DEFAULT_BACKEND, threads: int | None = None, 
       weights are kept in the engine's cache, engine/runtime/native_decoder.py), "graphs", or
       "native" (the core on any CPU: AVX-512 VNNI, AVX2 and NEON-sdot kernels, else scalar).
     vision: the same for the vision graph (SigLIP + projector; engine/runtime/native_vision.py):
-      "auto" (the graph until the core is measured faster on this CPU class), "graph" or "native".
+      "auto" (the core where it was measured no slower: AVX-512 VNNI without AMX), "graph" or
+      "native".
     """
     from pathlib import Path
 

@@ -94,8 +94,8 @@ class PaliGemma:
     engine/runtime/native_decoder.py),
     "graphs" always runs the backend's graphs, "native" requires the core (any CPU: AVX-512
     VNNI, AVX2 and NEON-sdot kernels, else the scalar twin). vision: the same choice for the vision
-    graph (engine/runtime/native_vision.py): "auto" (the graph until the core is measured faster
-    on this CPU class), "graph" or "native"."""
+    graph (engine/runtime/native_vision.py): "auto" (the core where it was measured no slower:
+    AVX-512 VNNI without AMX), "graph" or "native"."""
 
     def __init__(self, artifact_dir: str | Path, backend: str = DEFAULT_BACKEND, threads: int | None = None,
                  *, verify: bool = True, kv_dtype: str = "auto",

@@ -318,6 +318,13 @@ def test_parse_systems():
     for bad in ("tensorflow", "openvino:int3", "pytorch:int8", ""):
         with pytest.raises(ValueError):
             parse_systems(bad, None, True)
+    # variants: the same artifact loaded with another vision setting, measured beside the plain system
+    systems, _ = parse_systems("onnxruntime:int8,onnxruntime:int8:native-vision,ort-int8", None, True)
+    assert [(s["id"], s.get("vision")) for s in systems] == [("onnxruntime-int8", None),
+                                                             ("onnxruntime-int8-native-vision", "native")]
+    for bad in ("openvino:int8:native-vision", "onnxruntime:int8:fast"):
+        with pytest.raises(ValueError, match="onnxruntime systems take native-vision or graph-vision"):
+            parse_systems(bad, None, True)
 
 
 def test_parse_workloads():

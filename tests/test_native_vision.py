@@ -204,6 +204,27 @@ def test_tower_matches_the_onnxruntime_graph(graph_model, level, simd_level):
         assert np.abs(g - w).max() <= 3e-2 * np.abs(w).max(), level
 
 
+def test_int8_features_against_the_fp32_reference(graph_model):
+    """The fidelity bar of the int8 format (cosine >= 0.999 against fp32): the native tower's image
+    features of the default model against the numpy fp32 SigLIP on the checkpoint's own weights,
+    next to onnxruntime's graph on the same artifact."""
+    from engine.reference import ReferenceModel
+    ref = ReferenceModel.from_pretrained(engine.default_model_path())
+    nv = native_vision.open_native_vision(graph_model.artifact_dir, graph_model.manifest, graph_model.config)
+    rng = np.random.default_rng(6)
+    v = graph_model.config.vision
+    pixels = np.stack([graph_model.processor.preprocess(example_image_path()),
+                       rng.uniform(-1, 1, (3, v.image_size, v.image_size)).astype(np.float32)])
+    want = ref.encode_image(pixels).astype(np.float64)
+    native = nv.run(pixels, _native.ThreadPool(2))
+    graph = graph_model.runner.run("vision", {"pixel_values": pixels})["image_features"]
+    for i in range(len(pixels)):
+        w = want[i].ravel()
+        cos = {name: float(f[i].ravel() @ w / np.linalg.norm(f[i]) / np.linalg.norm(w))
+               for name, f in (("native", native), ("graph", graph))}
+        assert min(cos.values()) >= 0.999, (i, cos)
+
+
 def test_generation_matches_the_graph(graph_model, module_cache):
     native = engine.load(backend="onnxruntime", weights="int8", progress=False, vision="native")
     try:
@@ -230,13 +251,30 @@ def test_a_damaged_cache_entry_is_packed_again(graph_model, caplog):
     assert native_vision.stamped_dir.check(nv.entry, packed_weights.FILES) is None
 
 
-def test_auto_keeps_the_graph_and_bad_choices_error(graph_model, module_cache):
-    assert graph_model.vision_kind == "graph"
-    m = engine.load(backend="onnxruntime", weights="int8", progress=False)
-    try:
-        assert m.vision_kind == "graph"           # auto: not measured faster on any CPU class yet
-    finally:
-        m.close()
+def test_auto_takes_the_native_tower_only_where_it_was_measured(module_cache, simd_level):
+    for level in LEVELS:
+        simd_level(level)
+        m = engine.load(backend="onnxruntime", weights="int8", progress=False)
+        try:
+            native = FEATURES["avx512_vnni"] and level == "avx512" and not FEATURES["amx"]
+            assert m.vision_kind == ("native" if native else "graph"), level
+        finally:
+            m.close()
+
+
+def test_auto_declines_by_cpu(monkeypatch):
+    features = dict(_native.cpu_features(), amx=False, avx512_vnni=True, simd="avx512")
+    monkeypatch.setattr(native_vision._native, "cpu_features", lambda: features)
+    assert native_vision.auto_declines() is None
+    monkeypatch.setattr(native_vision._native, "cpu_features", lambda: dict(features, amx=True, simd="amx"))
+    assert "AMX" in native_vision.auto_declines()
+    monkeypatch.setattr(native_vision._native, "cpu_features", lambda: dict(features, simd="avx2"))
+    assert "avx2" in native_vision.auto_declines()
+    monkeypatch.setenv(native_vision.ENV_SWITCH, "0")
+    assert not native_vision.enabled_by_env()
+
+
+def test_bad_vision_choice_errors(module_cache):
     with pytest.raises(ValueError, match="vision must be one of auto, graph, native"):
         engine.load(backend="onnxruntime", weights="int8", progress=False, vision="fast")
     with pytest.raises(ArtifactError, match="vision='native' cannot run: the openvino backend"):

@@ -9,7 +9,7 @@ from engine.__main__ import example_image
 
 
 def test_the_vision_graph_gives_its_arena_memory_back_with_the_same_outputs(module_cache):
-    m = engine.load(backend="onnxruntime", weights="int8", threads=2, progress=False)
+    m = engine.load(backend="onnxruntime", weights="int8", threads=2, progress=False, vision="graph")
     try:
         runner = m.runner
         options = runner._run_options

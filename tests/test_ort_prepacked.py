@@ -26,7 +26,8 @@ def cache(tmp_path, monkeypatch):
 
 
 def load(**kw):
-    return engine.load(backend="onnxruntime", threads=2, progress=False, **kw)
+    # vision="graph": these tests follow the vision graph's entry too (auto may compute it natively)
+    return engine.load(backend="onnxruntime", threads=2, progress=False, **{"vision": "graph", **kw})
 
 
 def entry_mtimes(cache):

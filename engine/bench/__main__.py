@@ -87,6 +87,10 @@ def have_transformers() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
 
 
+# system variants: engine.load settings of an onnxruntime system, side by side with the plain one
+VARIANTS = {"native-vision": {"vision": "native"}, "graph-vision": {"vision": "graph"}}
+
+
 def parse_systems(systems: str, weights: str | None, transformers_ok: bool) -> tuple[list[dict], list[str]]:
     """The systems to measure, in order, and notes (skipped systems)."""
     from export.quantize import WEIGHT_FORMATS
@@ -96,8 +100,12 @@ def parse_systems(systems: str, weights: str | None, transformers_ok: bool) -> t
     for item in (x.strip() for x in systems.split(",")):
         if not item:
             continue
-        name, _, fmt = item.replace("-", ":", 1).partition(":")
+        name, _, fmt = (item if ":" in item else item.replace("-", ":", 1)).partition(":")
+        fmt, _, variant = fmt.partition(":")
         backend = ALIASES.get(name, name)
+        if variant and (variant not in VARIANTS or backend != "onnxruntime"):
+            raise ValueError(f"unknown system variant {item!r}; onnxruntime systems take "
+                             f"{' or '.join(VARIANTS)} (onnxruntime:int8:native-vision)")
         if backend not in (*ENGINE_BACKENDS, "pytorch"):
             raise ValueError(f"unknown system {item!r}; use openvino, onnxruntime or pytorch, optionally "
                              "with a weight format (openvino:int4, pytorch:bf16)")
@@ -116,10 +124,10 @@ def parse_systems(systems: str, weights: str | None, transformers_ok: bool) -> t
                          "(pip install torch==2.13.0 transformers).")
             continue
         for f in formats:
-            sid = f"{backend}-{f}"
+            sid = f"{backend}-{f}" + (f"-{variant}" if variant else "")
             if all(s["id"] != sid for s in out):
                 out.append({"id": sid, "kind": "transformers" if backend == "pytorch" else "engine",
-                            "backend": backend, "weights": f, "samples": []})
+                            "backend": backend, "weights": f, "samples": [], **VARIANTS.get(variant, {})})
     if not out:
         raise ValueError("no system to measure")
     return out, sorted(set(notes))
@@ -303,7 +311,7 @@ def run_samples(systems: list[dict], checkpoint: Path, args) -> None:
             spec = {"kind": s["kind"], "backend": s["backend"], "weights": s["weights"],
                     "checkpoint": str(checkpoint), "artifact": s.get("artifact"), "threads": args.threads,
                     "new_tokens": args.new_tokens, "workloads": args.workloads, "detect_tokens": args.detect_tokens,
-                    "vision": args.vision}
+                    "vision": s.get("vision", args.vision)}
             warmed = warm_page_cache(load_files[s["id"]]) if load_files.get(s["id"]) else None
             load = loadavg()
             res = run_worker(spec, args.threads, args.timeout)
@@ -336,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", help=f"synthetic preset (default {FULL['preset']}; see python -m engine.synth --list)")
     src.add_argument("--checkpoint", help="an HF PaliGemma checkpoint directory instead of a synthetic one")
-    p.add_argument("--systems", help=f"comma separated (default {FULL['systems']}), e.g. openvino:int4,pytorch:bf16")
+    p.add_argument("--systems", help=f"comma separated (default {FULL['systems']}), e.g. openvino:int4,pytorch:bf16; "
+                   "onnxruntime:int8:native-vision (or :graph-vision) loads with that vision setting, beside the plain one")
     p.add_argument("--weights", help="weight formats of bare engine backends, comma separated "
                                      "(default openvino int8,int4,bf16; onnxruntime int8); fp8 on request")
     p.add_argument("--workload", default="caption",
