@@ -140,9 +140,10 @@ class PaliGemma:
         self.runner = open_runner(backend, self.artifact_dir, self.manifest, threads, skip=skip,
                                   prepacked_cache=prepacked_cache, warm_up=warm_up)
         manifest_bytes = (self.artifact_dir / "manifest.json").read_bytes()
-        # Who computed a cached image feature: the artifact's content, the backend and its settings.
-        self.identity = hashlib.sha256(manifest_bytes + f"|{backend}|{getattr(self.runner, 'config', '')}".encode()
-                                       ).hexdigest()
+        # Who computed a cached image feature: the artifact's content, the backend and its settings,
+        # and whether the graph or the core's vision tower ran (their features differ in the last bits).
+        self.identity = hashlib.sha256(manifest_bytes + f"|{backend}|{getattr(self.runner, 'config', '')}"
+                                       f"|vision={self.vision_kind}".encode()).hexdigest()
         self._embed_table, self._embed_scales = load_embedding(self.artifact_dir, emb, self.config)  # [V, D], [V]
         self._embed_scale = np.float32(emb.scale)
         tokenizer = Tokenizer(self.artifact_dir / self.manifest.tokenizer, self.config.image_token_index)

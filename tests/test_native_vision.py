@@ -230,6 +230,7 @@ def test_generation_matches_the_graph(graph_model, module_cache):
     try:
         assert native.vision_kind == "native" and graph_model.vision_kind == "graph"
         assert "vision" not in native.runner.graph_names
+        assert native.identity != graph_model.identity      # image-feature cache keys: never shared
         image = example_image_path()
         for prompt in ("caption en", "detect circle"):
             assert graph_model.generate(image, prompt, max_new_tokens=12).tokens == \

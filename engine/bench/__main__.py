@@ -242,6 +242,7 @@ def prepare_artifacts(systems: list[dict], checkpoint: Path, args) -> None:
     for s in systems:
         if s["kind"] != "engine":
             s["artifact"], s["disk_bytes"] = str(checkpoint), dir_bytes(checkpoint)
+            s["load_files"] = sorted(str(f) for f in checkpoint.rglob("*") if f.is_file())
             continue
         key = (s["backend"], s["weights"])
         if key not in done:
@@ -257,6 +258,7 @@ def prepare_artifacts(systems: list[dict], checkpoint: Path, args) -> None:
             done[key] = res
         res = done[key]
         s["artifact"] = res["artifact"]
+        s["load_files"] = res.get("load_files")
         s["first_load_s"] = res.get("first_load_s")
         # what the system occupies on disk: the artifact, plus onnxruntime's prepacked weights
         s["disk_bytes"] = dir_bytes(Path(s["artifact"])) + (res.get("prepacked_bytes") or 0)
@@ -304,7 +306,10 @@ def warm_page_cache(paths: list[str]) -> tuple[int, float]:
 
 def run_samples(systems: list[dict], checkpoint: Path, args) -> None:
     total, k = args.repeats * len(systems), 0
-    load_files: dict[str, list[str] | None] = {}     # system id -> what its last sample's load read
+    # system id -> what its last sample's load read (before its first sample: what the export
+    # worker's load read, or the checkpoint directory), read once before each sample: a VM that
+    # pages out idle file pages (DAMON) would otherwise give the first repeat a cold page cache
+    load_files: dict[str, list[str] | None] = {s["id"]: s.pop("load_files", None) for s in systems}
     for r in range(args.repeats):
         for s in systems:      # interleaved: A B C A B C ...; one process runs every workload
             k += 1

@@ -518,10 +518,12 @@ def markdown_report(results: dict, chart_name: str | None) -> str:
               "- every sample is a fresh process: import the runtime, load (`load`), then each workload: "
               "caption: a 2-token warm-up generate (`1st call`, with its own TTFT), then one measured generate "
               "of exactly the new tokens; detect3: one warm-up detect call, then the measured one",
-              "- page cache: before each sample of a system after its first, the bench reads once the files its "
-              "previous sample had mapped or open after loading (ours: graphs, runtime caches, packed weights; "
-              "transformers: its checkpoint directory), so every load starts from a warm page cache, as the "
-              "load goal states (otherwise a load right after transformers fp32, 18 GB resident, reads from disk)",
+              "- page cache: before each sample of a system, the bench reads once the files its previous sample "
+              "had mapped or open after loading (ours: graphs, runtime caches, packed weights; transformers: its "
+              "checkpoint directory; before the first sample: what the export step's load had open, or the "
+              "checkpoint), so every load starts from a warm page cache, as the load goal states (otherwise a "
+              "load right after transformers fp32, 18 GB resident, reads from disk, and a host that pages out "
+              "idle file pages gives the first repeat a cold one)",
               "- this engine: `engine.load(artifact, backend, threads)`, as users load (checksums verified against the "
               "stamp the export worker's first load wrote: files unchanged since are not hashed again), "
               "`generate(..., ignore_eos=True)` and `model.detect(image, labels)`; its timings come from "

@@ -176,6 +176,7 @@ def run_export(spec: dict) -> dict:
     model = engine.load(path, spec["backend"], spec.get("threads"), progress=False)   # verifies, stamps
     out["first_load_s"] = time.perf_counter() - t0
     out["prepacked_bytes"] = sum(stamped_dir.disk_size(p) for p in model.runner.cache_entries() if p.is_dir())
+    out["load_files"] = files_in_use()      # what a sample's load reads: warmed before the first sample
     model.close()
     return out
 
