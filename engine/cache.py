@@ -13,8 +13,9 @@ key hashes the checkpoint's path and files (name, size, mtime) and the export op
   and the load goes on. An artifact directory given by the user is never touched: its error stands.
 - `python -m engine cache list|verify|clear` shows, checks and removes cached artifacts
   (`cache_command`), and lists and removes the runtimes' per-machine caches: onnxruntime's
-  prepacked weights (engine/runtime/ort_prepacked.py) and OpenVINO's compiled graphs
-  (engine/runtime/ov_compiled.py), which `clear` with no names removes too.
+  prepacked weights (engine/runtime/ort_prepacked.py), OpenVINO's compiled graphs
+  (engine/runtime/ov_compiled.py) and the native decoder's and vision tower's packed weights
+  (engine/runtime/native_decoder.py, native_vision.py), which `clear` with no names removes too.
 """
 from __future__ import annotations
 
@@ -329,10 +330,12 @@ def add_cache_parser(sub) -> None:
 
 def cache_command(args: argparse.Namespace) -> int:
     """Run `cache list|verify|clear`; 0 on success, 1 when `verify` found a bad artifact."""
-    from .runtime import ort_prepacked, ov_compiled, stamped_dir
+    from .runtime import native_decoder, native_vision, ort_prepacked, ov_compiled, stamped_dir
     root = artifacts_dir()
     runtime_caches = (("ort_prepacked", "onnxruntime prepacked weights", ort_prepacked),
-                      ("ov_compiled", "OpenVINO compiled blobs", ov_compiled))
+                      ("ov_compiled", "OpenVINO compiled blobs", ov_compiled),
+                      ("native_decoder", "native decoder packed weights", native_decoder),
+                      ("native_vision", "native vision packed weights", native_vision))
     if args.cache_command == "list":
         items = cached_artifacts()
         found = {key: module.entries() for key, _, module in runtime_caches}

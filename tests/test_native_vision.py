@@ -252,6 +252,22 @@ def test_a_damaged_cache_entry_is_packed_again(graph_model, caplog):
     assert native_vision.stamped_dir.check(nv.entry, packed_weights.FILES) is None
 
 
+def test_cache_command_lists_and_clears_the_packed_weights(graph_model, capsys):
+    import json
+    from engine.__main__ import main
+    native_vision.open_native_vision(graph_model.artifact_dir, graph_model.manifest, graph_model.config)
+    n = len(native_vision.entries())
+    assert n >= 1
+    assert main(["cache", "list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["native_vision"]["graphs"] == n
+    assert main(["cache", "clear", "--older-than", "1h"]) == 0        # just used: kept
+    assert len(native_vision.entries()) == n
+    (native_vision.entries()[0] / native_vision.stamped_dir.STAMP).unlink()
+    capsys.readouterr()
+    assert main(["cache", "clear", "--corrupt"]) == 0
+    assert len(native_vision.entries()) == n - 1 and "native vision packed weights of 1 graphs" in capsys.readouterr().out
+
+
 def test_auto_takes_the_native_tower_only_where_it_was_measured(module_cache, simd_level):
     for level in LEVELS:
         simd_level(level)

@@ -64,6 +64,16 @@ def cache_root() -> Path:
     return default_cache_dir() / SUBDIR
 
 
+def entries(root: Path | None = None) -> list[Path]:
+    """The packed-weight entries on this machine (`python -m engine cache list`)."""
+    return stamped_dir.entries(root or cache_root())
+
+
+def clear(older_than: float | None = None, corrupt: bool = False) -> tuple[int, int]:
+    """`python -m engine cache clear`: (entries removed, bytes freed); see stamped_dir.clear."""
+    return stamped_dir.clear(cache_root(), older_than, corrupt, packed_weights.FILES)
+
+
 def enabled_by_env() -> bool:
     return stamped_dir.env_enabled(ENV_SWITCH)
 
