@@ -125,6 +125,8 @@ class PaliGemma:
                                 f"this version); {REEXPORT}, or use lm_head='auto'")
         self._native_decoder = self._open_native_decoder(decoder, backend)
         self._native_vision = self._open_native_vision(vision, backend)
+        self._decoder_kind = "native" if self._native_decoder is not None else "graphs"
+        self._vision_kind = "native" if self._native_vision is not None else "graph"
         # This model's threads for attention and the native decoder. With the native decoder they
         # run the whole step (~110 calls per token), so idle threads spin (ThreadPool's default,
         # 200 us) before sleeping (a wake-up costs 5-10 us on a VM; Zen 4: decoder part 74 -> 66 ms
@@ -198,13 +200,13 @@ class PaliGemma:
 
     @property
     def vision_kind(self) -> str:
-        """"native" when the C++ core computes the vision graph, else "graph"."""
-        return "native" if self._native_vision is not None else "graph"
+        """"native" when the C++ core computes the vision graph, else "graph" (fixed at load)."""
+        return self._vision_kind
 
     @property
     def decoder_kind(self) -> str:
-        """"native" when the C++ core computes the decoder graphs, else "graphs"."""
-        return "native" if self._native_decoder is not None else "graphs"
+        """"native" when the C++ core computes the decoder graphs, else "graphs" (fixed at load)."""
+        return self._decoder_kind
 
     # ------------------------------------------------------------------ building blocks
     @property
@@ -414,6 +416,8 @@ class PaliGemma:
         if close:
             close()
         self._pool = None                 # the attention threads stop with it
+        # the native decoder's and vision tower's weight maps (2.3 GB for 3B) go with their last user
+        self._native_decoder = self._native_vision = None
 
     # ------------------------------------------------------------------ tasks (engine/tasks.py)
     def caption(self, image, lang: str = "en", **gen) -> GenerationResult:

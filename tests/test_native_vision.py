@@ -237,6 +237,7 @@ def test_generation_matches_the_graph(graph_model, module_cache):
                 native.generate(image, prompt, max_new_tokens=12).tokens, prompt
     finally:
         native.close()
+    assert native._native_vision is None and native.vision_kind == "native"   # the map is released
 
 
 def test_a_damaged_cache_entry_is_packed_again(graph_model, caplog):
