@@ -53,16 +53,20 @@ void row_shifted_sums(const float* x, int D, float shift, float* sum, float* squ
   *squares = ss;
 }
 
-// y = x W^T + b for rows [M, w.O], row stride ldy (a linear_int8 call, then the bias row by row)
-void biased_linear(const float* x, int M, const BiasedLinear& l, float* y, int64_t ldy) {
-  linear_int8(x, M, l.w, y, ldy);
-  const int O = l.w.O;
+// y[r, :O] += bias for rows [0, M) of row stride ldy
+void add_bias(float* y, int M, int O, int64_t ldy, const float* bias) {
   parallel_chunks(M, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       float* yr = y + r * ldy;
-      for (int o = 0; o < O; ++o) yr[o] += l.bias[o];
+      for (int o = 0; o < O; ++o) yr[o] += bias[o];
     }
   });
+}
+
+// y = x W^T + b for rows [M, w.O], row stride ldy (a linear_int8 call, then the bias)
+void biased_linear(const float* x, int M, const BiasedLinear& l, float* y, int64_t ldy) {
+  linear_int8(x, M, l.w, y, ldy);
+  add_bias(y, M, l.w.O, ldy, l.bias);
 }
 
 void add_into(float* x, const float* a, int64_t n) {
@@ -155,12 +159,9 @@ void run_vision_tower(const VisionTower& t, const float* pixels, int N, float* o
     float* ys[3] = {q.data(), k.data(), v.data()};
     const int64_t ld[3] = {D, D, D};
     linear_int8_many(h.data(), M, 3, ws, ys, ld);
-    const float* bs[3] = {l.q.bias, l.k.bias, l.v.bias};
-    parallel_chunks(M, 16, [&](int64_t r0, int64_t r1) {
-      for (int i = 0; i < 3; ++i)
-        for (int64_t r = r0; r < r1; ++r)
-          for (int d = 0; d < D; ++d) ys[i][r * D + d] += bs[i][d];
-    });
+    add_bias(q.data(), M, D, D, l.q.bias);
+    add_bias(k.data(), M, D, D, l.k.bias);
+    add_bias(v.data(), M, D, D, l.v.bias);
     cache.reset();
     for (int s = 0; s < N; ++s) cache.set_prefix_length(s, P);
     attention(cache, 0, q.data(), k.data(), v.data(), t.heads, slots, P, positions.data(), params, a.data());

@@ -37,10 +37,8 @@ from .embedding import load_embedding, load_final_norm
 from .processor import Processor
 from .reference import rms_norm
 from .runtime import DEFAULT_BACKEND, open_runner
-from .runtime.native_decoder import (DECODER_MODES, NativeDecoder, auto_declines, open_native_decoder,
-                                     unsupported_reason)
-from .runtime.native_decoder import enabled_by_env as native_decoder_enabled_by_env
-from .runtime import native_vision
+from .runtime import native_decoder, native_vision
+from .runtime.native_decoder import DECODER_MODES, NativeDecoder
 from .serving.image_cache import FeatureCache, image_key
 from .serving.request import (GenerationSettings, ImageInput, PreparedPrompt, Request, RequestHandle, RequestStats,
                               StepTimes, follow_stream, now)
@@ -123,8 +121,10 @@ class PaliGemma:
             raise ArtifactError(f"{self.artifact_dir}: lm_head='native' needs an int8 embedding table with "
                                 f"final_norm.npy (int8 / int4 / fp8 exports of tied-embedding checkpoints by "
                                 f"this version); {REEXPORT}, or use lm_head='auto'")
-        self._native_decoder = self._open_native_decoder(decoder, backend)
-        self._native_vision = self._open_native_vision(vision, backend)
+        self._native_decoder: NativeDecoder | None = self._open_native(
+            "decoder", decoder, backend, native_decoder, native_decoder.open_native_decoder, "native decoder")
+        self._native_vision: native_vision.NativeVision | None = self._open_native(
+            "vision", vision, backend, native_vision, native_vision.open_native_vision, "native vision tower")
         self._decoder_kind = "native" if self._native_decoder is not None else "graphs"
         self._vision_kind = "native" if self._native_vision is not None else "graph"
         # This model's threads for attention and the native decoder. With the native decoder they
@@ -162,40 +162,24 @@ class PaliGemma:
         weakref.finalize(self, self._scheduler.close)   # a model dropped without close()
         self.load_seconds = time.perf_counter() - t0
 
-    def _open_native_decoder(self, mode: str, backend: str) -> NativeDecoder | None:
-        """The native decoder (engine/runtime/native_decoder.py) for decoder="auto" / "native", or None."""
-        if mode == "graphs" or (mode == "auto" and not native_decoder_enabled_by_env()):
+    def _open_native(self, option: str, mode: str, backend: str, module, open_fn, what: str):
+        """The core's stand-in for the `option` graphs ("decoder": engine/runtime/native_decoder.py,
+        "vision": native_vision.py) for mode "auto" / "native", or None (the backend's graphs run).
+        `what` names the stand-in in a warning and an error."""
+        if mode not in ("auto", "native") or (mode == "auto" and not module.enabled_by_env()):
             return None
-        reason = unsupported_reason(backend, self.manifest)
+        reason = module.unsupported_reason(backend, self.manifest)
         if reason is None and mode == "auto":
-            reason = auto_declines()
+            reason = module.auto_declines()
         if reason is None:
             try:
-                return open_native_decoder(self.artifact_dir, self.manifest, self.config)
+                return open_fn(self.artifact_dir, self.manifest, self.config)
             except (OSError, ValueError) as e:
                 reason = f"its packed weights could not be written or read ({e})"
                 if mode == "auto":      # an expected case is silent; a failing cache is not
-                    log.warning("engine: running the decoder graphs: the native decoder's %s", reason)
+                    log.warning("engine: the %s's %s; the backend's %s graphs run instead", what, reason, option)
         if mode == "native":
-            raise ArtifactError(f"{self.artifact_dir}: decoder='native' cannot run: {reason}; use decoder='auto'")
-        return None
-
-    def _open_native_vision(self, mode: str, backend: str) -> native_vision.NativeVision | None:
-        """The native vision tower (engine/runtime/native_vision.py) for vision="auto" / "native", or None."""
-        if mode == "graph" or (mode == "auto" and not native_vision.enabled_by_env()):
-            return None
-        reason = native_vision.unsupported_reason(backend, self.manifest)
-        if reason is None and mode == "auto":
-            reason = native_vision.auto_declines()
-        if reason is None:
-            try:
-                return native_vision.open_native_vision(self.artifact_dir, self.manifest, self.config)
-            except (OSError, ValueError) as e:
-                reason = f"its packed weights could not be written or read ({e})"
-                if mode == "auto":
-                    log.warning("engine: running the vision graph: the native vision tower's %s", reason)
-        if mode == "native":
-            raise ArtifactError(f"{self.artifact_dir}: vision='native' cannot run: {reason}; use vision='auto'")
+            raise ArtifactError(f"{self.artifact_dir}: {option}='native' cannot run: {reason}; use {option}='auto'")
         return None
 
     @property

@@ -80,12 +80,7 @@ def enabled_by_env() -> bool:
 
 def unsupported_reason(backend: str, manifest: Manifest) -> str | None:
     """Why the native decoder cannot run this artifact (None: it can)."""
-    from .ort_backend import per_row_int8_only
-    if backend != "onnxruntime":
-        return f"the {backend} backend runs its own graphs"
-    if not per_row_int8_only(manifest):
-        return "the artifact's decoder matrices are not all per-row int8 (export --weights int8)"
-    return None
+    return packed_weights.unsupported_reason(backend, manifest, "decoder matrices")
 
 
 def auto_declines() -> str | None:
@@ -118,15 +113,12 @@ def boundary_names(cfg: PaliGemmaConfig, i: int) -> tuple[dict[str, str], dict[s
     return linears, norms
 
 
+def graph_names(manifest: Manifest) -> list[str]:
+    return [g for g in manifest.graphs.get("onnx", {}) if g.startswith("decoder_")]
+
+
 def entry_dir(root: Path, manifest: Manifest) -> Path:
-    import hashlib
-    graphs = manifest.graphs.get("onnx", {})
-    parts = [f"layout{LAYOUT_VERSION}", f"stamp{stamped_dir.VERSION}"]
-    for name in sorted(g for g in graphs if g.startswith("decoder_")):
-        rel = graphs[name]
-        data = str(Path(rel).with_suffix(".data"))
-        parts += [f"{r}={manifest.files[r].sha256}" for r in (rel, data) if r in manifest.files]
-    return root / f"decoder-{hashlib.sha256(chr(10).join(parts).encode()).hexdigest()[:24]}"
+    return packed_weights.entry_dir(root, "decoder", LAYOUT_VERSION, manifest, graph_names(manifest))
 
 
 def write_entry(artifact_dir: Path, manifest: Manifest, cfg: PaliGemmaConfig, entry: Path,
@@ -163,9 +155,7 @@ def open_native_decoder(artifact_dir: Path, manifest: Manifest, cfg: PaliGemmaCo
     """Map (writing it first when absent or bad) the artifact's packed decoder weights. Raises
     OSError / ValueError when the cache cannot be written or read."""
     entry = entry_dir(cache_root(), manifest)
-    graphs = manifest.graphs["onnx"]
-    size = sum(manifest.files[r].size for g, rel in graphs.items() if g.startswith("decoder_")
-               for r in (rel, str(Path(rel).with_suffix(".data"))) if r in manifest.files)
+    size = packed_weights.source_bytes(manifest, graph_names(manifest))
     index, data = packed_weights.open_entry(entry, LAYOUT_VERSION, size,
                                             lambda e: write_entry(artifact_dir, manifest, cfg, e))
 

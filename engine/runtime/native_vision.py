@@ -19,7 +19,6 @@ graph is then not created.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,14 +67,10 @@ def enabled_by_env() -> bool:
 
 def unsupported_reason(backend: str, manifest: Manifest) -> str | None:
     """Why the native vision tower cannot run this artifact (None: it can)."""
-    from .ort_backend import per_row_int8_only
-    if backend != "onnxruntime":
-        return f"the {backend} backend runs its own graphs"
-    if not per_row_int8_only(manifest):
-        return "the artifact's matrices are not all per-row int8 (export --weights int8)"
-    if GRAPH not in manifest.graphs.get("onnx", {}):
+    reason = packed_weights.unsupported_reason(backend, manifest, "matrices")
+    if reason is None and GRAPH not in manifest.graphs.get("onnx", {}):
         return "the artifact has no vision graph"
-    return None
+    return reason
 
 
 def auto_declines() -> str | None:
@@ -99,11 +94,7 @@ def auto_declines() -> str | None:
 
 
 def entry_dir(root: Path, manifest: Manifest) -> Path:
-    rel = manifest.graphs["onnx"][GRAPH]
-    parts = [f"layout{LAYOUT_VERSION}", f"stamp{stamped_dir.VERSION}"]
-    parts += [f"{r}={manifest.files[r].sha256}" for r in (rel, str(Path(rel).with_suffix(".data")))
-              if r in manifest.files]
-    return root / f"vision-{hashlib.sha256(chr(10).join(parts).encode()).hexdigest()[:24]}"
+    return packed_weights.entry_dir(root, "vision", LAYOUT_VERSION, manifest, [GRAPH])
 
 
 def write_entry(artifact_dir: Path, manifest: Manifest, cfg: PaliGemmaConfig, entry: Path,
@@ -148,8 +139,7 @@ def open_native_vision(artifact_dir: Path, manifest: Manifest, cfg: PaliGemmaCon
     """Map (writing it first when absent or bad) the artifact's packed vision weights. Raises
     OSError / ValueError when the cache cannot be written or read."""
     entry = entry_dir(cache_root(), manifest)
-    rel = manifest.graphs["onnx"][GRAPH]
-    size = sum(manifest.files[r].size for r in (rel, str(Path(rel).with_suffix(".data"))) if r in manifest.files)
+    size = packed_weights.source_bytes(manifest, [GRAPH])
     index, data = packed_weights.open_entry(entry, LAYOUT_VERSION, size,
                                             lambda e: write_entry(artifact_dir, manifest, cfg, e))
     graphs = index["graphs"]

@@ -9,6 +9,7 @@ the process, and no second copy in a runtime session.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import mmap
@@ -20,6 +21,7 @@ from typing import BinaryIO, Callable
 import numpy as np
 
 from .. import _native
+from ..artifact import Manifest
 from . import stamped_dir
 
 log = logging.getLogger("engine")
@@ -28,6 +30,35 @@ WEIGHTS, INDEX = "weights.bin", "index.json"
 FILES = {WEIGHTS, INDEX}
 ALIGN = 64
 INT8_STEP = np.float32(1.0 / 127.0)   # the graphs' activation scale (export/onnx_graphs.ACT_SCALE)
+
+
+def unsupported_reason(backend: str, manifest: Manifest, what: str) -> str | None:
+    """Why the core cannot take over an artifact's graphs (None: it can): it reads the per-row int8
+    matrices of the onnxruntime graphs (`what`: which ones, for the message)."""
+    from .ort_backend import per_row_int8_only
+    if backend != "onnxruntime":
+        return f"the {backend} backend runs its own graphs"
+    if not per_row_int8_only(manifest):
+        return f"the artifact's {what} are not all per-row int8 (export --weights int8)"
+    return None
+
+
+def entry_dir(root: Path, prefix: str, layout: int, manifest: Manifest, graphs: list[str]) -> Path:
+    """The entry of an artifact's packed `graphs`: keyed by the layout and the graphs' files by
+    content (a moved artifact keeps its entry)."""
+    from .ort_prepacked import graph_files
+    onnx = manifest.graphs["onnx"]
+    parts = [f"layout{layout}", f"stamp{stamped_dir.VERSION}"]
+    for name in sorted(graphs):
+        parts += [f"{rel}={manifest.files[rel].sha256}" for rel in graph_files(manifest, onnx[name])]
+    return root / f"{prefix}-{hashlib.sha256(chr(10).join(parts).encode()).hexdigest()[:24]}"
+
+
+def source_bytes(manifest: Manifest, graphs: list[str]) -> int:
+    """Bytes of the graphs' files: about what their packed entry holds (checked against free space)."""
+    from .ort_prepacked import graph_files
+    onnx = manifest.graphs["onnx"]
+    return sum(manifest.files[rel].size for name in graphs for rel in graph_files(manifest, onnx[name]))
 
 
 def graph_arrays(graph_path: Path) -> dict[str, np.ndarray]:
