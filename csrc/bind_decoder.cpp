@@ -280,8 +280,17 @@ norms: {"post_attention", and for Gemma 2 "pre_feedforward", "post_feedforward" 
 -> {"hidden_out" [T, D] (has_end), "q" [T, heads, head_dim], "k", "v" [T, kv_heads, head_dim]
 (has_start)}, as the graph decoder_i returns them. scratch: a DecoderScratch shared by the boundaries of
 one forward pass (its temporaries are then allocated once per pass; None: per call).)doc");
-  py::class_<Scratch>(m, "DecoderScratch", R"doc(DecoderScratch(): the temporaries of DecoderBoundary.run, kept
-across the boundaries of one forward pass (a 448 px prefill's MLP temporaries are 38 MB each). It
-grows to the largest call it served and is freed with the object; calls sharing one take turns.)doc")
-      .def(py::init<>());
+  py::class_<Scratch>(m, "DecoderScratch", R"doc(DecoderScratch(mlp_rows=512): the temporaries of DecoderBoundary.run,
+kept across the boundaries of one forward pass. The MLP runs on balanced row blocks of at most
+mlp_rows rows (a 448 px prefill's gate and up then hold 344 rows, 13 MB each, not 1,030); the
+results do not depend on it. It grows to the largest call it served and is freed with the object;
+calls sharing one take turns.)doc")
+      .def(py::init([](int mlp_rows) {
+             if (mlp_rows < 1) throw std::invalid_argument("DecoderScratch: mlp_rows must be >= 1, got " + std::to_string(mlp_rows));
+             auto s = std::make_unique<Scratch>();
+             s->buffers.mlp_rows = mlp_rows;
+             return s;
+           }),
+           py::arg("mlp_rows") = engine::kMlpRows)
+      .def_property_readonly("mlp_rows", [](const Scratch& s) { return s.buffers.mlp_rows; });
 }

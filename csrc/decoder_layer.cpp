@@ -119,12 +119,18 @@ void run_decoder_boundary(const DecoderBoundary& b, const float* hidden, const f
     if (b.gemma2) rms_norm_rows(o, T, b.D, b.post_attention, b.eps, o);
     parallel_chunks(TD, int64_t(1) << 16, [&](int64_t s, int64_t e) { add_rows(hidden + s, o + s, e - s, out.hidden_out + s); });
     rms_norm_rows(out.hidden_out, T, b.D, b.gemma2 ? b.pre_feedforward : b.post_attention, b.eps, h);
-    const int64_t TF = int64_t(T) * b.F;
-    float* g = at_least(scratch.g, TF);
-    float* u = at_least(scratch.u, TF);
-    many<2>(h, T, {&b.gate, &b.up}, {g, u});                          // [T, F] each
-    gelu_mul(g, u, TF);
-    linear(g, T, b.down, o);                                          // [T, D]
+    if (scratch.mlp_rows < 1) throw std::invalid_argument("decoder boundary: mlp_rows must be >= 1");
+    const int blocks = (T + scratch.mlp_rows - 1) / scratch.mlp_rows;
+    const int rows = (T + blocks - 1) / blocks;                       // balanced row blocks
+    float* g = at_least(scratch.g, int64_t(rows) * b.F);
+    float* u = at_least(scratch.u, int64_t(rows) * b.F);
+    for (int r0 = 0; r0 < T; r0 += rows) {
+      const int n = std::min(rows, T - r0);
+      const int64_t off = int64_t(r0) * b.D;
+      many<2>(h + off, n, {&b.gate, &b.up}, {g, u});                  // [n, F] each
+      gelu_mul(g, u, int64_t(n) * b.F);
+      linear(g, n, b.down, o + off);                                  // [n, D]
+    }
     if (b.gemma2) rms_norm_rows(o, T, b.D, b.post_feedforward, b.eps, o);
     parallel_chunks(TD, int64_t(1) << 16, [&](int64_t s, int64_t e) { add_rows(out.hidden_out + s, o + s, e - s, out.hidden_out + s); });
     x = out.hidden_out;

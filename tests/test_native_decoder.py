@@ -193,9 +193,11 @@ def test_boundaries_match_the_onnxruntime_graphs(graphs_model, level, simd_level
             assert np.abs(got[key] - want[key]).max() <= 1e-3 * scale, (name, key)
         one = nd.run(name, {k: v[2:3] for k, v in inputs.items()}, pool, scratch)
         alone = nd.run(name, inputs, pool)       # temporaries of its own
+        blocks = nd.run(name, inputs, pool, _native.DecoderScratch(mlp_rows=2))   # MLP on rows 2 + 2 + 1
         for key in got:
             assert np.array_equal(one[key], got[key][2:3]), (name, key)
             assert np.array_equal(alone[key], got[key]), (name, key)
+            assert np.array_equal(blocks[key], got[key]), (name, key)
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -286,3 +288,9 @@ def test_bad_decoder_choice_errors(module_cache):
         engine.load(backend="onnxruntime", weights="int8", progress=False, decoder="fast")
     with pytest.raises(ArtifactError, match="decoder='native' cannot run: the openvino backend"):
         engine.load(backend="openvino", weights="int8", progress=False, decoder="native")
+
+
+def test_scratch_rejects_a_row_block_below_one():
+    assert _native.DecoderScratch().mlp_rows == 512
+    with pytest.raises(ValueError, match="mlp_rows must be >= 1"):
+        _native.DecoderScratch(mlp_rows=0)

@@ -17,7 +17,6 @@ Compile settings (the same for every graph, one shared ov.Core):
     vs the fp32 reference 0.9994 -> 0.9988). 0 turns it off: exact dequantized-weight math in
     f32 (the tests' exactness checks use it).
   - Graphs are compiled from their .xml path, so the .bin weights are memory-mapped, not read.
-  - Graphs are compiled from their .xml path, so the .bin weights are memory-mapped, not read.
   - compiled_cache (default on): each compiled graph is kept in the engine's per-machine cache
     and later loads import it (engine/runtime/ov_compiled.py): 3B int8 compile 1.7-1.9 s ->
     import 0.45-0.6 s.
