@@ -39,6 +39,9 @@ class RunnerBase:
     # True when a one-row call of a row-wise graph (decoder_i) gives its row bit for bit what a
     # call of several rows gives it, so callers need not pad one row to two (engine.model.run_rows).
     one_row_exact: bool = False
+    # The most rows engine.model.run_rows gives one call of a row-wise graph (it splits larger
+    # calls into blocks of this many rows); None: any number (ov_backend.py says why OpenVINO has one).
+    row_block: int | None = None
     _inputs: dict[str, list[str]]
     _outputs: dict[str, list[str]]
 
@@ -64,6 +67,18 @@ class RunnerBase:
     def _failed(graph: str, feed: dict[str, np.ndarray], e: Exception) -> ValueError:
         shapes = {n: tuple(a.shape) for n, a in feed.items()}
         return ValueError(f"graph {graph} failed on inputs {shapes}: {e}")
+
+
+def row_blocks(n: int, block: int) -> list[tuple[int, int]]:
+    """[start, stop) of consecutive blocks of `block` rows covering n rows, none of one row (a
+    one-row tail takes a row of the block before it: 65 rows by 64 are 63 + 2), so every block
+    takes the several-row path of engine.model.run_rows."""
+    if block < 3:   # so that the block before a one-row tail keeps two rows when it gives one
+        raise ValueError(f"row blocks need at least 3 rows each, got {block}")
+    bounds = list(range(0, n, block)) + [n]
+    if n > block and n - bounds[-2] == 1:
+        bounds[-2] -= 1
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def exporter_info(manifest: Manifest, backend: str) -> dict:

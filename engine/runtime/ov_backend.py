@@ -25,12 +25,22 @@ Compile settings (the same for every graph, one shared ov.Core):
     3B int8 that is 1.3 s at load, and it takes the first generate from 1.23-1.29x a warm one
     to 1.07-1.12x (2-core AVX2, quiet). The vision tower is left out: its input is a whole image,
     so its warm-up would be a full image's compute (1.5 s), not a repack (0.5 s).
-    warm_up="full" also runs the vision tower on a zero image and every other graph on a prompt's
-    rows (the image tokens + 8) of zeros: on AVX-512 the plugin's first run at that size costs
-    more than the repack (the vision tower +0.45 s, the decoder graphs 15-80 ms each). 3B-224
-    int8, 2 Zen 4 cores, two processes each: load 1.8-4.2 -> 6.1-6.4 s (warm-up 5.6-5.9 s),
+    warm_up="full" also runs the vision tower on a zero image and every other graph on zeros of
+    the row counts of a prompt's calls (the image tokens + 8 rows, in row blocks): on AVX-512 the
+    plugin's first run at a new size costs more than the repack. Before the row blocks (whole
+    prompts per call; 3B-224 int8, 2 Zen 4 cores, two processes each): load 1.8-4.2 -> 6.1-6.4 s,
     first generate / warm 1.16-1.34 -> 1.01-1.09. For a service that loads once and must answer
     its first caller as fast as its later ones.
+
+Row blocks (`row_block`, default 64): engine.model.run_rows gives the decoder and LM-head graphs
+at most this many rows per call. The plugin allocates each compiled graph's activations for the
+largest row count it has run and keeps them, and each graph is its own compiled model: a 3B-224
+prefill of 260 rows faulted in ~45 MB per decoder graph, 1.2 GB in all, at the first generate
+(its prefill 5.5 s against 2.5-2.9 s warm, RSS +1.2 GB for the process's life; at 448 px it
+would be four times that). In blocks of 64 rows the first generate's prefill took 2.7-2.9 s
+against 2.5-2.6 s warm, peak RSS 4.39 -> 3.58 GB, and the warm prefill no slower (2-core Intel
+Xeon, AVX-512 VNNI; 32 rows: 3.0-3.3 s, 128 rows: first 3.8 s). Rows are independent tokens and
+every block has two rows or more, so the results are those of one call (tests).
 
 Weights in memory (see export/openvino_graphs.py): int8 and int4 stay compressed (FullyConnected
 with i8 / i4 weights); fp32, fp8 (and fp16 / bf16 under the f32 hint) are fp32 in memory. The
@@ -60,11 +70,12 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import ArtifactError, Manifest
-from . import RunnerBase, exporter_info, ov_compiled
+from . import RunnerBase, exporter_info, ov_compiled, row_blocks
 
 log = logging.getLogger("engine")
 
 PRECISIONS = {"f32": "f32", "fp32": "f32", "bf16": "bf16"}
+ROW_BLOCK = 64
 _MADV_DONTNEED = 4
 
 
@@ -77,7 +88,8 @@ class OvRunner(RunnerBase):
     activation group size for int8 / int4 weights, 0 = off, None = the plugin's default (32).
     compiled_cache: import / keep the compiled graphs in the engine's cache (ov_compiled.py).
     warm_up: True: run each graph but the vision tower once at load on one row; "full": every graph
-    at a prompt's size; False: nothing (see the module docstring).
+    at a prompt's size; False: nothing (see the module docstring). row_block: the most rows a
+    row-wise graph call takes (engine.model.run_rows; None: any; see the module docstring).
     """
 
     backend = "openvino"
@@ -85,7 +97,7 @@ class OvRunner(RunnerBase):
     def __init__(self, artifact_dir: str | os.PathLike, manifest: Manifest, threads: int | None = None, *,
                  precision: str = "f32", dynamic_quantization: int | None = None,
                  compiled_cache: bool = True, warm_up: bool | str = True, release_weight_pages: bool = True,
-                 progress: bool | None = None, skip: tuple[str, ...] = ()):
+                 progress: bool | None = None, skip: tuple[str, ...] = (), row_block: int | None = ROW_BLOCK):
         import openvino as ov
 
         self.artifact_dir = Path(artifact_dir)
@@ -102,6 +114,9 @@ class OvRunner(RunnerBase):
                                                  or dynamic_quantization < 0):
             raise ValueError(f"dynamic_quantization must be a group size >= 0 (0 = off) or None, "
                              f"got {dynamic_quantization!r}")
+        if row_block is not None and (not isinstance(row_block, int) or isinstance(row_block, bool) or row_block < 3):
+            raise ValueError(f"row_block must be an integer >= 3 or None, got {row_block!r}")
+        self.row_block = row_block
         self.threads = threads
         self.precision = PRECISIONS[precision]
         self.graph_names = [g for g in graphs if g not in skip]   # skip: graphs the model computes itself
@@ -164,9 +179,12 @@ class OvRunner(RunnerBase):
                 # one prompt's worth: the image tokens plus a few prompt tokens
                 features = next(iter(self.run("vision", self._zero_rows("vision", 1)).values()))
                 rows = int(np.prod(features.shape[:-1])) + 8
+            # "full": the row counts of such a prompt's calls (run_rows' blocks); True: the repack only
+            sizes = sorted({b - a for a, b in row_blocks(rows, row_block)}) if row_block and rows > row_block else [rows]
             for name in self.graph_names:
-                if name != "vision":       # "full": the first call's extra work; True: the repack only
-                    self.run(name, self._zero_rows(name, rows))
+                if name != "vision":
+                    for size in sizes:
+                        self.run(name, self._zero_rows(name, size))
             self.warmup_seconds = time.perf_counter() - t0
 
     def cache_entries(self) -> list[Path]:
