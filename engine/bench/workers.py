@@ -236,6 +236,7 @@ def engine_caption(model, profiler: GenerateProfiler, image, spec: dict) -> dict
     rss_after_generate = _status_bytes("VmRSS")
     t = result.timings
     return {"warmup_s": warmup_s, "first_call_ttft_s": first.timings["first_token"],
+            "first_call_image_encode_s": first.timings["image_encode"], "first_call_prefill_s": first.timings["prefill"],
             "image_encode_s": t["image_encode"], "prefill_s": t["prefill"], "ttft_s": t["first_token"],
             "decode_s": t["decode"], "new_tokens": len(result.tokens), "decode_steps": result.stats.decode_steps,
             "prompt_tokens": prompt_tokens, "finish_reason": result.finish_reason, "tokens": result.tokens,
@@ -371,6 +372,8 @@ def run_transformers(spec: dict) -> dict:
         run = generate(PROMPT, n, ignore_eos=True)
         rss_after_generate = _status_bytes("VmRSS")
         return {"warmup_s": warmup_s, "first_call_ttft_s": first.ttft_s,
+                "first_call_image_encode_s": first.preprocess_s + first.vision_s,
+                "first_call_prefill_s": first.token_times[0] - first.vision_end,
                 "image_encode_s": run.preprocess_s + run.vision_s, "prefill_s": run.token_times[0] - run.vision_end,
                 "ttft_s": run.ttft_s, "decode_s": run.end - run.token_times[0], "new_tokens": len(run.tokens),
                 "decode_steps": len(run.tokens) - 1, "prompt_tokens": run.prompt_tokens, "tokens": run.tokens,
