@@ -76,9 +76,9 @@ def load(path=None, backend: str = DEFAULT_BACKEND, threads: int | None = None, 
       artifact's onnx/ on disk; engine/runtime/ort_prepacked.py), OpenVINO imports its compiled
       graphs (about 1x the openvino/ on disk; engine/runtime/ov_compiled.py). False: every load
       does the work again.
-    warm_up: OpenVINO only: run each graph but the vision tower once at load, so that the first
-      generate does not pay for the plugin's lazy weight repacking; "full": every graph at a
-      prompt's size (load +4 s for 3B, first generate as fast as a warm one; engine/runtime/ov_backend.py).
+    warm_up: OpenVINO only: run each graph once at load (the vision tower on a zero image, the
+      others on one row), so that the first generate does not pay for the plugin's lazy weight
+      repacking; "full": the others also at a prompt's size (engine/runtime/ov_backend.py).
     decoder: "auto" (the C++ core computes the decoder graphs of a per-row int8 artifact on the
       onnxruntime backend where it was measured faster: AVX-512 VNNI without AMX; its packed
       weights are kept in the engine's cache, engine/runtime/native_decoder.py), "graphs", or

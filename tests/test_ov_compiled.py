@@ -62,12 +62,23 @@ def test_imported_graphs_compute_exactly_what_compiled_graphs_compute(cache, cap
         m.close()
 
 
-def test_warm_up_runs_every_graph_but_the_vision_tower_and_changes_no_result(cache):
+def test_warm_up_runs_every_graph_once_and_changes_no_result(cache, monkeypatch):
+    from engine.runtime.ov_backend import OvRunner
     cold = load(prepacked_cache=False, warm_up=False)
+    seen: dict[str, list] = {}
+    run = OvRunner.run
+
+    def record(self, graph, inputs):
+        seen.setdefault(graph, []).append(next(iter(inputs.values())).shape[0])
+        return run(self, graph, inputs)
+    monkeypatch.setattr(OvRunner, "run", record)
     warmed = load(prepacked_cache=False)
+    monkeypatch.setattr(OvRunner, "run", run)
     assert cold.runner.warmup_seconds == 0.0 and warmed.runner.warmup_seconds > 0.0
-    # a graph's first run releases its weight pages; warm-up did it for all but the vision tower
-    assert sorted(warmed.runner._mapped) == ["vision"]
+    # each graph once: the vision tower on one image, the others on one row
+    assert seen == {g: [1] for g in warmed.runner.graph_names}
+    # a graph's first run releases its weight pages; warm-up did it for all of them
+    assert warmed.runner._mapped == {}
     assert sorted(cold.runner._mapped) == sorted(cold.runner.graph_names)
     calls, expected = recorded_calls(cold)
     warm_calls, got = recorded_calls(warmed)

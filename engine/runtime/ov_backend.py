@@ -21,16 +21,19 @@ Compile settings (the same for every graph, one shared ov.Core):
     and later loads import it (engine/runtime/ov_compiled.py): 3B int8 compile 1.7-1.9 s ->
     import 0.45-0.6 s.
   - warm_up (default on): the plugin repacks a graph's weights lazily, at its first inference.
-    So the runner runs every graph but the vision tower once at load, with one row of zeros: for
-    3B int8 that is 1.3 s at load, and it takes the first generate from 1.23-1.29x a warm one
-    to 1.07-1.12x (2-core AVX2, quiet). The vision tower is left out: its input is a whole image,
-    so its warm-up would be a full image's compute (1.5 s), not a repack (0.5 s).
-    warm_up="full" also runs the vision tower on a zero image and every other graph on zeros of
-    the row counts of a prompt's calls (the image tokens + 8 rows, in row blocks): on AVX-512 the
-    plugin's first run at a new size costs more than the repack. Before the row blocks (whole
-    prompts per call; 3B-224 int8, 2 Zen 4 cores, two processes each): load 1.8-4.2 -> 6.1-6.4 s,
-    first generate / warm 1.16-1.34 -> 1.01-1.09. For a service that loads once and must answer
-    its first caller as fast as its later ones.
+    So the runner runs every graph once at load on zeros: the vision tower on one image, the
+    others on one row. For 3B int8 the decoder graphs take 1.3 s at load, and the first generate
+    went from 1.23-1.29x a warm one to 1.07-1.12x (2-core AVX2, quiet). The vision tower was left
+    out at first (its warm-up is a whole image's compute, not only a repack), but its first run
+    faults in its repacked weights, 437 MB at 224 px, and took 0.65-0.9 s against 0.38-0.42 s warm
+    on the 2-core Intel Xeon: with it, 3B-224 int8, fresh processes alternating, three each,
+    load 1.56-1.91 -> 2.27-3.46 s and first generate / warm 1.06-1.16 -> 1.01-1.13.
+    warm_up="full" also runs every other graph on zeros of the row counts of a prompt's calls
+    (the image tokens + 8 rows, in row blocks): the plugin's first run at a new size costs more
+    than the repack. Before the row blocks (whole prompts per call; 3B-224 int8, 2 Zen 4 cores,
+    two processes each): load 1.8-4.2 -> 6.1-6.4 s, first generate / warm 1.16-1.34 ->
+    1.01-1.09. For a service that loads once and must answer its first caller as fast as its
+    later ones.
 
 Row blocks (`row_block`, default 64): engine.model.run_rows gives the decoder and LM-head graphs
 at most this many rows per call. The plugin allocates each compiled graph's activations for the
@@ -87,8 +90,8 @@ class OvRunner(RunnerBase):
     precision: "f32" (default) or "bf16" (see the module docstring). dynamic_quantization:
     activation group size for int8 / int4 weights, 0 = off, None = the plugin's default (32).
     compiled_cache: import / keep the compiled graphs in the engine's cache (ov_compiled.py).
-    warm_up: True: run each graph but the vision tower once at load on one row; "full": every graph
-    at a prompt's size; False: nothing (see the module docstring). row_block: the most rows a
+    warm_up: True: run each graph once at load (the vision tower on one image, the others on one
+    row); "full": the others also at a prompt's size; False: nothing (see the module docstring). row_block: the most rows a
     row-wise graph call takes (engine.model.run_rows; None: any; see the module docstring).
     """
 
@@ -175,10 +178,10 @@ class OvRunner(RunnerBase):
         if warm_up:
             t0 = time.perf_counter()
             rows = 1
-            if warm_up == "full" and "vision" in self.graph_names:
-                # one prompt's worth: the image tokens plus a few prompt tokens
+            if "vision" in self.graph_names:
                 features = next(iter(self.run("vision", self._zero_rows("vision", 1)).values()))
-                rows = int(np.prod(features.shape[:-1])) + 8
+                if warm_up == "full":   # one prompt's worth: the image tokens plus a few prompt tokens
+                    rows = int(np.prod(features.shape[:-1])) + 8
             # "full": the row counts of such a prompt's calls (run_rows' blocks); True: the repack only
             sizes = sorted({b - a for a, b in row_blocks(rows, row_block)}) if row_block and rows > row_block else [rows]
             for name in self.graph_names:
