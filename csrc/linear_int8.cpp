@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <vector>
 
@@ -103,6 +104,18 @@ constexpr int kRowsPerQuantizeTask = 32;
 constexpr int kPanelsPerTask = 8;
 }  // namespace
 
+void lin8::interleave_tiles(const uint8_t* u, int M, size_t K4, int R, uint8_t* tiles) {
+  const int n_tiles = M / R;
+  const size_t steps = K4 / 4;
+  parallel_for(n_tiles, [&](int t, int) {
+    uint32_t* dst = reinterpret_cast<uint32_t*>(tiles + size_t(t) * R * K4);   // [steps][R]
+    for (int i = 0; i < R; ++i) {
+      const uint8_t* row = u + (size_t(t) * R + i) * K4;
+      for (size_t k = 0; k < steps; ++k) std::memcpy(dst + k * R + i, row + 4 * k, 4);
+    }
+  });
+}
+
 void linear_int8_many(const float* x, int M, int n, const PackedLinear* const* ws, float* const* ys,
                       const int64_t* ldys) {
   if (M < 0 || n < 1) throw std::invalid_argument("linear_int8: needs M >= 0 and at least one matrix");
@@ -137,10 +150,19 @@ void linear_int8_many(const float* x, int M, int n, const PackedLinear* const* w
     const int m0 = t * kRowsPerQuantizeTask, nrows = std::min(M - m0, kRowsPerQuantizeTask);
     kernels[0].quantize(x + size_t(m0) * K, nrows, K, u + size_t(m0) * K4, r.data() + m0);
   });
+  // kernels that read their row tiles' activations as one stream: u interleaved once per call
+  int tile_rows = 0;
+  for (int i = 0; i < n; ++i) tile_rows = std::max(tile_rows, kernels[i].tile_rows);
+  std::vector<uint8_t> tiles;
+  if (tile_rows > 0 && M >= tile_rows) {
+    tiles.resize(size_t(M / tile_rows) * tile_rows * K4);
+    lin8::interleave_tiles(u, M, K4, tile_rows, tiles.data());
+  }
   parallel_for(first_task[n], [&](int t, int) {
     int i = 0;
     while (t >= first_task[i + 1]) ++i;
-    const lin8::Job job{u, r.data(), M, ws[i], ys[i], ldys[i]};
+    lin8::Job job{u, r.data(), M, ws[i], ys[i], ldys[i]};
+    if (kernels[i].tile_rows == tile_rows && !tiles.empty()) job.tiles = tiles.data();
     const int p0 = (t - first_task[i]) * task_panels[i];
     kernels[i].run(job, p0, std::min(ws[i]->o32() / kLinearPanel, p0 + task_panels[i]));
   });

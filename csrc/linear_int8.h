@@ -25,6 +25,7 @@
 // (sdot, ARMv8.2+), else the scalar twin; at the amx level, AMX-INT8 tiles (tdpbusd) for calls
 // of >= 16 rows whose K4 is a multiple of 64 (prefill), VNNI for the others.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 namespace engine {
@@ -72,6 +73,9 @@ struct Job {
   const PackedLinear* w;
   float* y;
   int64_t ldy;
+  // u again, interleaved per tile of Kernel::tile_rows rows (whole tiles only: [M / R][K4 / 4][R][4]),
+  // for kernels that ask for it; the rows after the last whole tile are read from u.
+  const uint8_t* tiles = nullptr;
 };
 using Fn = void (*)(const Job& job, int p0, int p1);
 // quantize_rows_u8 for rows [0, M) of x (the same results on every path).
@@ -81,7 +85,10 @@ struct Kernel {
   QuantizeFn quantize;
   const char* name;
   bool padded_rows = false;   // reads u in whole blocks of kAmxRows rows (AMX)
+  int tile_rows = 0;          // > 0: reads Job::tiles for its tiles of this many rows (AVX-512 VNNI)
 };
+// Job::tiles for rows [0, M / R * R) of u (R = tile_rows), on the current pool.
+void interleave_tiles(const uint8_t* u, int M, std::size_t K4, int R, uint8_t* tiles);
 void run_scalar(const Job& job, int p0, int p1);
 Kernel avx512_vnni_kernel();   // defined only where ENGINE_HAVE_AVX512
 // ENGINE_HAVE_AMX; needs K4 % 64 == 0 and u padded to whole blocks of kAmxRows rows
