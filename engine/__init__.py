@@ -77,7 +77,7 @@ def load(path=None, backend: str = DEFAULT_BACKEND, threads: int | None = None, 
       graphs (about 1x the openvino/ on disk; engine/runtime/ov_compiled.py). False: every load
       does the work again.
     warm_up: OpenVINO only: run each graph once at load (the vision tower on a zero image, the
-      others on one row), so that the first generate does not pay for the plugin's lazy weight
+      others on one row block), so that the first generate does not pay for the plugin's lazy weight
       repacking; "full": the others also at a prompt's size (engine/runtime/ov_backend.py).
     decoder: "auto" (the C++ core computes the decoder graphs of a per-row int8 artifact on the
       onnxruntime backend where it was measured faster: AVX-512 VNNI without AMX; its packed

@@ -75,8 +75,9 @@ def test_warm_up_runs_every_graph_once_and_changes_no_result(cache, monkeypatch)
     warmed = load(prepacked_cache=False)
     monkeypatch.setattr(OvRunner, "run", run)
     assert cold.runner.warmup_seconds == 0.0 and warmed.runner.warmup_seconds > 0.0
-    # each graph once: the vision tower on one image, the others on one row
-    assert seen == {g: [1] for g in warmed.runner.graph_names}
+    # each graph once: the vision tower on one image, the others on one row block
+    block = warmed.runner.row_block
+    assert seen == {g: [1 if g in ("vision", "lm_head") else block] for g in warmed.runner.graph_names}
     # a graph's first run releases its weight pages; warm-up did it for all of them
     assert warmed.runner._mapped == {}
     assert sorted(cold.runner._mapped) == sorted(cold.runner.graph_names)
@@ -109,6 +110,7 @@ def test_full_warm_up_runs_every_graph_at_a_prompt_size_and_changes_no_result(ca
     assert full.runner.warmup_seconds > 0.0 and full.runner._mapped == {}   # every graph ran once
     assert set(seen) == set(full.runner.graph_names)
     assert all(seen[g] == sizes for g in seen if g.startswith("decoder_")), (seen, sizes)
+    assert seen.get("lm_head", {1}) == {1}
     _, expected = recorded_calls(cold)
     _, got = recorded_calls(full)
     assert list(got.tokens) == list(expected.tokens) and got.text == expected.text

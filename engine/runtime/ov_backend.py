@@ -20,14 +20,18 @@ Compile settings (the same for every graph, one shared ov.Core):
   - compiled_cache (default on): each compiled graph is kept in the engine's per-machine cache
     and later loads import it (engine/runtime/ov_compiled.py): 3B int8 compile 1.7-1.9 s ->
     import 0.45-0.6 s.
-  - warm_up (default on): the plugin repacks a graph's weights lazily, at its first inference.
-    So the runner runs every graph once at load on zeros: the vision tower on one image, the
-    others on one row. For 3B int8 the decoder graphs take 1.3 s at load, and the first generate
-    went from 1.23-1.29x a warm one to 1.07-1.12x (2-core AVX2, quiet). The vision tower was left
-    out at first (its warm-up is a whole image's compute, not only a repack), but its first run
-    faults in its repacked weights, 437 MB at 224 px, and took 0.65-0.9 s against 0.38-0.42 s warm
-    on the 2-core Intel Xeon: with it, 3B-224 int8, fresh processes alternating, three each,
-    load 1.56-1.91 -> 2.27-3.46 s and first generate / warm 1.06-1.16 -> 1.01-1.13.
+  - warm_up (default on): the plugin repacks a graph's weights lazily, at its first inference,
+    and allocates its activations for the rows of that call. So the runner runs every graph once
+    at load on zeros: the vision tower on one image, the others on one row block (`row_block`
+    rows, below). On one row, the decoder graphs took 1.3 s at load for 3B int8 and the first
+    generate went from 1.23-1.29x a warm one to 1.07-1.12x (2-core AVX2, quiet). The vision tower
+    was left out at first (its warm-up is a whole image's compute), but its first run faulted in
+    its repacked weights, 437 MB at 224 px, and took 0.65-0.9 s against 0.38-0.42 s warm on the
+    2-core Intel Xeon: with it, 3B-224 int8, fresh processes alternating, three each, load
+    1.56-1.91 -> 2.27-3.46 s and first generate / warm 1.06-1.16 -> 1.01-1.13. The first 64-row
+    blocks then still faulted in 221 MB of activations (~56,000 pages, 0.6-0.9 s on this VM in
+    its slow phases); warming on a whole block instead of one row, three rounds alternating:
+    load 2.63-2.95 -> 3.05-4.19 s, first / warm 1.00-1.46 -> 1.02-1.23.
     warm_up="full" also runs every other graph on zeros of the row counts of a prompt's calls
     (the image tokens + 8 rows, in row blocks): the plugin's first run at a new size costs more
     than the repack. Before the row blocks (whole prompts per call; 3B-224 int8, 2 Zen 4 cores,
@@ -91,7 +95,7 @@ class OvRunner(RunnerBase):
     activation group size for int8 / int4 weights, 0 = off, None = the plugin's default (32).
     compiled_cache: import / keep the compiled graphs in the engine's cache (ov_compiled.py).
     warm_up: True: run each graph once at load (the vision tower on one image, the others on one
-    row); "full": the others also at a prompt's size; False: nothing (see the module docstring). row_block: the most rows a
+    row block); "full": the others also at a prompt's row counts; False: nothing (see the module docstring). row_block: the most rows a
     row-wise graph call takes (engine.model.run_rows; None: any; see the module docstring).
     """
 
@@ -177,7 +181,7 @@ class OvRunner(RunnerBase):
         self.warmup_seconds = 0.0
         if warm_up:
             t0 = time.perf_counter()
-            rows = 1
+            rows = row_block or 1    # True: one block's rows, so that the block's activations are faulted in too
             if "vision" in self.graph_names:
                 features = next(iter(self.run("vision", self._zero_rows("vision", 1)).values()))
                 if warm_up == "full":   # one prompt's worth: the image tokens plus a few prompt tokens
@@ -185,8 +189,8 @@ class OvRunner(RunnerBase):
             # "full": the row counts of such a prompt's calls (run_rows' blocks); True: the repack only
             sizes = sorted({b - a for a, b in row_blocks(rows, row_block)}) if row_block and rows > row_block else [rows]
             for name in self.graph_names:
-                if name != "vision":
-                    for size in sizes:
+                if name != "vision":    # the LM head runs on a prompt's last row: one row is its size
+                    for size in ([1] if name == "lm_head" else sizes):
                         self.run(name, self._zero_rows(name, size))
             self.warmup_seconds = time.perf_counter() - t0
 
