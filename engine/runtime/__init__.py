@@ -96,9 +96,9 @@ def open_runner(backend: str, artifact_dir: str | Path, manifest: Manifest, thre
     skip: graph names not to load (the model computes them itself). prepacked_cache: keep each
     graph's load-time work in the engine's per-machine cache (onnxruntime: its repacked weights,
     ort_prepacked.py; OpenVINO: its compiled model, ov_compiled.py). warm_up: OpenVINO only, run
-    each graph once at load (the vision tower on a zero image, the others on one row block), so that its
-    lazy weight repacking is done; "full": the others also at a prompt's size, so the first
-    generate is as fast as later ones (ov_backend.py)."""
+    each graph once at load (the vision tower on a zero image, the others on one row block), so
+    that its lazy weight repacking is done; "full": the others also at a prompt's size, so the
+    first generate is as fast as later ones (ov_backend.py)."""
     if backend == "onnxruntime":
         from .ort_backend import OrtRunner
         runner = OrtRunner(Path(artifact_dir), manifest, threads, skip=skip, prepacked_cache=prepacked_cache)

@@ -43,10 +43,10 @@ Row blocks (`row_block`, default 64): engine.model.run_rows gives the decoder an
 at most this many rows per call. The plugin allocates each compiled graph's activations for the
 largest row count it has run and keeps them, and each graph is its own compiled model: a 3B-224
 prefill of 260 rows faulted in ~45 MB per decoder graph, 1.2 GB in all, at the first generate
-(its prefill 5.5 s against 2.5-2.9 s warm, RSS +1.2 GB for the process's life; at 448 px it
-would be four times that). In blocks of 64 rows the first generate's prefill took 2.7-2.9 s
-against 2.5-2.6 s warm, peak RSS 4.39 -> 3.58 GB, and the warm prefill no slower (2-core Intel
-Xeon, AVX-512 VNNI; 32 rows: 3.0-3.3 s, 128 rows: first 3.8 s). Rows are independent tokens and
+(its prefill 5.2-5.5 s against 2.2-2.9 s warm, RSS +1.2 GB for the process's life; at 448 px
+it would be four times that). In blocks of 64 rows the first generate's prefill took 2.7-3.3 s,
+peak RSS 4.34-4.42 -> 3.56-3.61 GB, and the warm prefill no slower (2-core Intel Xeon, AVX-512
+VNNI, fresh processes; 32 rows: 3.0-3.3 s, 128 rows: first 3.8 s). Rows are independent tokens and
 every block has two rows or more, so the results are those of one call (tests).
 
 Weights in memory (see export/openvino_graphs.py): int8 and int4 stay compressed (FullyConnected
@@ -95,8 +95,9 @@ class OvRunner(RunnerBase):
     activation group size for int8 / int4 weights, 0 = off, None = the plugin's default (32).
     compiled_cache: import / keep the compiled graphs in the engine's cache (ov_compiled.py).
     warm_up: True: run each graph once at load (the vision tower on one image, the others on one
-    row block); "full": the others also at a prompt's row counts; False: nothing (see the module docstring). row_block: the most rows a
-    row-wise graph call takes (engine.model.run_rows; None: any; see the module docstring).
+    row block); "full": the others also at a prompt's row counts; False: nothing (see the module
+    docstring). row_block: the most rows a row-wise graph call takes (engine.model.run_rows;
+    None: any; see the module docstring).
     """
 
     backend = "openvino"
@@ -186,8 +187,8 @@ class OvRunner(RunnerBase):
                 features = next(iter(self.run("vision", self._zero_rows("vision", 1)).values()))
                 if warm_up == "full":   # one prompt's worth: the image tokens plus a few prompt tokens
                     rows = int(np.prod(features.shape[:-1])) + 8
-            # "full": the row counts of such a prompt's calls (run_rows' blocks); True: the repack only
-            sizes = sorted({b - a for a, b in row_blocks(rows, row_block)}) if row_block and rows > row_block else [rows]
+            # the row counts of run_rows' calls on `rows` rows (one block for True)
+            sizes = sorted({b - a for a, b in row_blocks(rows, row_block)}) if row_block else [rows]
             for name in self.graph_names:
                 if name != "vision":    # the LM head runs on a prompt's last row: one row is its size
                     for size in ([1] if name == "lm_head" else sizes):
