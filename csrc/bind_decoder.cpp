@@ -52,6 +52,31 @@ py::tuple pack_py(const py::array& wt) {
   return py::make_tuple(codes, colsum, max_code);
 }
 
+py::tuple pack_int4_py(const py::array& nbits, const py::handle& scales, int K, int group) {
+  if (K < 1 || group < 4 || group % 4 != 0 || K % group != 0)
+    throw std::invalid_argument("pack_linear_int4: needs a group size that is a multiple of 4 and divides K, got K=" +
+                                std::to_string(K) + " group=" + std::to_string(group));
+  if (nbits.ndim() < 2) throw std::invalid_argument("pack_linear_int4: nbits must be uint8 [O, K/2] (MatMulNBits B)");
+  const py::ssize_t O = nbits.shape(0);
+  if (O < 1 || nbits.size() != O * (K / 2))
+    throw std::invalid_argument("pack_linear_int4: nbits must hold K/2 = " + std::to_string(K / 2) + " bytes per output row");
+  py::array b = checked(nbits.attr("reshape")(O, K / 2), "nbits", py::dtype::of<uint8_t>(), "uint8 [O, K/2]", {O, K / 2});
+  py::array s = checked(scales, "scales", py::dtype::of<float>(), "float32 [O, K/group]", {O, K / group});
+  engine::PackedLinear shape;
+  shape.K = K;
+  shape.O = int(O);
+  const py::ssize_t P = shape.o32() / 32, G = K / group;
+  py::array_t<uint8_t> codes4({P, py::ssize_t(K / 4), py::ssize_t(64)});
+  py::array_t<int32_t> gcorr({P, G, py::ssize_t(32)});
+  py::array_t<float> gscale({P, G, py::ssize_t(32)});
+  {
+    py::gil_scoped_release release;
+    engine::pack_linear_int4(static_cast<const uint8_t*>(b.data()), static_cast<const float*>(s.data()), K, int(O), group,
+                             codes4.mutable_data(), gscale.mutable_data(), gcorr.mutable_data());
+  }
+  return py::make_tuple("int4", codes4, gcorr, gscale, group, int(O));
+}
+
 py::array_t<float> linear_py(const py::handle& x, const py::handle& codes, const py::handle& colsum,
                              const py::handle& colscale, int K, engine::ThreadPool* pool, int max_code) {
   py::array xa = checked(x, "x", py::dtype::of<float>(), "float32 [rows, K]", {-1, K});
@@ -73,16 +98,9 @@ py::array_t<float> linear_py(const py::handle& x, const py::handle& codes, const
 py::list linear_many_py(const py::handle& x, const py::list& linears, int K, engine::ThreadPool* pool) {
   py::array xa = checked(x, "x", py::dtype::of<float>(), "float32 [rows, K]", {-1, K});
   if (linears.size() < 1 || linears.size() > 16)
-    throw std::invalid_argument("linear_int8_many: pass 1 to 16 (codes, colsum, colscale, max_code) tuples");
+    throw std::invalid_argument("linear_int8_many: pass 1 to 16 matrices");
   std::vector<Linear> ls;
-  for (const py::handle item : linears) {
-    if (!py::isinstance<py::tuple>(item) || py::len(item) != 4)
-      throw std::invalid_argument("linear_int8_many: each matrix must be (codes, colsum, colscale, max_code)");
-    const py::tuple t = py::reinterpret_borrow<py::tuple>(item);
-    if (!py::isinstance<py::array>(t[2])) throw std::invalid_argument("colscale must be a numpy array");
-    const int O = int(py::reinterpret_borrow<py::array>(t[2]).shape(0));
-    ls.push_back(make_linear(t[0], t[1], t[2], K, O, t[3].cast<int>(), "linear_int8_many"));
-  }
+  for (const py::handle item : linears) ls.push_back(engine_bind::linear_from_tuple(item, K, -1, "linear_int8_many: each matrix"));
   const int M = int(xa.shape(0)), n = int(ls.size());
   std::vector<py::array_t<float>> ys;
   std::vector<const engine::PackedLinear*> ws;
@@ -135,10 +153,7 @@ class Boundary {
     auto lin = [&](const char* key, int K, int O) -> engine::PackedLinear {
       if (!linears.contains(key))
         throw std::invalid_argument(std::string("DecoderBoundary: linears needs '") + key + "': (codes, colsum, colscale, max_code)");
-      py::tuple t = linears[key].cast<py::tuple>();
-      if (t.size() != 4)
-        throw std::invalid_argument(std::string("DecoderBoundary: linears['") + key + "'] must be (codes, colsum, colscale, max_code)");
-      keep_.push_back(make_linear(t[0], t[1], t[2], K, O, t[3].cast<int>(), std::string("linears['") + key + "']"));
+      keep_.push_back(engine_bind::linear_from_tuple(linears[key], K, O, std::string("DecoderBoundary: linears['") + key + "']"));
       return keep_.back().view;
     };
     auto norm = [&](const char* key) -> const float* {
@@ -236,17 +251,24 @@ max_code: pack_linear_int8's third result (-1: read from the codes); it picks th
         R"doc(linear_int8 for several matrices of the same input x float32 [M, K] in one call (one quantization,
 one task list; how the decoder runs q/k/v and gate/up): linears = [(codes, colsum, colscale, max_code),
 ...] -> [y_i float32 [M, O_i]]. The same results as one linear_int8 call per matrix.)doc");
-  m.def("linear_int8_kernel", [](int M, int K, int O, int max_code) {
-    if (M < 1 || K < 1 || O < 1 || max_code < 0 || max_code > 127)
-      throw std::invalid_argument("linear_int8_kernel: needs M, K, O >= 1 and 0 <= max_code <= 127");
+  m.def("linear_int8_kernel", [](int M, int K, int O, int max_code, int group) {
+    if (M < 1 || K < 1 || O < 1 || max_code < 0 || max_code > 127 || group < 0)
+      throw std::invalid_argument("linear_int8_kernel: needs M, K, O >= 1, 0 <= max_code <= 127 and group >= 0");
     engine::PackedLinear w;
     w.K = K;
     w.O = O;
     w.max_code = max_code;
+    w.group = group;
     return std::string(engine::linear_int8_kernel(M, w));
-  }, py::arg("M"), py::arg("K"), py::arg("O"), py::arg("max_code") = 63,
+  }, py::arg("M"), py::arg("K"), py::arg("O"), py::arg("max_code") = 63, py::arg("group") = 0,
         "The kernel linear_int8 takes for M rows of a K -> O matrix at the active SIMD level: 'amx', "
-        "'avx512_vnni', 'avx2', 'neon_dot' or 'scalar'.");
+        "'avx512_vnni', 'avx2', 'neon_dot' or 'scalar'; group > 0 (an int4 matrix): 'avx512_vnni_int4', "
+        "'avx2_int4' or 'scalar_int4'.");
+  m.def("pack_linear_int4", &pack_int4_py, py::arg("nbits"), py::arg("scales"), py::arg("K"), py::arg("group"),
+        R"doc(Pack an int4 matrix as MatMulNBits stores it (nbits uint8 [O, K/2] or [O, K/group, group/2], two
+codes 0..15 per byte, low nibble first, zero point 8; scales float32 [O, K/group] already divided by
+127) for linear_int8_many / DecoderBoundary: -> ("int4", codes4 uint8 [O32/32, K/4, 64], gcorr int32
+[O32/32, K/group, 32], gscale float32 [O32/32, K/group, 32], group, O).)doc");
   m.def("rms_norm_rows", [](const py::handle& x, const py::handle& w1, float eps) {
     py::array xa = checked(x, "x", py::dtype::of<float>(), "float32 [rows, D]", {-1, -1});
     const int T = int(xa.shape(0)), D = int(xa.shape(1));

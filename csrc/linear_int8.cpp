@@ -79,6 +79,15 @@ namespace {
 constexpr int kAmxMinRows = 16;
 
 lin8::Kernel kernel_for(SimdLevel level, const PackedLinear& w, int M) {
+  if (w.group > 0) {   // int4: VNNI at the avx512 and amx levels, else AVX2, else the scalar twin
+#if defined(ENGINE_HAVE_AVX512)
+    if (uses_avx512(level) && cpu_features().avx512_vnni) return lin8::avx512_vnni_int4_kernel();
+#endif
+#if defined(ENGINE_HAVE_AVX2)
+    if (level == SimdLevel::Avx2 || uses_avx512(level)) return lin8::avx2_int4_kernel();
+#endif
+    return {&lin8::run_scalar_int4, &quantize_rows_u8, "scalar_int4"};
+  }
 #if defined(ENGINE_HAVE_AMX)
   if (level == SimdLevel::Amx && M >= kAmxMinRows && w.k4() % 64 == 0) return lin8::amx_kernel();
 #endif
@@ -120,9 +129,17 @@ void linear_int8_many(const float* x, int M, int n, const PackedLinear* const* w
                       const int64_t* ldys) {
   if (M < 0 || n < 1) throw std::invalid_argument("linear_int8: needs M >= 0 and at least one matrix");
   const int K = ws[0]->K;
-  for (int i = 0; i < n; ++i)
+  int group = 0;   // of the call's int4 matrices (one size per call: they share qsum8)
+  for (int i = 0; i < n; ++i) {
     if (ws[i]->K != K || ws[i]->K < 1 || ws[i]->O < 1 || ldys[i] < ws[i]->O)
       throw std::invalid_argument("linear_int8: the matrices of one call need the same K >= 1, O >= 1 and ldy >= O");
+    if (ws[i]->group > 0) {
+      if (K % ws[i]->group != 0 || ws[i]->group % 4 != 0 || (group > 0 && ws[i]->group != group))
+        throw std::invalid_argument("linear_int8: the int4 matrices of one call need one group size, a multiple of "
+                                    "4 that divides K");
+      group = ws[i]->group;
+    }
+  }
   if (M == 0) return;
   const SimdLevel level = active_simd();
   std::vector<lin8::Kernel> kernels(static_cast<size_t>(n));
@@ -146,9 +163,18 @@ void linear_int8_many(const float* x, int M, int n, const PackedLinear* const* w
   std::vector<float> r(static_cast<size_t>(M));
   const int qtasks = (M + kRowsPerQuantizeTask - 1) / kRowsPerQuantizeTask;
   // Every kernel's quantizer writes the same u and r (the scalar twin's), so one serves all.
+  const int G = group > 0 ? K / group : 0;
+  std::vector<int32_t> qsum8(size_t(M) * G);   // int4 matrices: 8 * sum_{k in g} (u - 128) per row and group
   parallel_for(qtasks, [&](int t, int) {
     const int m0 = t * kRowsPerQuantizeTask, nrows = std::min(M - m0, kRowsPerQuantizeTask);
     kernels[0].quantize(x + size_t(m0) * K, nrows, K, u + size_t(m0) * K4, r.data() + m0);
+    for (int m = m0; m < m0 + nrows; ++m)
+      for (int g = 0; g < G; ++g) {
+        const uint8_t* ug = u + size_t(m) * K4 + size_t(g) * group;
+        int32_t sum = 0;
+        for (int k = 0; k < group; ++k) sum += int32_t(ug[k]) - 128;
+        qsum8[size_t(m) * G + g] = 8 * sum;
+      }
   });
   // kernels that read their row tiles' activations as one stream: u interleaved once per call
   int tile_rows = 0;
@@ -163,6 +189,7 @@ void linear_int8_many(const float* x, int M, int n, const PackedLinear* const* w
     while (t >= first_task[i + 1]) ++i;
     lin8::Job job{u, r.data(), M, ws[i], ys[i], ldys[i]};
     if (kernels[i].tile_rows == tile_rows && !tiles.empty()) job.tiles = tiles.data();
+    job.qsum8 = qsum8.data();
     const int p0 = (t - first_task[i]) * task_panels[i];
     kernels[i].run(job, p0, std::min(ws[i]->o32() / kLinearPanel, p0 + task_panels[i]));
   });

@@ -79,8 +79,20 @@ def enabled_by_env() -> bool:
 
 
 def unsupported_reason(backend: str, manifest: Manifest) -> str | None:
-    """Why the native decoder cannot run this artifact (None: it can)."""
-    return packed_weights.unsupported_reason(backend, manifest, "decoder matrices")
+    """Why the native decoder cannot run this artifact (None: it can): per-row int8 artifacts, and
+    int4 ones (MatMulNBits: 4-bit groups plus int4's per-channel int8 matrices)."""
+    if backend == "onnxruntime" and is_int4_nbits(manifest):
+        return None
+    reason = packed_weights.unsupported_reason(backend, manifest, "decoder matrices")
+    return reason and reason.replace("(export --weights int8)", "(export --weights int8 or int4)")
+
+
+def is_int4_nbits(manifest: Manifest) -> bool:
+    """An int4 artifact whose quantized ONNX matrices are all MatMulNBits (every int4 export)."""
+    from . import exporter_info
+    info = exporter_info(manifest, "onnx")
+    return (manifest.weights.get("format") == "int4" and info.get("int_kernel") == "com.microsoft.MatMulNBits"
+            and info.get("int8_kernel", "com.microsoft.MatMulNBits") == "com.microsoft.MatMulNBits")
 
 
 def auto_declines() -> str | None:
@@ -128,8 +140,13 @@ def write_entry(artifact_dir: Path, manifest: Manifest, cfg: PaliGemmaConfig, en
 
     def pack(writer: packed_weights.ArrayWriter, name: str) -> tuple[str, dict]:
         arrays = packed_weights.graph_arrays(artifact_dir / graphs[name])
+        nbits = packed_weights.nbits_attributes(artifact_dir / graphs[name])
+
+        def linear(wname: str) -> dict:
+            return (writer.linear_nbits(arrays, nbits, wname, name) if wname in nbits
+                    else writer.linear(arrays, wname, name))
         linears, norms = boundary_names(cfg, int(name.split("_")[1]))
-        return name, {"linears": {key: writer.linear(arrays, wname, name) for key, wname in linears.items()},
+        return name, {"linears": {key: linear(wname) for key, wname in linears.items()},
                       "norms": {key: writer.put(np.asarray(arrays[wname + "+1"], np.float32))
                                 for key, wname in norms.items()}}
     names = [f"decoder_{i}" for i in range(cfg.text.num_hidden_layers + 1)]

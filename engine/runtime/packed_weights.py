@@ -79,6 +79,23 @@ def graph_arrays(graph_path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+def nbits_attributes(graph_path: Path) -> dict[str, tuple[int, int, int, int]]:
+    """The graph's MatMulNBits nodes: B initializer name -> (bits, block_size, K, N). Raises
+    ValueError for a node with zero points (the exporter writes none: zero point 8 / 128)."""
+    import onnx
+    model = onnx.load(str(graph_path), load_external_data=False)
+    out = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        if len(node.input) > 3 and node.input[3]:
+            raise ValueError(f"{graph_path.name}: MatMulNBits {node.input[1]} has zero points; the native decoder "
+                             f"reads the exporter's symmetric codes only")
+        a = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
+        out[node.input[1]] = (int(a["bits"]), int(a["block_size"]), int(a["K"]), int(a["N"]))
+    return out
+
+
 class ArrayWriter:
     """Appends arrays to weights.bin, each 64-byte aligned; `put` returns its index record
     [offset, dtype, shape]."""
@@ -109,6 +126,30 @@ class ArrayWriter:
                 "colscale": self.put(colscale), "max_code": int(max_code)}
 
 
+    def linear_nbits(self, arrays: dict[str, np.ndarray], nbits: dict[str, tuple], wname: str, where: str) -> dict:
+        """A MatMulNBits matrix of an int4 artifact (export/onnx_graphs.py, _matmul_nbits), packed for
+        the kernels. bits=4: the 4-bit codes and group scales (csrc/linear_int8.h, "int4 matrices"):
+        {"K", "O", "bits": 4, "group", "codes4", "gcorr", "gscale"}. bits=8 (int4's per-channel
+        int8 matrices: codes + 128, the scale repeated per block, K padded with code 128): the
+        per-row int8 record of `linear`."""
+        bits, block, K, O = nbits[wname]
+        B, scales = arrays[wname], np.asarray(arrays[wname + ".scales"], np.float32).reshape(O, -1)
+        if B.dtype != np.uint8 or B.shape[0] != O or B.size != O * scales.shape[1] * block * bits // 8:
+            raise ValueError(f"{where}: {wname} is {B.dtype} {B.shape}, not MatMulNBits B for bits={bits} block={block}")
+        if bits == 4:
+            _, codes4, gcorr, gscale, group, _ = _native.pack_linear_int4(np.asarray(B).reshape(O, K // 2),
+                                                                          INT8_STEP * scales, K, block)
+            return {"K": K, "O": O, "bits": 4, "group": group, "codes4": self.put(codes4), "gcorr": self.put(gcorr),
+                    "gscale": self.put(gscale)}
+        if bits != 8 or not np.all(scales == scales[:, :1]):
+            raise ValueError(f"{where}: {wname} is MatMulNBits bits={bits} with scales per block; the native decoder "
+                             f"reads 4-bit groups and per-channel 8-bit matrices")
+        wt = np.ascontiguousarray((np.asarray(B).reshape(O, -1)[:, :K].astype(np.int16) - 128).astype(np.int8).T)
+        codes, colsum, max_code = _native.pack_linear_int8(wt)
+        return {"K": K, "codes": self.put(codes), "colsum": self.put(colsum),
+                "colscale": self.put(INT8_STEP * scales[:, 0]), "max_code": int(max_code)}
+
+
 def packed_array(data: np.ndarray, rec: list) -> np.ndarray:
     """The array an index.json record [offset, dtype, shape] names in weights.bin (`data`, uint8)."""
     offset, dtype, shape = rec
@@ -118,7 +159,11 @@ def packed_array(data: np.ndarray, rec: list) -> np.ndarray:
 
 
 def linear_arrays(data: np.ndarray, rec: dict) -> tuple:
-    """(codes, colsum, colscale, max_code) of an ArrayWriter.linear record, as the core takes them."""
+    """(codes, colsum, colscale, max_code) of an ArrayWriter.linear record, or ("int4", codes4,
+    gcorr, gscale, group, O) of an int4 one, as the core takes them."""
+    if rec.get("bits") == 4:
+        return ("int4", packed_array(data, rec["codes4"]), packed_array(data, rec["gcorr"]),
+                packed_array(data, rec["gscale"]), int(rec["group"]), int(rec["O"]))
     return (packed_array(data, rec["codes"]), packed_array(data, rec["colsum"]),
             packed_array(data, rec["colscale"]), int(rec["max_code"]))
 

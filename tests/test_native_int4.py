@@ -1,0 +1,181 @@
+"""The native linear layer's int4 matrices (csrc/linear_int4*.cpp; linear_int8.h, "int4 matrices").
+
+Oracles: a numpy twin of the formula (exact integer sums per group, then the float ops in the
+kernels' order), bit for bit at every SIMD level this machine has; the dequantized float64 product
+x W^T within the int8 activation rounding; onnxruntime's MatMulNBits on the same packed bytes.
+Bad input gets a clear error."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine import _native
+from export.quantize import pack_uint4
+
+STEP = np.float32(1.0 / 127.0)
+FEATURES = _native.cpu_features()
+LEVELS = ["scalar"] + {"amx": ["avx2", "avx512", "amx"], "avx512": ["avx2", "avx512"], "avx2": ["avx2"],
+                       "neon": ["neon"]}.get(FEATURES["best"], [])
+KERNELS = {"scalar": "scalar_int4", "avx2": "avx2_int4", "neon": "scalar_int4",
+           "avx512": "avx512_vnni_int4" if FEATURES["avx512_vnni"] else "avx2_int4", "amx": "avx512_vnni_int4"}
+
+
+@pytest.fixture
+def simd_level():
+    before = _native.simd_level()
+    yield _native.set_simd_level
+    _native.set_simd_level(before)
+
+
+def nbits_bytes(codes: np.ndarray) -> np.ndarray:
+    """codes uint8 [O, K] in 0..15 -> MatMulNBits' B [O, K/2] (low nibble first)."""
+    return pack_uint4(codes.astype(np.int16) - 8)
+
+
+def quantize_rows(x):
+    r = np.maximum(np.abs(x).max(1, keepdims=True), np.float32(1e-30))
+    return np.clip(np.rint((x / r) / STEP) + 128, 0, 255).astype(np.int64), r
+
+
+def reference_int4(x, codes, scales, group):
+    """The formula of linear_int8.h in numpy: exact sums per group, then f = fma(t, s / 127, f) in
+    group order (float64 holds the exact product; one rounding to float32 per step), y = f * r."""
+    u, r = quantize_rows(x)
+    M, K = x.shape
+    O, G = codes.shape[0], K // group
+    t = np.einsum("mgk,ogk->mog", (u - 128).reshape(M, G, group), codes.astype(np.int64).reshape(O, G, group) - 8)
+    gscale = (STEP * scales).astype(np.float32)                   # [O, G]
+    f = np.zeros((M, O), np.float32)
+    for g in range(G):
+        f = (t[:, :, g].astype(np.float64) * gscale[:, g].astype(np.float64) + f.astype(np.float64)).astype(np.float32)
+    return f * r
+
+
+def random_matrix(rng, O, K, group):
+    codes = rng.integers(0, 16, (O, K), dtype=np.uint8)
+    scales = (rng.standard_normal((O, K // group)) * 0.02).astype(np.float32)   # negative ones too, as the exporter
+    return codes, scales
+
+
+def test_pack_layout():
+    rng = np.random.default_rng(0)
+    for O, K, group in ((1, 16, 16), (33, 64, 32), (70, 128, 64), (64, 48, 16)):
+        codes, scales = random_matrix(rng, O, K, group)
+        kind, codes4, gcorr, gscale, g, o = _native.pack_linear_int4(nbits_bytes(codes), STEP * scales, K, group)
+        assert (kind, g, o) == ("int4", group, O)
+        O32, G = -(-O // 32) * 32, K // group
+        padded = np.zeros((O32, K), np.uint8)
+        padded[:O] = codes
+        # the int8 layout's bytes [P, K/4, 32 channels, 4 k]; low nibble: channels 0-15, high: 16-31
+        int8_layout = padded.reshape(O32 // 32, 32, K // 4, 4).transpose(0, 2, 1, 3)
+        lo, hi = int8_layout[:, :, :16].reshape(O32 // 32, K // 4, 64), int8_layout[:, :, 16:].reshape(O32 // 32, K // 4, 64)
+        assert np.array_equal(codes4, lo | (hi << 4))
+        assert np.array_equal(gcorr, 128 * padded.astype(np.int32).reshape(O32 // 32, 32, G, group).sum(3).transpose(0, 2, 1))
+        s = np.zeros((O32, G), np.float32)
+        s[:O] = STEP * scales
+        assert np.array_equal(gscale, s.reshape(O32 // 32, 32, G).transpose(0, 2, 1))
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_int4_linear_equals_numpy_bit_for_bit(level, simd_level):
+    simd_level(level)
+    rng = np.random.default_rng(1)
+    pool = _native.ThreadPool(3)
+    for M, K, O, group in ((1, 16, 1, 16), (2, 64, 33, 32), (5, 128, 70, 64), (7, 96, 31, 16), (13, 256, 97, 128),
+                           (6, 128, 64, 32), (19, 64, 40, 16)):
+        assert _native.linear_int8_kernel(M, K, O, 63, group) == KERNELS[level]
+        x = (rng.standard_normal((M, K)) * rng.choice([1e-3, 1.0, 50.0], (M, 1))).astype(np.float32)
+        x[M // 2] = 0.0                                    # an all-zero row
+        codes, scales = random_matrix(rng, O, K, group)
+        w = _native.pack_linear_int4(nbits_bytes(codes), STEP * scales, K, group)
+        (y,) = _native.linear_int8_many(x, [w], K, pool)
+        assert np.array_equal(y, reference_int4(x, codes, scales, group)), (level, M, K, O, group)
+        # rows never interact: a row alone gives what it gives in the call
+        assert np.array_equal(_native.linear_int8_many(x[1:2], [w], K)[0], y[1:2])
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_int4_and_int8_matrices_in_one_call(level, simd_level):
+    """q/k/v of an int4 artifact: v_proj stays int8 (per channel), q and k are int4; one call
+    quantizes x once for all three."""
+    simd_level(level)
+    rng = np.random.default_rng(2)
+    M, K, group = 9, 128, 32
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    c1, s1 = random_matrix(rng, 64, K, group)
+    c2, s2 = random_matrix(rng, 40, K, group)
+    wt = rng.integers(-127, 128, (K, 50), dtype=np.int8)
+    col = rng.random(50, dtype=np.float32)
+    codes, colsum, max_code = _native.pack_linear_int8(wt)
+    w1 = _native.pack_linear_int4(nbits_bytes(c1), STEP * s1, K, group)
+    w2 = _native.pack_linear_int4(nbits_bytes(c2), STEP * s2, K, group)
+    y1, y8, y2 = _native.linear_int8_many(x, [w1, (codes, colsum, STEP * col, max_code), w2], K, None)
+    assert np.array_equal(y1, reference_int4(x, c1, s1, group))
+    assert np.array_equal(y2, reference_int4(x, c2, s2, group))
+    assert np.array_equal(y8, _native.linear_int8(x, codes, colsum, STEP * col, K, None, max_code))
+
+
+def test_int4_linear_against_the_float_product_and_the_largest_sums():
+    rng = np.random.default_rng(3)
+    M, K, O, group = 4, 256, 48, 64
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    codes, scales = random_matrix(rng, O, K, group)
+    w = (codes.astype(np.float64) - 8) * np.repeat(scales.astype(np.float64), group, axis=1)
+    (y,) = _native.linear_int8_many(x, [_native.pack_linear_int4(nbits_bytes(codes), STEP * scales, K, group)], K)
+    u, r = quantize_rows(x)
+    exact = ((u - 128) * (r.astype(np.float64) / 127)) @ w.T        # x as its int8 rounding gives it
+    assert np.abs(y - exact).max() < 1e-5 * np.abs(exact).max()
+    # the extreme codes with u at 0 and 255 (sums far from zero stay exact)
+    x = np.ones((2, K), np.float32)
+    x[1, ::2] = -1.0
+    for code in (0, 15):
+        c = np.full((O, K), code, np.uint8)
+        (y,) = _native.linear_int8_many(x, [_native.pack_linear_int4(nbits_bytes(c), STEP * scales, K, group)], K)
+        assert np.array_equal(y, reference_int4(x, c, scales, group))
+
+
+def test_int4_linear_matches_onnxruntime_matmulnbits():
+    """The same B and scales in onnxruntime's MatMulNBits (accuracy_level 0: float activations)
+    compute x W^T for the W that the native path dequantizes (the nibble order, the zero point 8
+    and the scale layout agree); the native result is within its int8 activation rounding."""
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+    rng = np.random.default_rng(4)
+    M, K, O, group = 3, 256, 64, 128
+    codes, scales = random_matrix(rng, O, K, group)
+    B = nbits_bytes(codes).reshape(O, K // group, group // 2)
+    node = helper.make_node("MatMulNBits", ["x", "B", "scales"], ["y"], domain="com.microsoft", K=K, N=O, bits=4,
+                            block_size=group)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [M, K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [M, O])],
+                              [helper.make_tensor("B", TensorProto.UINT8, B.shape, B.tobytes(), raw=True),
+                               helper.make_tensor("scales", TensorProto.FLOAT, scales.shape, scales.tobytes(), raw=True)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=10)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    expected = sess.run(None, {"x": x})[0]
+    w = (codes.astype(np.float64) - 8) * np.repeat(scales.astype(np.float64), group, axis=1)
+    assert np.abs(expected - x.astype(np.float64) @ w.T).max() < 1e-5 * np.abs(expected).max()
+    (y,) = _native.linear_int8_many(x, [_native.pack_linear_int4(B, STEP * scales, K, group)], K)
+    assert np.abs(y - expected).max() < 0.03 * np.abs(expected).max()   # 1% measured: int8 rows of 256 values
+
+
+def test_int4_bad_input_errors():
+    codes = np.zeros((4, 32), np.uint8)
+    with pytest.raises(ValueError, match="multiple of 4 and divides K"):
+        _native.pack_linear_int4(nbits_bytes(codes), np.ones((4, 3), np.float32), 32, 10)
+    with pytest.raises(ValueError, match="K/2 = 32 bytes per output row"):
+        _native.pack_linear_int4(nbits_bytes(codes), np.ones((4, 2), np.float32), 64, 32)
+    with pytest.raises(ValueError, match=r"scales must be float32 \[O, K/group\]"):
+        _native.pack_linear_int4(nbits_bytes(codes), np.ones((4, 3), np.float32), 32, 16)
+    w = _native.pack_linear_int4(nbits_bytes(codes), np.ones((4, 2), np.float32), 32, 16)
+    with pytest.raises(ValueError, match="codes4 must be uint8"):
+        _native.linear_int8_many(np.zeros((1, 32), np.float32), [("int4", w[1].astype(np.int8)) + w[2:]], 32)
+    with pytest.raises(ValueError, match="must be \\(codes, colsum, colscale, max_code\\) or"):
+        _native.linear_int8_many(np.zeros((1, 32), np.float32), [w[:5]], 32)
+    with pytest.raises(ValueError, match="one group size"):
+        w8 = _native.pack_linear_int4(nbits_bytes(codes), np.ones((4, 1), np.float32), 32, 32)
+        _native.linear_int8_many(np.zeros((1, 32), np.float32), [w, w8], 32)
+    with pytest.raises(ValueError, match="non-finite"):
+        _native.linear_int8_many(np.full((1, 32), np.nan, np.float32), [w], 32)
