@@ -212,7 +212,9 @@ def run_engine(spec: dict) -> dict:
 
     t0 = time.perf_counter()
     vision = spec.get("vision", "auto") if spec["backend"] == "onnxruntime" else "auto"
-    model = engine.load(spec["artifact"], spec["backend"], spec["threads"], progress=False, vision=vision)  # as users load
+    decoder = spec.get("decoder", "auto") if spec["backend"] == "onnxruntime" else "auto"
+    model = engine.load(spec["artifact"], spec["backend"], spec["threads"], progress=False, vision=vision,
+                        decoder=decoder)  # as users load
     load_s = time.perf_counter() - t0
     out = {"import_s": import_s, "load_s": load_s, "rss_after_load_bytes": _status_bytes("VmRSS"),
            "peak_rss_after_load_bytes": _status_bytes("VmHWM"), "load_files": files_in_use()}
