@@ -7,9 +7,19 @@ the core's own kernel (csrc/linear_int8*.cpp) streams them at 38-39 GB/s (measur
 same thing: the same per-row uint8 quantization and exact int32 sums (bit-identical linear layers,
 tests/test_native_decoder.py); norms and gelu differ in the last float bits.
 
+int4 artifacts (packed_weights.is_int4_nbits): their MatMulNBits matrices are read from the graphs too: the
+4-bit groups (zero point 8, a scale per group) packed for the core's int4 kernels (csrc/linear_int4*.cpp:
+the rows quantized per row as above, exact int32 sums per group, one fma per group; AVX-512
+VNNI, AVX2 and the scalar twin, bit for bit), and int4's per-channel int8 matrices (layer 0,
+v_proj; MatMulNBits bits=8) as per-row int8. MatMulNBits' accuracy_level 4 quantizes the
+activations per block of the group instead, so the two differ by about the int8 rounding (each
+boundary as close to the fp32 artifact as the graphs, tests/test_native_int4.py).
+
 When: it needs the onnxruntime backend and an artifact whose decoder matrices are all per-row
-int8 MatMulIntegerToFloat (runtime.ort_backend.per_row_int8_only). `decoder="native"` then runs
-it on any CPU: the core has AVX-512 VNNI, AVX2 and NEON-sdot kernels and the scalar twin.
+int8 MatMulIntegerToFloat (runtime.ort_backend.per_row_int8_only) or an int4 one. `decoder="native"`
+then runs it on any CPU: the core has AVX-512 VNNI, AVX2 and NEON-sdot kernels and the scalar twin
+(int4: VNNI, AVX2 and the scalar twin; int4's 8-bit per-channel codes exceed AVX2's 7-bit limit and
+take the scalar twin there).
 `decoder="auto"` (the default of engine.load) takes it only where it was measured faster than
 the graphs: at the amx SIMD level (the core's AMX-INT8 kernel, csrc/linear_int8_amx.cpp, against
 MLAS's own AMX kernels: 3B-224 prefill 0.55-0.6 s against 0.7-0.75 s on 2 Xeon cores) and at the
@@ -81,18 +91,10 @@ def enabled_by_env() -> bool:
 def unsupported_reason(backend: str, manifest: Manifest) -> str | None:
     """Why the native decoder cannot run this artifact (None: it can): per-row int8 artifacts, and
     int4 ones (MatMulNBits: 4-bit groups plus int4's per-channel int8 matrices)."""
-    if backend == "onnxruntime" and is_int4_nbits(manifest):
+    if backend == "onnxruntime" and packed_weights.is_int4_nbits(manifest):
         return None
     reason = packed_weights.unsupported_reason(backend, manifest, "decoder matrices")
     return reason and reason.replace("(export --weights int8)", "(export --weights int8 or int4)")
-
-
-def is_int4_nbits(manifest: Manifest) -> bool:
-    """An int4 artifact whose quantized ONNX matrices are all MatMulNBits (every int4 export)."""
-    from . import exporter_info
-    info = exporter_info(manifest, "onnx")
-    return (manifest.weights.get("format") == "int4" and info.get("int_kernel") == "com.microsoft.MatMulNBits"
-            and info.get("int8_kernel", "com.microsoft.MatMulNBits") == "com.microsoft.MatMulNBits")
 
 
 def auto_declines() -> str | None:

@@ -43,6 +43,14 @@ def unsupported_reason(backend: str, manifest: Manifest, what: str) -> str | Non
     return None
 
 
+def is_int4_nbits(manifest: Manifest) -> bool:
+    """An int4 artifact whose quantized ONNX matrices are all MatMulNBits (every int4 export)."""
+    from . import exporter_info
+    info = exporter_info(manifest, "onnx")
+    return (manifest.weights.get("format") == "int4" and info.get("int_kernel") == "com.microsoft.MatMulNBits"
+            and info.get("int8_kernel", "com.microsoft.MatMulNBits") == "com.microsoft.MatMulNBits")
+
+
 def entry_dir(root: Path, prefix: str, layout: int, manifest: Manifest, graphs: list[str]) -> Path:
     """The entry of an artifact's packed `graphs`: keyed by the layout and the graphs' files by
     content (a moved artifact keeps its entry)."""
@@ -117,22 +125,27 @@ class ArrayWriter:
         wt, scales = arrays[wname], arrays[wname + ".scales"]
         if wt.dtype != np.int8 or wt.ndim != 2:
             raise ValueError(f"{where}: {wname} is {wt.dtype} {wt.shape}, not per-row int8 W^T [K, O]")
+        return self._int8(wt, np.asarray(scales, np.float32), k_multiple)
+
+    def _int8(self, wt: np.ndarray, scales: np.ndarray, k_multiple: int) -> dict:
         pad = -wt.shape[0] % k_multiple
         if pad:
             wt = np.concatenate([wt, np.zeros((pad, wt.shape[1]), np.int8)])
         codes, colsum, max_code = _native.pack_linear_int8(np.ascontiguousarray(wt))
-        colscale = INT8_STEP * np.asarray(scales, np.float32)   # as MatMulIntegerToFloat's a_scale * b_scale
+        colscale = INT8_STEP * scales   # as MatMulIntegerToFloat's a_scale * b_scale
         return {"K": int(wt.shape[0]), "codes": self.put(codes), "colsum": self.put(colsum),
                 "colscale": self.put(colscale), "max_code": int(max_code)}
 
-
-    def linear_nbits(self, arrays: dict[str, np.ndarray], nbits: dict[str, tuple], wname: str, where: str) -> dict:
+    def linear_nbits(self, arrays: dict[str, np.ndarray], nbits: dict[str, tuple], wname: str, where: str,
+                     k_multiple: int = 1) -> dict:
         """A MatMulNBits matrix of an int4 artifact (export/onnx_graphs.py, _matmul_nbits), packed for
         the kernels. bits=4: the 4-bit codes and group scales (csrc/linear_int8.h, "int4 matrices"):
         {"K", "O", "bits": 4, "group", "codes4", "gcorr", "gscale"}. bits=8 (int4's per-channel
         int8 matrices: codes + 128, the scale repeated per block, K padded with code 128): the
-        per-row int8 record of `linear`."""
+        per-row int8 record of `linear` (k_multiple as there; 4-bit matrices take none)."""
         bits, block, K, O = nbits[wname]
+        if bits == 4 and k_multiple != 1:
+            raise ValueError(f"{where}: {wname} is a 4-bit matrix; its K cannot be padded")
         B, scales = arrays[wname], np.asarray(arrays[wname + ".scales"], np.float32).reshape(O, -1)
         if B.dtype != np.uint8 or B.shape[0] != O or B.size != O * scales.shape[1] * block * bits // 8:
             raise ValueError(f"{where}: {wname} is {B.dtype} {B.shape}, not MatMulNBits B for bits={bits} block={block}")
@@ -144,10 +157,8 @@ class ArrayWriter:
         if bits != 8 or not np.all(scales == scales[:, :1]):
             raise ValueError(f"{where}: {wname} is MatMulNBits bits={bits} with scales per block; the native decoder "
                              f"reads 4-bit groups and per-channel 8-bit matrices")
-        wt = np.ascontiguousarray((np.asarray(B).reshape(O, -1)[:, :K].astype(np.int16) - 128).astype(np.int8).T)
-        codes, colsum, max_code = _native.pack_linear_int8(wt)
-        return {"K": K, "codes": self.put(codes), "colsum": self.put(colsum),
-                "colscale": self.put(INT8_STEP * scales[:, 0]), "max_code": int(max_code)}
+        wt = (np.asarray(B).reshape(O, -1)[:, :K].astype(np.int16) - 128).astype(np.int8).T
+        return self._int8(wt, np.ascontiguousarray(scales[:, 0]), k_multiple)
 
 
 def packed_array(data: np.ndarray, rec: list) -> np.ndarray:
