@@ -27,6 +27,12 @@ avx512 level with VNNI on CPUs without AMX. An AMX CPU forced down to avx512 (EN
 the graphs: MLAS still multiplies on AMX tiles there, the core only with VNNI. On AVX2-only and Arm CPUs MLAS's own u8 x s8
 kernels run the graphs; our AVX2 and sdot kernels are tested there (bit-identical, and under
 qemu for aarch64) but not timed on such a machine, so auto keeps the graphs.
+int4 artifacts follow the same rule. Measured side by side in engine.bench on a 2-core Intel
+Xeon with AVX-512 VNNI, no AMX (3B-224, with the native vision tower against all graphs): TTFT
+2.49 against 5.23 s, decode 12.0 against 7.2 tokens/s, load 0.21 against 1.64 s. At the amx level
+the core's int4 kernel is its VNNI one (no AMX int4 kernel): not timed there, taken because
+MatMulNBits has no AMX path either (its int4 prefill measured 282 GFLOP/s on 2 AMX Xeon cores,
+where the core's VNNI int8 kernel ran at 0.72-0.98 TOP/s).
 PALIGEMMA_EDGE_NATIVE_DECODER=0 turns auto's choice off; `decoder="graphs"` too.
 
 Weights: the exporter's int8 W^T [K, O] and per-channel scales are read from the decoder graphs'

@@ -86,7 +86,9 @@ def auto_declines() -> str | None:
     auto takes it where the native decoder runs on VNNI: the avx512 level with VNNI, no AMX. At
     the amx level (AMX-INT8 linear layers, AMX-BF16 attention) it has not been measured, and
     MLAS runs the graph on AMX tiles too, so auto keeps the graph there; at avx2 the core is 3x
-    slower than MLAS (1.4 s against 0.34-0.46 s at 224 px)."""
+    slower than MLAS (1.4 s against 0.34-0.46 s at 224 px). int4 artifacts keep the tower at
+    int8 per channel in MatMulNBits bits=8, which the core reads as per-row int8: 0.50 against
+    the graph's 0.96 s at 224 px on the same Xeon (engine.bench, 2 repeats)."""
     features = _native.cpu_features()
     if features["avx512_vnni"] and features["simd"] == "avx512" and not features["amx"]:
         return None

@@ -200,17 +200,18 @@ timed demo guest -m engine demo --out "$RUN/demo.png" || FAILED+=("demo")
 # NEON vs scalar vs numpy through the bindings (the tests switch levels with set_simd_level):
 # attention, the serving steps, the int8 LM-head product (tests/test_matmul_int8.py) and the native
 # decoder's int8 linear layer with its sdot kernel (tests/test_native_decoder.py), the native vision
-# tower against its numpy oracle (tests/test_native_vision.py).
+# tower against its numpy oracle (tests/test_native_vision.py), the int4 linear layer (its scalar
+# twin on Arm) against its numpy twin (tests/test_native_int4.py).
 # Deselected under qemu: test_thread_pool_survives_fork, whose forked child hangs under
 # qemu-user (fork of a multi-threaded guest; see the README's ARM section).
 A="$SRC/tests/test_native_attention.py"
 PYTESTS=("$A" "$SRC/tests/test_serving_native.py" "$SRC/tests/test_matmul_int8.py" "$SRC/tests/test_native_decoder.py"
-         "$SRC/tests/test_native_vision.py"
+         "$SRC/tests/test_native_vision.py" "$SRC/tests/test_native_int4.py"
          --deselect "$A::test_thread_pool_survives_fork")
 if [[ $MODE == full ]]; then
   PYTESTS+=("$SRC/tests/test_native_generate.py" "$SRC/tests/test_quantize.py")
 else   # CI: the SIMD-vs-scalar and oracle comparisons, without the two slowest shapes (~6 min of 13)
-  PYTESTS+=(-k "every_level_matches_scalar or prefill_decode_vs_oracle or sliding_window or interleaved or attention_plan or numpy_twin_at_every_level or saturate or linear_equals_numpy or saturation_edges or pack_layout or small_tower or layer_norm_and_gelu"
+  PYTESTS+=(-k "every_level_matches_scalar or prefill_decode_vs_oracle or sliding_window or interleaved or attention_plan or numpy_twin_at_every_level or saturate or linear_equals_numpy or saturation_edges or pack_layout or small_tower or layer_norm_and_gelu or int4_linear_equals_numpy or int4_and_int8_matrices"
             --deselect "$A::test_prefill_tiles_every_level_matches_scalar[256-4-2-260-260-0-50.0-f32]")
 fi
 log "guest: pytest (native kernels; $MODE selection)"
