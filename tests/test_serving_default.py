@@ -1,7 +1,8 @@
 """The serving core on the bundled default model (engine.load()), whose answers are real: boxes,
 masks, captions. Oracle: the same call alone, serially, on the same model.
 
-Backends: OpenVINO int8 (the default load), onnxruntime int8 and onnxruntime fp32. Exact
+Backends: OpenVINO int8 (the default load), onnxruntime int8 (its native decoder and vision tower
+on AVX-512 VNNI), onnxruntime int4 (its native int4 decoder there) and onnxruntime fp32. Exact
 batching needs every row of a graph call to be independent of the others, which
 test_int8_rows_are_independent checks directly for the int8 graphs of both runtimes.
 """
@@ -18,7 +19,7 @@ import engine
 from engine import scenes
 from proc_status import status_bytes
 
-CONFIGS = (("int8", "openvino"), ("int8", "onnxruntime"), ("fp32", "onnxruntime"))
+CONFIGS = (("int8", "openvino"), ("int8", "onnxruntime"), ("int4", "onnxruntime"), ("fp32", "onnxruntime"))
 
 
 @pytest.fixture(scope="module")
