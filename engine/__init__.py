@@ -79,8 +79,9 @@ def load(path=None, backend: str = DEFAULT_BACKEND, threads: int | None = None, 
     warm_up: OpenVINO only: run each graph once at load (the vision tower on a zero image, the
       others on one row block), so that the first generate does not pay for the plugin's lazy weight
       repacking; "full": the others also at a prompt's size (engine/runtime/ov_backend.py).
-    decoder: "auto" (the C++ core computes the decoder graphs of a per-row int8 artifact on the
-      onnxruntime backend where it was measured faster: AVX-512 VNNI without AMX; its packed
+    decoder: "auto" (the C++ core computes the decoder graphs of an int8 or int4 artifact on the
+      onnxruntime backend where it was measured faster: AVX-512 VNNI without AMX, and the amx
+      SIMD level; its packed
       weights are kept in the engine's cache, engine/runtime/native_decoder.py), "graphs", or
       "native" (the core on any CPU: AVX-512 VNNI, AVX2 and NEON-sdot kernels, else scalar).
     vision: the same for the vision graph (SigLIP + projector; engine/runtime/native_vision.py):

@@ -88,7 +88,7 @@ class PaliGemma:
     and its graph is not loaded), else runs the lm_head graph; "graph" always runs the graph;
     "native" requires the native head. prepacked_cache, warm_up: see engine.runtime.open_runner.
     decoder: "auto" computes the decoder graphs in the C++ core where it was measured faster
-    (onnxruntime backend, per-row int8 artifact, AVX-512 VNNI without AMX;
+    (onnxruntime backend, int8 or int4 artifact, AVX-512 VNNI without AMX, the amx level;
     engine/runtime/native_decoder.py),
     "graphs" always runs the backend's graphs, "native" requires the core (any CPU: AVX-512
     VNNI, AVX2 and NEON-sdot kernels, else the scalar twin). vision: the same choice for the vision
