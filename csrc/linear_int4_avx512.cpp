@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include "linear_int8.h"
+#include "vnni_inplace.h"
 
 namespace engine {
 namespace {
@@ -47,8 +48,8 @@ inline void tile(const lin8::Job& job, int m0, int p, const uint8_t* panel) {
       const __m512i b0 = _mm512_and_si512(bw, low), b1 = _mm512_and_si512(_mm512_srli_epi16(bw, 4), low);
       for (int i = 0; i < MR; ++i) {
         const __m512i a = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(a0 + size_t(k) * step + size_t(i) * row));
-        acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], a, b0);
-        acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], a, b1);
+        acc[i][0] = dpbusd_inplace(acc[i][0], a, b0);
+        acc[i][1] = dpbusd_inplace(acc[i][1], a, b1);
       }
     }
     for (int h = 0; h < 2; ++h) {

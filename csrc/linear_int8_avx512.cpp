@@ -28,6 +28,7 @@
 #include <stdexcept>
 
 #include "linear_int8.h"
+#include "vnni_inplace.h"
 
 namespace engine {
 namespace {
@@ -53,8 +54,8 @@ inline void tile(const lin8::Job& job, int m0, int p, const int8_t* panel) {
     const __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 64);
     for (int i = 0; i < MR; ++i) {
       const __m512i a = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(a0 + size_t(k) * step + size_t(i) * row));
-      acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], a, b0);
-      acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], a, b1);
+      acc[i][0] = dpbusd_inplace(acc[i][0], a, b0);
+      acc[i][1] = dpbusd_inplace(acc[i][1], a, b1);
     }
   }
   const int n0 = p * kLinearPanel;

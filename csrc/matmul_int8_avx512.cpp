@@ -19,6 +19,7 @@
 #include <cstdint>
 
 #include "matmul_int8.h"
+#include "vnni_inplace.h"
 
 namespace engine {
 namespace {
@@ -50,11 +51,11 @@ inline void tile(const mm8::Job& job, const int8_t* w, int m0, int32_t (*res)[kT
         _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(w) + (2 * NV) * size_t(K) +
                                                    size_t(k) * NV + size_t(i) * 64), _MM_HINT_T1);
       wv[i] = _mm512_loadu_si512(w + size_t(i) * K + k);
-      if (WSUM) wsum[i] = _mm512_dpbusd_epi32(wsum[i], ones, wv[i]);
+      if (WSUM) wsum[i] = dpbusd_inplace(wsum[i], ones, wv[i]);
     }
     for (int j = 0; j < NM; ++j) {
       const __m512i qv = _mm512_loadu_si512(qu + size_t(j) * K + k);
-      for (int i = 0; i < NV; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], qv, wv[i]);
+      for (int i = 0; i < NV; ++i) acc[i][j] = dpbusd_inplace(acc[i][j], qv, wv[i]);
     }
   }
   for (int i = 0; i < NV; ++i) {
