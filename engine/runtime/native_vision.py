@@ -8,7 +8,9 @@ the graph's per-row int8 MatMulIntegerToFloat bit for bit (then + bias); layer n
 the softmax differ in the last float bits; the attention is the core's (AMX-BF16 tiles at the amx
 level, fp32 elsewhere).
 
-When: the onnxruntime backend and a per-row int8 artifact, like the native decoder.
+When: the onnxruntime backend and a per-row int8 artifact, like the native decoder, or an int4
+one, whose tower stays int8 per channel (MatMulNBits bits=8, read as per-row int8: the same codes
+and scales, the activations quantized per row where MatMulNBits' accuracy_level 4 does it per block).
 `vision="native"` runs it on any CPU. `vision="auto"` (the default of engine.load) takes it
 only where it was measured no slower than the graph (AVX-512 VNNI without AMX); see `auto_declines`.
 PALIGEMMA_EDGE_NATIVE_VISION=0 turns auto's choice off; `vision="graph"` too.
