@@ -214,7 +214,8 @@ def test_int4_layer_start_equals_the_numpy_twin_on_the_graphs_weights(int4_graph
     nd = native_decoder.open_native_decoder(m.artifact_dir, m.manifest, m.config)
     t = m.config.text
     graph = m.artifact_dir / m.manifest.graphs["onnx"]["decoder_1"]
-    arrays, nbits = packed_weights.graph_arrays(graph), packed_weights.nbits_attributes(graph)
+    weights = packed_weights.graph_weights(graph)
+    arrays, nbits = weights.arrays, weights.nbits
     hidden = np.random.default_rng(5).standard_normal((7, t.hidden_size)).astype(np.float32)
     attn = np.random.default_rng(6).standard_normal((7, t.num_attention_heads * t.head_dim)).astype(np.float32)
     got = nd.run("decoder_1", {"hidden": hidden, "attn": attn}, _native.ThreadPool(2))

@@ -95,12 +95,8 @@ def enabled_by_env() -> bool:
 
 
 def unsupported_reason(backend: str, manifest: Manifest) -> str | None:
-    """Why the native decoder cannot run this artifact (None: it can): per-row int8 artifacts, and
-    int4 ones (MatMulNBits: 4-bit groups plus int4's per-channel int8 matrices)."""
-    if backend == "onnxruntime" and packed_weights.is_int4_nbits(manifest):
-        return None
-    reason = packed_weights.unsupported_reason(backend, manifest, "decoder matrices")
-    return reason and reason.replace("(export --weights int8)", "(export --weights int8 or int4)")
+    """Why the native decoder cannot run this artifact (None: it can)."""
+    return packed_weights.unsupported_reason(backend, manifest, "decoder matrices")
 
 
 def auto_declines() -> str | None:
@@ -147,15 +143,10 @@ def write_entry(artifact_dir: Path, manifest: Manifest, cfg: PaliGemmaConfig, en
     graphs = manifest.graphs["onnx"]
 
     def pack(writer: packed_weights.ArrayWriter, name: str) -> tuple[str, dict]:
-        arrays = packed_weights.graph_arrays(artifact_dir / graphs[name])
-        nbits = packed_weights.nbits_attributes(artifact_dir / graphs[name])
-
-        def linear(wname: str) -> dict:
-            return (writer.linear_nbits(arrays, nbits, wname, name) if wname in nbits
-                    else writer.linear(arrays, wname, name))
+        weights = packed_weights.graph_weights(artifact_dir / graphs[name])
         linears, norms = boundary_names(cfg, int(name.split("_")[1]))
-        return name, {"linears": {key: linear(wname) for key, wname in linears.items()},
-                      "norms": {key: writer.put(np.asarray(arrays[wname + "+1"], np.float32))
+        return name, {"linears": {key: writer.linear(weights, wname, name) for key, wname in linears.items()},
+                      "norms": {key: writer.put(np.asarray(weights.arrays[wname + "+1"], np.float32))
                                 for key, wname in norms.items()}}
     names = [f"decoder_{i}" for i in range(cfg.text.num_hidden_layers + 1)]
     packed_weights.write_entry(entry, LAYOUT_VERSION, "packing native decoder weights", names, pack, progress)

@@ -69,10 +69,7 @@ def enabled_by_env() -> bool:
 
 def unsupported_reason(backend: str, manifest: Manifest) -> str | None:
     """Why the native vision tower cannot run this artifact (None: it can)."""
-    if backend == "onnxruntime" and packed_weights.is_int4_nbits(manifest):
-        reason = None   # int4 keeps the vision tower at int8 per channel (MatMulNBits bits=8)
-    else:
-        reason = packed_weights.unsupported_reason(backend, manifest, "matrices")
+    reason = packed_weights.unsupported_reason(backend, manifest, "matrices")
     if reason is None and GRAPH not in manifest.graphs.get("onnx", {}):
         return "the artifact has no vision graph"
     return reason
@@ -108,17 +105,13 @@ def write_entry(artifact_dir: Path, manifest: Manifest, cfg: PaliGemmaConfig, en
                 progress: bool | None = None) -> None:
     """Pack the vision graph's weights into `entry`: one index record per encoder layer, plus
     "embeddings" (patch, position) and "head" (post layer norm, projector)."""
-    arrays = packed_weights.graph_arrays(artifact_dir / manifest.graphs["onnx"][GRAPH])
-    nbits = packed_weights.nbits_attributes(artifact_dir / manifest.graphs["onnx"][GRAPH])   # int4 artifacts
+    weights = packed_weights.graph_weights(artifact_dir / manifest.graphs["onnx"][GRAPH])
 
     def vec(writer: packed_weights.ArrayWriter, name: str) -> list:
-        return writer.put(np.asarray(arrays[name], np.float32))
+        return writer.put(np.asarray(weights.arrays[name], np.float32))
 
     def linear(writer: packed_weights.ArrayWriter, prefix: str, k_multiple: int = 1) -> dict:
-        w = prefix + ".weight"
-        packed = (writer.linear_nbits(arrays, nbits, w, GRAPH, k_multiple) if w in nbits
-                  else writer.linear(arrays, w, GRAPH, k_multiple))
-        return dict(packed, bias=vec(writer, prefix + ".bias"))
+        return dict(writer.linear(weights, prefix + ".weight", GRAPH, k_multiple), bias=vec(writer, prefix + ".bias"))
 
     def pack(writer: packed_weights.ArrayWriter, item) -> tuple[str, dict]:
         if item == "embeddings":

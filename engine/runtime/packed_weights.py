@@ -1,5 +1,6 @@
-"""Packed-weight cache entries of the native core: a graph's per-row int8 matrices repacked for the
-C++ kernels (csrc/linear_int8.h) into one file, weights.bin, with index.json naming each array.
+"""Packed-weight cache entries of the native core: a graph's per-row int8 matrices (and an int4
+artifact's MatMulNBits ones) repacked for the C++ kernels (csrc/linear_int8.h) into one file,
+weights.bin, with index.json naming each array.
 
 The native decoder (native_decoder.py) and the native vision tower (native_vision.py) each keep
 one entry per artifact under the engine's cache. An entry is sealed and checked like the other
@@ -15,6 +16,7 @@ import logging
 import mmap
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -33,18 +35,20 @@ INT8_STEP = np.float32(1.0 / 127.0)   # the graphs' activation scale (export/onn
 
 
 def unsupported_reason(backend: str, manifest: Manifest, what: str) -> str | None:
-    """Why the core cannot take over an artifact's graphs (None: it can): it reads the per-row int8
-    matrices of the onnxruntime graphs (`what`: which ones, for the message)."""
+    """Why the core cannot take over an artifact's graphs (None: it can): it reads the matrices of
+    the onnxruntime graphs of per-row int8 artifacts and of int4 ones (`what`: which matrices, for
+    the message)."""
     from .ort_backend import per_row_int8_only
     if backend != "onnxruntime":
         return f"the {backend} backend runs its own graphs"
-    if not per_row_int8_only(manifest):
-        return f"the artifact's {what} are not all per-row int8 (export --weights int8)"
+    if not (per_row_int8_only(manifest) or is_int4_nbits(manifest)):
+        return f"the artifact's {what} are not all per-row int8 or int4 (export --weights int8 or int4)"
     return None
 
 
 def is_int4_nbits(manifest: Manifest) -> bool:
-    """An int4 artifact whose quantized ONNX matrices are all MatMulNBits (every int4 export)."""
+    """An int4 artifact whose quantized ONNX matrices are all MatMulNBits (every int4 export): 4-bit
+    groups, and int4's per-channel int8 matrices (layer 0, v_proj, the vision tower) in bits=8."""
     from . import exporter_info
     info = exporter_info(manifest, "onnx")
     return (manifest.weights.get("format") == "int4" and info.get("int_kernel") == "com.microsoft.MatMulNBits"
@@ -69,9 +73,17 @@ def source_bytes(manifest: Manifest, graphs: list[str]) -> int:
     return sum(manifest.files[rel].size for name in graphs for rel in graph_files(manifest, onnx[name]))
 
 
-def graph_arrays(graph_path: Path) -> dict[str, np.ndarray]:
-    """A graph's initializers by name, without reading them: memory maps of its external data
-    (inline ones, the small constants, as arrays)."""
+@dataclass
+class GraphWeights:
+    """A graph's initializers by name (memory maps of its external data; inline ones, the small
+    constants, as arrays) and its MatMulNBits nodes: B name -> (bits, block_size, K, N)."""
+    arrays: dict[str, np.ndarray]
+    nbits: dict[str, tuple[int, int, int, int]]
+
+
+def graph_weights(graph_path: Path) -> GraphWeights:
+    """The graph's weights without reading them (one load of the graph without its data). Raises
+    ValueError for a MatMulNBits node with zero points (the exporter writes none: 8 / 128)."""
     import onnx
     from onnx import numpy_helper
     model = onnx.load(str(graph_path), load_external_data=False)
@@ -84,24 +96,16 @@ def graph_arrays(graph_path: Path) -> dict[str, np.ndarray]:
                                        offset=int(info.get("offset", 0)), shape=tuple(t.dims))
         else:
             arrays[t.name] = numpy_helper.to_array(t)
-    return arrays
-
-
-def nbits_attributes(graph_path: Path) -> dict[str, tuple[int, int, int, int]]:
-    """The graph's MatMulNBits nodes: B initializer name -> (bits, block_size, K, N). Raises
-    ValueError for a node with zero points (the exporter writes none: zero point 8 / 128)."""
-    import onnx
-    model = onnx.load(str(graph_path), load_external_data=False)
-    out = {}
+    nbits = {}
     for node in model.graph.node:
         if node.op_type != "MatMulNBits":
             continue
         if len(node.input) > 3 and node.input[3]:
-            raise ValueError(f"{graph_path.name}: MatMulNBits {node.input[1]} has zero points; the native decoder "
-                             f"reads the exporter's symmetric codes only")
+            raise ValueError(f"{graph_path.name}: MatMulNBits {node.input[1]} has zero points; the core reads "
+                             f"the exporter's symmetric codes only")
         a = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
-        out[node.input[1]] = (int(a["bits"]), int(a["block_size"]), int(a["K"]), int(a["N"]))
-    return out
+        nbits[node.input[1]] = (int(a["bits"]), int(a["block_size"]), int(a["K"]), int(a["N"]))
+    return GraphWeights(arrays, nbits)
 
 
 class ArrayWriter:
@@ -118,11 +122,14 @@ class ArrayWriter:
         self.f.write(np.ascontiguousarray(array).tobytes())
         return [offset, str(array.dtype), list(array.shape)]
 
-    def linear(self, arrays: dict[str, np.ndarray], wname: str, where: str, k_multiple: int = 1) -> dict:
-        """The exporter's per-row int8 W^T [K, O] `wname` and its `.scales`, packed for the kernels:
-        {"K", "codes", "colsum", "colscale", "max_code"}. k_multiple: K padded with zero rows up to
-        a multiple of it (its inputs must then carry as many zero columns)."""
-        wt, scales = arrays[wname], arrays[wname + ".scales"]
+    def linear(self, weights: GraphWeights, wname: str, where: str, k_multiple: int = 1) -> dict:
+        """Matrix `wname` of a graph, packed for the kernels: the exporter's per-row int8 W^T [K, O]
+        and its `.scales` -> {"K", "codes", "colsum", "colscale", "max_code"}; a MatMulNBits matrix
+        (int4 artifacts): see _nbits. k_multiple: K padded with zero rows up to a multiple of it (its
+        inputs must then carry as many zero columns)."""
+        if wname in weights.nbits:
+            return self._nbits(weights, wname, where, k_multiple)
+        wt, scales = weights.arrays[wname], weights.arrays[wname + ".scales"]
         if wt.dtype != np.int8 or wt.ndim != 2:
             raise ValueError(f"{where}: {wname} is {wt.dtype} {wt.shape}, not per-row int8 W^T [K, O]")
         return self._int8(wt, np.asarray(scales, np.float32), k_multiple)
@@ -136,17 +143,16 @@ class ArrayWriter:
         return {"K": int(wt.shape[0]), "codes": self.put(codes), "colsum": self.put(colsum),
                 "colscale": self.put(colscale), "max_code": int(max_code)}
 
-    def linear_nbits(self, arrays: dict[str, np.ndarray], nbits: dict[str, tuple], wname: str, where: str,
-                     k_multiple: int = 1) -> dict:
+    def _nbits(self, weights: GraphWeights, wname: str, where: str, k_multiple: int) -> dict:
         """A MatMulNBits matrix of an int4 artifact (export/onnx_graphs.py, _matmul_nbits), packed for
         the kernels. bits=4: the 4-bit codes and group scales (csrc/linear_int8.h, "int4 matrices"):
         {"K", "O", "bits": 4, "group", "codes4", "gcorr", "gscale"}. bits=8 (int4's per-channel
         int8 matrices: codes + 128, the scale repeated per block, K padded with code 128): the
         per-row int8 record of `linear` (k_multiple as there; 4-bit matrices take none)."""
-        bits, block, K, O = nbits[wname]
+        bits, block, K, O = weights.nbits[wname]
         if bits == 4 and k_multiple != 1:
             raise ValueError(f"{where}: {wname} is a 4-bit matrix; its K cannot be padded")
-        B, scales = arrays[wname], np.asarray(arrays[wname + ".scales"], np.float32).reshape(O, -1)
+        B, scales = weights.arrays[wname], np.asarray(weights.arrays[wname + ".scales"], np.float32).reshape(O, -1)
         if B.dtype != np.uint8 or B.shape[0] != O or B.size != O * scales.shape[1] * block * bits // 8:
             raise ValueError(f"{where}: {wname} is {B.dtype} {B.shape}, not MatMulNBits B for bits={bits} block={block}")
         if bits == 4:
