@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "linear_int8.h"
+#include "vnni_inplace.h"
 
 namespace engine {
 namespace {
@@ -33,12 +34,12 @@ inline void tile(const lin8::Job& job, int m0, int p, int v0, const int8_t* pane
     const int8_t* b = panel + size_t(k) * 128 + 32 * v0;
     _mm_prefetch(reinterpret_cast<const char*>(b + 1024), _MM_HINT_T0);
     if (NV == 4) _mm_prefetch(reinterpret_cast<const char*>(b + 1088), _MM_HINT_T0);
-    __m256i bv[NV];
-    for (int j = 0; j < NV; ++j) bv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32 * j));
-    for (int i = 0; i < MR; ++i) {
-      const __m256i a = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(u + size_t(i) * K4 + 4 * k));
-      for (int j = 0; j < NV; ++j)
-        acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(_mm256_maddubs_epi16(a, bv[j]), ones));
+    for (int j = 0; j < NV; ++j) {
+      const __m256i bv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32 * j));
+      for (int i = 0; i < MR; ++i) {
+        const __m256i a = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(u + size_t(i) * K4 + 4 * k));
+        acc[i][j] = maddubs_acc_inplace(acc[i][j], a, bv, ones);
+      }
     }
   }
   for (int j = 0; j < NV; ++j) {

@@ -1,4 +1,5 @@
-// vpdpbusd that accumulates in place, for the register-tiled int8 kernels.
+// vpdpbusd (and AVX2's vpmaddubsw + vpmaddwd + vpaddd) that accumulates in place, for the
+// register-tiled int8 kernels.
 //
 // GCC 12 compiles _mm512_dpbusd_epi32(acc[i][j], a, b) over an array of accumulators with a
 // register copy of every accumulator around each step: the 6 x 32 tile of linear_int8 issued 24
@@ -11,6 +12,7 @@
 
 namespace engine {
 
+#if defined(__AVX512F__)
 // acc + sum over each lane's 4 bytes of u8 x s8 (_mm512_dpbusd_epi32(acc, u8, s8)).
 static inline __m512i dpbusd_inplace(__m512i acc, __m512i u8, __m512i s8) {
 #if defined(__GNUC__) && !defined(__clang__)
@@ -20,5 +22,24 @@ static inline __m512i dpbusd_inplace(__m512i acc, __m512i u8, __m512i s8) {
   return _mm512_dpbusd_epi32(acc, u8, s8);
 #endif
 }
+#endif
+
+#if defined(__AVX2__)
+// acc + vpmaddwd(vpmaddubsw(u8, s8), ones): the AVX2 form of the step above (the caller keeps the
+// int16 pair sums below saturation). The same register copies appeared around the int32 add in the
+// 4 x 16 tile of the AVX2 kernels (8 vmovdqa and a spill per 8 updates); tmp is a scratch register.
+static inline __m256i maddubs_acc_inplace(__m256i acc, __m256i u8, __m256i s8, __m256i ones) {
+#if defined(__GNUC__) && !defined(__clang__)
+  __m256i tmp;
+  __asm__("vpmaddubsw %3, %2, %1\n\t"
+          "vpmaddwd %4, %1, %1\n\t"
+          "vpaddd %1, %0, %0"
+          : "+x"(acc), "=&x"(tmp) : "x"(u8), "x"(s8), "x"(ones));
+  return acc;
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u8, s8), ones));
+#endif
+}
+#endif
 
 }  // namespace engine

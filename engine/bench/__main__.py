@@ -90,7 +90,8 @@ def have_transformers() -> bool:
 # system variants: engine.load settings of an onnxruntime system, side by side with the plain one
 VARIANTS = {"native-vision": {"vision": "native"}, "graph-vision": {"vision": "graph"},
             "native-decoder": {"decoder": "native"}, "graph-decoder": {"decoder": "graphs"},
-            "all-graphs": {"decoder": "graphs", "vision": "graph"}}
+            "all-graphs": {"decoder": "graphs", "vision": "graph"},
+            "all-native": {"decoder": "native", "vision": "native"}}
 
 
 def parse_systems(systems: str, weights: str | None, transformers_ok: bool) -> tuple[list[dict], list[str]]:
@@ -169,7 +170,16 @@ def machine_info() -> dict:
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "cpu_count": os.cpu_count(), "memory_gb": memory, "platform": platform.platform(),
             "python": platform.python_version(), "simd_flags": [f for f in SIMD_FLAGS if f in flags],
-            "cpu_flags": flags, "engine_cpu_features": cpu_features(), "loadavg_start": loadavg()}
+            "cpu_flags": flags, "engine_cpu_features": cpu_features(), "loadavg_start": loadavg(),
+            "cpuid_cap": cpuid_cap()}
+
+
+def cpuid_cap() -> str | None:
+    """The ISA that benchmarks/cpuid_cap.c (LD_PRELOAD) caps every runtime of this run to, if any:
+    /proc/cpuinfo then lists flags that no process of the run sees."""
+    if "cpuid_cap" not in os.environ.get("LD_PRELOAD", ""):
+        return None
+    return os.environ.get("CPUID_CAP") or "avx2"
 
 
 def loadavg() -> list[float] | None:
@@ -352,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--preset", help=f"synthetic preset (default {FULL['preset']}; see python -m engine.synth --list)")
     src.add_argument("--checkpoint", help="an HF PaliGemma checkpoint directory instead of a synthetic one")
     p.add_argument("--systems", help=f"comma separated (default {FULL['systems']}), e.g. openvino:int4,pytorch:bf16; "
-                   "onnxruntime:int8:native-vision (or :graph-vision, :native-decoder, :graph-decoder, :all-graphs) loads "
+                   "onnxruntime:int8:native-vision (or :graph-vision, :native-decoder, :graph-decoder, :all-graphs, :all-native) loads "
                    "with that vision or decoder setting, beside the plain one")
     p.add_argument("--weights", help="weight formats of bare engine backends, comma separated "
                                      "(default openvino int8,int4,bf16; onnxruntime int8); fp8 on request")

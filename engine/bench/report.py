@@ -454,7 +454,9 @@ def machine_lines(mach: dict) -> list[str]:
     features = mach.get("engine_cpu_features") or {}
     return [f"- CPU: {mach['cpu']} ({mach['cores']} cores visible, {mach['memory_gb']:.1f} GB RAM)",
             f"- SIMD flags (/proc/cpuinfo): {', '.join(mach['simd_flags']) or 'none'}",
-            "- engine.cpu_features(): " + (", ".join(f"{k}={v}" for k, v in features.items()) or "-")]
+            "- engine.cpu_features(): " + (", ".join(f"{k}={v}" for k, v in features.items()) or "-")] + (
+        [f"- CPUID capped to {mach['cpuid_cap']} for every process of the run (benchmarks/cpuid_cap.c): "
+         "onnxruntime, OpenVINO, torch and the engine see no flag above it"] if mach.get("cpuid_cap") else [])
 
 
 def markdown_report(results: dict, chart_name: str | None) -> str:
