@@ -95,7 +95,8 @@ lin8::Kernel kernel_for(SimdLevel level, const PackedLinear& w, int M) {
   if (uses_avx512(level) && cpu_features().avx512_vnni) return lin8::avx512_vnni_kernel();
 #endif
 #if defined(ENGINE_HAVE_AVX2)
-  if ((level == SimdLevel::Avx2 || uses_avx512(level)) && w.max_code <= 64) return lin8::avx2_kernel();
+  if (level == SimdLevel::Avx2 || uses_avx512(level))
+    return w.max_code <= 64 ? lin8::avx2_kernel() : lin8::avx2_wide_kernel();
 #endif
 #if defined(ENGINE_HAVE_NEON_DOT)
   if (level == SimdLevel::Neon && cpu_features().neon_dot) return lin8::neon_dot_kernel();

@@ -14,14 +14,15 @@
 // colsum[n] = sum_k W[k, n] (int32, O32 entries) for the kernels that feed u (not u - 128). The
 // codes must lie in [-127, 127] (the exporter writes 7-bit codes, [-63, 63]); max_code = max |code|
 // decides whether AVX2's vpmaddubsw may take u as it is (u <= 255, so two products stay below
-// its int16 saturation only while |code| <= 64: 2 * 255 * 64 = 32640).
+// its int16 saturation only while |code| <= 64: 2 * 255 * 64 = 32640); larger codes take its wide
+// variant (|code| x signed u - 128).
 //
 // Every SIMD path computes the same exact integer sums and the same float ops as the scalar twin,
 // so all levels agree bit for bit. Rows never interact. Prefill (hundreds of rows) is
 // compute-bound: register tiles of several rows x 32 channels; decode (a few rows) is
 // memory-bound: each panel is read once per call, as one sequential stream per thread.
 // Kernels (chosen per call from the active SIMD level, the CPU and max_code): AVX-512 VNNI
-// (vpdpbusd), AVX2 (vpmaddubsw + vpmaddwd, max_code <= 64), NEON with the dot-product extension
+// (vpdpbusd), AVX2 (vpmaddubsw + vpmaddwd; vpsignb too where max_code > 64), NEON with the dot-product extension
 // (sdot, ARMv8.2+), else the scalar twin; at the amx level, AMX-INT8 tiles (tdpbusd) for calls
 // of >= 16 rows whose K4 is a multiple of 64 (prefill), VNNI for the others.
 //
@@ -128,6 +129,7 @@ Kernel avx512_vnni_kernel();   // defined only where ENGINE_HAVE_AVX512
 Kernel amx_kernel();
 constexpr int kAmxRows = 32;
 Kernel avx2_kernel();          // ENGINE_HAVE_AVX2; needs max_code <= 64
+Kernel avx2_wide_kernel();     // ENGINE_HAVE_AVX2; any max_code (vpsignb: 2/3 of avx2's speed)
 Kernel neon_dot_kernel();      // ENGINE_HAVE_NEON_DOT (aarch64 with the dot-product extension)
 // int4 matrices (group > 0)
 void run_scalar_int4(const Job& job, int p0, int p1);

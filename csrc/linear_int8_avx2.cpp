@@ -2,11 +2,13 @@
 //
 // vpmaddubsw multiplies the unsigned activations u (q + 128) by the signed codes and adds adjacent
 // pairs into int16, saturating; with |code| <= 64 a pair is at most 2 * 255 * 64 = 32640, so it
-// never saturates (the caller checks max_code). vpmaddwd by ones then adds the two pairs of each
+// never saturates (the caller picks the kernel from max_code). vpmaddwd by ones then adds the two pairs of each
 // 4-k group into an int32 lane: 8 output channels x 4 k per 3 instructions, from the same packed
 // bytes vpdpbusd reads (a 128-byte k4 row of a panel is 4 vectors of 8 channels). The exact sum
 // is acc - 128 * colsum[n]. Register tiles: 1 row x 32 channels when a call has one row (decode:
 // the panel streams once), else up to 4 rows x 16 channels (8 accumulators, 2 code vectors).
+// Codes above 64 (int4 artifacts' per-channel 8-bit matrices) take the wide variant (tile, below):
+// one more multiply-port op per step (vpsignb), about 2/3 of the speed.
 // Quantization is the scalar twin's (quantize_rows_u8): O(M K) against the product's O(M K O).
 // Built only on x86 with -mavx2 -mfma (CMakeLists.txt); chosen at run time (linear_int8.cpp).
 #include <immintrin.h>
@@ -20,13 +22,15 @@
 namespace engine {
 namespace {
 
-// y rows [m0, m0 + MR) x channels [n0 + 8 v0, n0 + 8 (v0 + NV)) of panel p.
-template <int MR, int NV>
+// y rows [m0, m0 + MR) x channels [n0 + 8 v0, n0 + 8 (v0 + NV)) of panel p. Wide: codes up to
+// 127 (max_code > 64): vpmaddubsw takes |code| (unsigned) and q = u - 128 with the code's sign
+// (vpsignb), whose pair sums stay below 2 x 127 x 127 = 32258, and the sums need no colsum term.
+template <int MR, int NV, bool Wide>
 inline void tile(const lin8::Job& job, int m0, int p, int v0, const int8_t* panel) {
   const PackedLinear& w = *job.w;
   const int K4 = w.k4();
   const uint8_t* u = job.u + size_t(m0) * K4;
-  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(char(0x80));
   __m256i acc[MR][NV];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NV; ++j) acc[i][j] = _mm256_setzero_si256();
@@ -36,9 +40,13 @@ inline void tile(const lin8::Job& job, int m0, int p, int v0, const int8_t* pane
     if (NV == 4) _mm_prefetch(reinterpret_cast<const char*>(b + 1088), _MM_HINT_T0);
     for (int j = 0; j < NV; ++j) {
       const __m256i bv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32 * j));
+      const __m256i babs = Wide ? _mm256_abs_epi8(bv) : bv;
       for (int i = 0; i < MR; ++i) {
         const __m256i a = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(u + size_t(i) * K4 + 4 * k));
-        acc[i][j] = maddubs_acc_inplace(acc[i][j], a, bv, ones);
+        if (Wide)   // u ^ 0x80 = u - 128 as int8
+          acc[i][j] = maddubs_acc_inplace(acc[i][j], babs, _mm256_sign_epi8(_mm256_xor_si256(a, flip), bv), ones);
+        else
+          acc[i][j] = maddubs_acc_inplace(acc[i][j], a, bv, ones);
       }
     }
   }
@@ -48,7 +56,8 @@ inline void tile(const lin8::Job& job, int m0, int p, int v0, const int8_t* pane
     const int width = w.O - n >= 8 ? 8 : w.O - n;
     const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(width), lanes);
-    const __m256i cs = _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.colsum + n)), 7);
+    const __m256i cs = Wide ? _mm256_setzero_si256()
+                            : _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.colsum + n)), 7);
     const __m256 scale = _mm256_maskload_ps(w.colscale + n, mask);
     for (int i = 0; i < MR; ++i) {
       const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[i][j], cs)), scale);
@@ -57,21 +66,22 @@ inline void tile(const lin8::Job& job, int m0, int p, int v0, const int8_t* pane
   }
 }
 
+template <bool Wide>
 void run_avx2(const lin8::Job& job, int p0, int p1) {
   const size_t panel_bytes = size_t(job.w->k4()) * kLinearPanel;
   for (int p = p0; p < p1; ++p) {
     const int8_t* panel = job.w->codes + size_t(p) * panel_bytes;
     if (job.M == 1) {
-      tile<1, 4>(job, 0, p, 0, panel);
+      tile<1, 4, Wide>(job, 0, p, 0, panel);
       continue;
     }
     for (int v0 = 0; v0 < 4; v0 += 2) {
       int m = 0;
-      for (; m + 4 <= job.M; m += 4) tile<4, 2>(job, m, p, v0, panel);
+      for (; m + 4 <= job.M; m += 4) tile<4, 2, Wide>(job, m, p, v0, panel);
       switch (job.M - m) {
-        case 3: tile<3, 2>(job, m, p, v0, panel); break;
-        case 2: tile<2, 2>(job, m, p, v0, panel); break;
-        case 1: tile<1, 2>(job, m, p, v0, panel); break;
+        case 3: tile<3, 2, Wide>(job, m, p, v0, panel); break;
+        case 2: tile<2, 2, Wide>(job, m, p, v0, panel); break;
+        case 1: tile<1, 2, Wide>(job, m, p, v0, panel); break;
         default: break;
       }
     }
@@ -80,6 +90,7 @@ void run_avx2(const lin8::Job& job, int p0, int p1) {
 
 }  // namespace
 
-lin8::Kernel lin8::avx2_kernel() { return {&run_avx2, &quantize_rows_u8, "avx2"}; }
+lin8::Kernel lin8::avx2_kernel() { return {&run_avx2<false>, &quantize_rows_u8, "avx2"}; }
+lin8::Kernel lin8::avx2_wide_kernel() { return {&run_avx2<true>, &quantize_rows_u8, "avx2_wide"}; }
 
 }  // namespace engine

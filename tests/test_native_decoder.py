@@ -72,6 +72,31 @@ def test_linear_equals_numpy_bit_for_bit(level, simd_level):
         assert np.array_equal(_native.linear_int8(x[1:2], codes, colsum, STEP * scales, K), y[1:2])
 
 
+@pytest.mark.parametrize("level", LEVELS)
+def test_full_range_codes_equal_numpy_bit_for_bit(level, simd_level):
+    """Codes up to +-127 (int4 artifacts' per-channel 8-bit matrices): AVX2 takes its wide variant
+    (|code| x signed q via vpsignb) instead of the scalar twin; every tile shape and channel tail."""
+    simd_level(level)
+    expected = {"scalar": "scalar", "neon": "neon_dot" if FEATURES["neon_dot"] else "scalar", "avx2": "avx2_wide",
+                "avx512": "avx512_vnni" if FEATURES["avx512_vnni"] else "avx2_wide"}.get(level)
+    if expected:
+        assert _native.linear_int8_kernel(7, 100, 70, 127) == expected
+        assert _native.linear_int8_kernel(7, 100, 70, 64) == expected.replace("avx2_wide", "avx2")
+    rng = np.random.default_rng(6)
+    pool = _native.ThreadPool(2)
+    for M, K, O in ((1, 4, 1), (1, 260, 70), (4, 36, 33), (9, 100, 64), (13, 130, 31), (38, 257, 97)):
+        x = (rng.standard_normal((M, K)) * rng.choice([1e-3, 1.0, 50.0], (M, 1))).astype(np.float32)
+        x[M // 2] = 0.0
+        x[-1, : K // 2] = 1.0                              # u = 255 next to large codes
+        wt = rng.integers(-127, 128, (K, O), dtype=np.int8)
+        wt[: K // 2, 0] = 127
+        scales = rng.random(O, dtype=np.float32)
+        codes, colsum, max_code = _native.pack_linear_int8(wt)
+        assert max_code == 127
+        y = _native.linear_int8(x, codes, colsum, STEP * scales, K, pool, max_code)
+        assert np.array_equal(y, reference_linear(x, wt, scales)), (level, M, K, O)
+
+
 @pytest.mark.skipif(not AMX, reason="needs a CPU with AMX-INT8 tiles that the OS enables")
 @pytest.mark.parametrize("level", ["amx", "avx512"])
 def test_prefill_sized_linear_equals_numpy_bit_for_bit(level, simd_level):
