@@ -18,15 +18,19 @@ boundary as close to the fp32 artifact as the graphs, tests/test_native_int4.py)
 When: it needs the onnxruntime backend and an artifact whose decoder matrices are all per-row
 int8 MatMulIntegerToFloat (runtime.ort_backend.per_row_int8_only) or an int4 one. `decoder="native"`
 then runs it on any CPU: the core has AVX-512 VNNI, AVX2 and NEON-sdot kernels and the scalar twin
-(int4: VNNI, AVX2 and the scalar twin; int4's 8-bit per-channel codes exceed AVX2's 7-bit limit and
-take the scalar twin there).
+(int4: VNNI, AVX2 and the scalar twin; int4's 8-bit per-channel codes take AVX2's wide variant,
+which adds a vpsignb).
 `decoder="auto"` (the default of engine.load) takes it only where it was measured faster than
 the graphs: at the amx SIMD level (the core's AMX-INT8 kernel, csrc/linear_int8_amx.cpp, against
 MLAS's own AMX kernels: 3B-224 prefill 0.55-0.6 s against 0.7-0.75 s on 2 Xeon cores) and at the
 avx512 level with VNNI on CPUs without AMX. An AMX CPU forced down to avx512 (ENGINE_SIMD) keeps
-the graphs: MLAS still multiplies on AMX tiles there, the core only with VNNI. On AVX2-only and Arm CPUs MLAS's own u8 x s8
-kernels run the graphs; our AVX2 and sdot kernels are tested there (bit-identical, and under
-qemu for aarch64) but not timed on such a machine, so auto keeps the graphs.
+the graphs: MLAS still multiplies on AMX tiles there, the core only with VNNI. On CPUs whose best
+level is AVX2 (no AVX-512) it takes the core too: both run vpmaddubsw on ymm there, and on an
+Intel Xeon capped to AVX2 for every runtime (benchmarks/cpuid_cap.c; no AVX2-only CPU was at
+hand) the core matched the graphs' TTFT and decoded 1.26x (int8) to 1.5x (int4) faster (see
+auto_declines). ENGINE_SIMD=avx2 on an AVX-512 CPU keeps the graphs (MLAS stays on AVX-512), and
+so do CPUs with AVX-512 but no VNNI (MLAS's 512-bit vpmaddubsw against the core's AVX2 kernel).
+On Arm, our sdot kernel is tested under qemu (bit-identical) but not timed, so auto keeps the graphs.
 int4 artifacts follow the same rule. Measured side by side in engine.bench on a 2-core Intel
 Xeon with AVX-512 VNNI, no AMX (3B-224, with the native vision tower against all graphs): TTFT
 2.49 against 5.23 s, decode 12.0 against 7.2 tokens/s, load 0.21 against 1.64 s. At the amx level
@@ -110,8 +114,15 @@ def auto_declines() -> str | None:
         return "the SIMD level is below amx, and onnxruntime's MLAS runs the int8 products on AMX tiles"
     if features["avx512_vnni"] and features["simd"] == "avx512":
         return None
-    return (f"the native decoder was measured faster only with AVX-512 VNNI or AMX (this CPU: "
-            f"avx512_vnni={features['avx512_vnni']}, amx={features['amx']}, SIMD level {features['simd']})")
+    if features["best"] == features["simd"] == "avx2":
+        # CPUs without AVX-512, where MLAS's u8 x s8 products are vpmaddubsw on ymm as the core's:
+        # an Intel Xeon capped to AVX2 (benchmarks/cpuid_cap.c), 3B-224, int8: TTFT 5.28 against
+        # 5.58 s, decode 7.5 against 5.9 tokens/s, load 0.24 against 1.2 s; int4: TTFT 8.1
+        # against 10.9 s, decode 9.4 against 6.2 (engine.bench, side by side)
+        return None
+    return (f"the native decoder was measured faster only with AVX-512 VNNI, AMX, or AVX2 on a CPU without "
+            f"AVX-512 (this CPU: avx512_vnni={features['avx512_vnni']}, amx={features['amx']}, best level "
+            f"{features['best']}, SIMD level {features['simd']})")
 
 
 def boundary_names(cfg: PaliGemmaConfig, i: int) -> tuple[dict[str, str], dict[str, str]]:
