@@ -79,6 +79,7 @@ LD_PRELOAD="$PRELOAD" ASAN_OPTIONS="detect_leaks=0:$ASAN_BASE:log_path=$WORK/asa
     tests/test_native_vision.py::test_small_tower_against_numpy tests/test_native_vision.py::test_tower_bad_input_errors \
     tests/test_native_int4.py::test_pack_layout tests/test_native_int4.py::test_int4_linear_equals_numpy_bit_for_bit \
     tests/test_native_int4.py::test_int4_and_int8_matrices_in_one_call tests/test_native_int4.py::test_int4_bad_input_errors \
+    tests/test_native_decoder.py::test_full_range_codes_equal_numpy_bit_for_bit \
     tests/test_serving.py -k "${SAN_PYTEST_K:-not openvino}" ${SAN_PYTEST_ARGS:-} || status=$?
 if [[ $status != 0 ]] || grep -qs -e "ERROR: AddressSanitizer" -e "runtime error:" "$WORK"/asan/report.*; then
   cat "$WORK"/asan/report.* 2>/dev/null || true
