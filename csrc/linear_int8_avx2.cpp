@@ -2,8 +2,8 @@
 //
 // vpmaddubsw multiplies the unsigned activations u (q + 128) by the signed codes and adds adjacent
 // pairs into int16, saturating; with |code| <= 64 a pair is at most 2 * 255 * 64 = 32640, so it
-// never saturates (the caller picks the kernel from max_code). vpmaddwd by ones then adds the two pairs of each
-// 4-k group into an int32 lane: 8 output channels x 4 k per 3 instructions, from the same packed
+// never saturates (the caller picks the kernel from max_code). vpmaddwd by ones then adds the two
+// pairs of each 4-k group into an int32 lane: 8 output channels x 4 k per 3 instructions, from the same packed
 // bytes vpdpbusd reads (a 128-byte k4 row of a panel is 4 vectors of 8 channels). The exact sum
 // is acc - 128 * colsum[n]. Register tiles: 1 row x 32 channels when a call has one row (decode:
 // the panel streams once), else up to 4 rows x 16 channels (8 accumulators, 2 code vectors).

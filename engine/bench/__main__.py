@@ -362,8 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--preset", help=f"synthetic preset (default {FULL['preset']}; see python -m engine.synth --list)")
     src.add_argument("--checkpoint", help="an HF PaliGemma checkpoint directory instead of a synthetic one")
     p.add_argument("--systems", help=f"comma separated (default {FULL['systems']}), e.g. openvino:int4,pytorch:bf16; "
-                   "onnxruntime:int8:native-vision (or :graph-vision, :native-decoder, :graph-decoder, :all-graphs, :all-native) loads "
-                   "with that vision or decoder setting, beside the plain one")
+                   "onnxruntime:int8:native-vision (or :graph-vision, :native-decoder, :graph-decoder, :all-graphs, "
+                   ":all-native) loads with that vision or decoder setting, beside the plain one")
     p.add_argument("--weights", help="weight formats of bare engine backends, comma separated "
                                      "(default openvino int8,int4,bf16; onnxruntime int8); fp8 on request")
     p.add_argument("--workload", default="caption",
