@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 from engine import _native, tasks
 from engine.bench import report, workers
-from engine.bench.__main__ import parse_systems, parse_workloads, split_workloads, warm_page_cache
+from engine.bench.__main__ import cpuid_cap, parse_systems, parse_workloads, split_workloads, warm_page_cache
 from engine.synth import preset_config
 
 HAVE_TRANSFORMERS = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
@@ -322,9 +322,27 @@ def test_parse_systems():
     systems, _ = parse_systems("onnxruntime:int8,onnxruntime:int8:native-vision,ort-int8", None, True)
     assert [(s["id"], s.get("vision")) for s in systems] == [("onnxruntime-int8", None),
                                                              ("onnxruntime-int8-native-vision", "native")]
+    systems, _ = parse_systems("onnxruntime:int4:all-native", None, True)
+    assert [(s["id"], s.get("decoder"), s.get("vision")) for s in systems] == [
+        ("onnxruntime-int4-all-native", "native", "native")]
     for bad in ("openvino:int8:native-vision", "onnxruntime:int8:fast"):
         with pytest.raises(ValueError, match="onnxruntime systems take native-vision or graph-vision"):
             parse_systems(bad, None, True)
+
+
+def test_cpuid_cap_is_read_from_the_preload_and_shown_in_results_md(monkeypatch):
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.setenv("CPUID_CAP", "avx512")
+    assert cpuid_cap() is None                         # CPUID_CAP alone caps nothing
+    monkeypatch.setenv("LD_PRELOAD", "/tmp/x/cpuid_cap.so")
+    assert cpuid_cap() == "avx512"
+    monkeypatch.delenv("CPUID_CAP")
+    assert cpuid_cap() == "avx2"                       # the shim's default
+    mach = {"cpu": "X", "cores": 2, "memory_gb": 8.0, "simd_flags": ["avx2", "avx512f"],
+            "engine_cpu_features": {"best": "avx2"}}
+    assert not any("CPUID capped" in line for line in report.machine_lines(mach))
+    lines = report.machine_lines(dict(mach, cpuid_cap="avx2"))
+    assert lines[-1].startswith("- CPUID capped to avx2 for every process of the run")
 
 
 def test_parse_workloads():
