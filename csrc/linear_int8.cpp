@@ -93,6 +93,7 @@ lin8::Kernel kernel_for(SimdLevel level, const PackedLinear& w, int M) {
 #endif
 #if defined(ENGINE_HAVE_AVX512)
   if (uses_avx512(level) && cpu_features().avx512_vnni) return lin8::avx512_vnni_kernel();
+  if (uses_avx512(level) && w.max_code <= 64) return lin8::avx512bw_kernel();
 #endif
 #if defined(ENGINE_HAVE_AVX2)
   if (level == SimdLevel::Avx2 || uses_avx512(level))

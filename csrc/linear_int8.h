@@ -125,6 +125,7 @@ struct Kernel {
 void interleave_tiles(const uint8_t* u, int M, std::size_t K4, int R, uint8_t* tiles);
 void run_scalar(const Job& job, int p0, int p1);
 Kernel avx512_vnni_kernel();   // defined only where ENGINE_HAVE_AVX512
+Kernel avx512bw_kernel();      // ENGINE_HAVE_AVX512, AVX-512 without VNNI; needs max_code <= 64
 // ENGINE_HAVE_AMX; needs K4 % 64 == 0 and u padded to whole blocks of kAmxRows rows
 Kernel amx_kernel();
 constexpr int kAmxRows = 32;

@@ -1,4 +1,4 @@
-// AVX-512 VNNI kernels of linear_int8 (linear_int8.h).
+// AVX-512 kernels of linear_int8 (linear_int8.h): VNNI, and BW for CPUs without VNNI.
 //
 // GEMM: vpdpbusd multiplies the unsigned activations u (q + 128) by the signed codes and adds the
 // four products of each int32 lane, so one instruction does 4 k of 16 output channels; the
@@ -20,8 +20,11 @@
 //
 // Quantization: the graph's Div and QuantizeLinear (two IEEE divisions, round half to even), so
 // u equals the scalar twin's bit for bit.
-// Built only on x86 with the AVX-512 flags plus -mavx512vnni (CMakeLists.txt); chosen at run time
-// only where the CPU has AVX-512 VNNI (linear_int8.cpp).
+// Without VNNI (avx512bw_kernel, Skylake-SP class) the same tiles multiply with vpmaddubsw +
+// vpmaddwd + vpaddd on zmm (maddubs512_acc_inplace), for codes up to 64 like AVX2's kernel.
+// Built only on x86 with the AVX-512 flags plus -mavx512vnni (CMakeLists.txt); the VNNI kernel is
+// chosen at run time only where the CPU has AVX-512 VNNI, the other one where it has not
+// (linear_int8.cpp): its instantiation has no VNNI instruction.
 // GCC 12 warns about its own intrinsics (_mm512_undefined_* in avx512fintrin.h): a false positive.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -41,8 +44,9 @@ namespace {
 
 constexpr int kTileRows = 6;
 
-// y rows [m0, m0 + MR) x panel p's 32 channels.
-template <int MR>
+// y rows [m0, m0 + MR) x panel p's 32 channels. Vnni false: vpmaddubsw + vpmaddwd + vpaddd, for
+// AVX-512 CPUs without VNNI (Skylake-SP class), exact while max_code <= 64 (as AVX2's kernel).
+template <int MR, bool Vnni>
 inline void tile(const lin8::Job& job, int m0, int p, const int8_t* panel) {
   const PackedLinear& w = *job.w;
   const int K4 = w.k4();
@@ -50,6 +54,7 @@ inline void tile(const lin8::Job& job, int m0, int p, const int8_t* panel) {
   const bool interleaved = MR == kTileRows && job.tiles != nullptr;
   const uint8_t* a0 = interleaved ? job.tiles + size_t(m0) * K4 : job.u + size_t(m0) * K4;
   const size_t step = interleaved ? 4 * MR : 4, row = interleaved ? 4 : size_t(K4);
+  const __m512i ones = _mm512_set1_epi16(1);
   __m512i acc[MR][2];
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
   for (int k = 0; k < K4 / 4; ++k) {
@@ -60,8 +65,13 @@ inline void tile(const lin8::Job& job, int m0, int p, const int8_t* panel) {
     const __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 64);
     for (int i = 0; i < MR; ++i) {
       const __m512i a = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(a0 + size_t(k) * step + size_t(i) * row));
-      acc[i][0] = dpbusd_inplace(acc[i][0], a, b0);
-      acc[i][1] = dpbusd_inplace(acc[i][1], a, b1);
+      if (Vnni) {
+        acc[i][0] = dpbusd_inplace(acc[i][0], a, b0);
+        acc[i][1] = dpbusd_inplace(acc[i][1], a, b1);
+      } else {
+        acc[i][0] = maddubs512_acc_inplace(acc[i][0], a, b0, ones);
+        acc[i][1] = maddubs512_acc_inplace(acc[i][1], a, b1, ones);
+      }
     }
   }
   const int n0 = p * kLinearPanel;
@@ -78,18 +88,19 @@ inline void tile(const lin8::Job& job, int m0, int p, const int8_t* panel) {
   }
 }
 
-void run_vnni(const lin8::Job& job, int p0, int p1) {
+template <bool Vnni>
+void run_tiles(const lin8::Job& job, int p0, int p1) {
   const size_t panel_bytes = size_t(job.w->k4()) * kLinearPanel;
   for (int p = p0; p < p1; ++p) {
     const int8_t* panel = job.w->codes + size_t(p) * panel_bytes;
     int m = 0;
-    for (; m + kTileRows <= job.M; m += kTileRows) tile<kTileRows>(job, m, p, panel);
+    for (; m + kTileRows <= job.M; m += kTileRows) tile<kTileRows, Vnni>(job, m, p, panel);
     switch (job.M - m) {
-      case 5: tile<5>(job, m, p, panel); break;
-      case 4: tile<4>(job, m, p, panel); break;
-      case 3: tile<3>(job, m, p, panel); break;
-      case 2: tile<2>(job, m, p, panel); break;
-      case 1: tile<1>(job, m, p, panel); break;
+      case 5: tile<5, Vnni>(job, m, p, panel); break;
+      case 4: tile<4, Vnni>(job, m, p, panel); break;
+      case 3: tile<3, Vnni>(job, m, p, panel); break;
+      case 2: tile<2, Vnni>(job, m, p, panel); break;
+      case 1: tile<1, Vnni>(job, m, p, panel); break;
       default: break;
     }
   }
@@ -128,6 +139,7 @@ void quantize_avx512(const float* x, int M, int K, uint8_t* u, float* r) {
 
 }  // namespace
 
-lin8::Kernel lin8::avx512_vnni_kernel() { return {&run_vnni, &quantize_avx512, "avx512_vnni", false, kTileRows}; }
+lin8::Kernel lin8::avx512_vnni_kernel() { return {&run_tiles<true>, &quantize_avx512, "avx512_vnni", false, kTileRows}; }
+lin8::Kernel lin8::avx512bw_kernel() { return {&run_tiles<false>, &quantize_avx512, "avx512bw", false, kTileRows}; }
 
 }  // namespace engine

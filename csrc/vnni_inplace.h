@@ -22,6 +22,19 @@ static inline __m512i dpbusd_inplace(__m512i acc, __m512i u8, __m512i s8) {
   return _mm512_dpbusd_epi32(acc, u8, s8);
 #endif
 }
+
+// acc + vpmaddwd(vpmaddubsw(u8, s8), ones) on 512 bits: the same step for AVX-512 CPUs without
+// VNNI (the caller keeps the int16 pair sums below saturation, as for AVX2 below). Only the add is
+// asm: with all three instructions in one statement GCC copied the accumulators around it again.
+static inline __m512i maddubs512_acc_inplace(__m512i acc, __m512i u8, __m512i s8, __m512i ones) {
+#if defined(__GNUC__) && !defined(__clang__)
+  const __m512i t = _mm512_madd_epi16(_mm512_maddubs_epi16(u8, s8), ones);
+  __asm__("vpaddd %1, %0, %0" : "+v"(acc) : "v"(t));
+  return acc;
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u8, s8), ones));
+#endif
+}
 #endif
 
 #if defined(__AVX2__)
