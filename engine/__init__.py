@@ -80,12 +80,12 @@ def load(path=None, backend: str = DEFAULT_BACKEND, threads: int | None = None, 
       others on one row block), so that the first generate does not pay for the plugin's lazy weight
       repacking; "full": the others also at a prompt's size (engine/runtime/ov_backend.py).
     decoder: "auto" (the C++ core computes the decoder graphs of an int8 or int4 artifact on the
-      onnxruntime backend where it was measured faster: AVX-512 VNNI without AMX, the amx
-      SIMD level, and CPUs whose best level is AVX2; its packed
+      onnxruntime backend where it was measured faster: AVX-512 without AMX, the amx SIMD
+      level, and CPUs whose best level is AVX2; its packed
       weights are kept in the engine's cache, engine/runtime/native_decoder.py), "graphs", or
       "native" (the core on any CPU: AVX-512 VNNI, AVX2 and NEON-sdot kernels, else scalar).
     vision: the same for the vision graph (SigLIP + projector; engine/runtime/native_vision.py):
-      "auto" (the core where it was measured no slower: AVX-512 VNNI without AMX, CPUs whose best
+      "auto" (the core where it was measured no slower: AVX-512 without AMX, CPUs whose best
       level is AVX2), "graph" or
       "native".
     """

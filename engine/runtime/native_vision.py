@@ -12,8 +12,8 @@ When: the onnxruntime backend and a per-row int8 artifact, like the native decod
 one, whose tower stays int8 per channel (MatMulNBits bits=8, read as per-row int8: the same codes
 and scales, the activations quantized per row where MatMulNBits' accuracy_level 4 does it per block).
 `vision="native"` runs it on any CPU. `vision="auto"` (the default of engine.load) takes it
-only where it was measured no slower than the graph (AVX-512 VNNI without AMX; CPUs whose best
-is AVX2); see `auto_declines`.
+only where it was measured no slower than the graph (AVX-512 without AMX; CPUs whose best is
+AVX2); see `auto_declines`.
 PALIGEMMA_EDGE_NATIVE_VISION=0 turns auto's choice off; `vision="graph"` too.
 
 Weights: packed once per artifact into `<default_cache_dir()>/native-vision/<key>/` (weights.bin,
@@ -83,7 +83,8 @@ def auto_declines() -> str | None:
     with AVX-512 VNNI and no AMX): the tower 0.45 s against the graph's 0.44 s at 224 px (3
     repeats), 2.41 s against 2.94 s at 448 px (its attention runs in tiles, without the graph's
     16 x 1,024 x 1,024 score matrix), load 0.26 against 0.62 s (no vision session to create). So
-    auto takes it where the native decoder runs on VNNI: the avx512 level with VNNI, no AMX. At
+    auto takes it at the avx512 level without AMX (without VNNI too: 0.72 against 0.83 s capped to
+    AVX-512 without VNNI, its 512-bit vpmaddubsw kernel against MLAS's). At
     the amx level (AMX-INT8 linear layers, AMX-BF16 attention) it has not been measured, and
     MLAS runs the graph on AMX tiles too, so auto keeps the graph there. int4 artifacts keep the
     tower at int8 per channel in MatMulNBits bits=8, which the core reads as per-row int8: 0.50
@@ -95,14 +96,14 @@ def auto_declines() -> str | None:
     where the CPU has nothing above it; ENGINE_SIMD=avx2 on an AVX-512 CPU leaves MLAS on AVX-512,
     3x faster than the core's AVX2 kernels (1.4 against 0.34-0.46 s), and keeps the graph."""
     features = _native.cpu_features()
-    if features["avx512_vnni"] and features["simd"] == "avx512" and not features["amx"]:
-        return None
+    if features["simd"] == "avx512" and not features["amx"]:
+        return None   # without VNNI too (capped to AVX-512 without VNNI: 0.72 against 0.83 s at 224 px)
     if features["amx"]:
         return "the native vision tower has not been measured against onnxruntime's AMX kernels yet"
     if features["best"] == features["simd"] == "avx2":
         return None
-    return (f"the native vision tower was measured no slower only with AVX-512 VNNI, or AVX2 on a CPU "
-            f"without AVX-512 (this CPU: avx512_vnni={features['avx512_vnni']}, best level {features['best']}, "
+    return (f"the native vision tower was measured no slower only at the avx512 level without AMX, or at avx2 "
+            f"on a CPU without AVX-512 (this CPU: avx512_vnni={features['avx512_vnni']}, best level {features['best']}, "
             f"SIMD level {features['simd']})")
 
 
