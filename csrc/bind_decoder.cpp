@@ -262,7 +262,8 @@ one task list; how the decoder runs q/k/v and gate/up): linears = [(codes, colsu
     return std::string(engine::linear_int8_kernel(M, w));
   }, py::arg("M"), py::arg("K"), py::arg("O"), py::arg("max_code") = 63, py::arg("group") = 0,
         "The kernel linear_int8 takes for M rows of a K -> O matrix at the active SIMD level: 'amx', "
-        "'avx512_vnni', 'avx2' (max_code <= 64; else 'avx2_wide'), 'neon_dot' or 'scalar'; group > 0 "
+        "'avx512_vnni', 'avx512bw' (no VNNI, max_code <= 64), 'avx2' (max_code <= 64; else 'avx2_wide'), "
+        "'neon_dot' or 'scalar'; group > 0 "
         "(an int4 matrix): 'avx512_vnni_int4', 'avx2_int4' or 'scalar_int4'.");
   m.def("pack_linear_int4", &pack_int4_py, py::arg("nbits"), py::arg("scales"), py::arg("K"), py::arg("group"),
         R"doc(Pack an int4 matrix as MatMulNBits stores it (nbits uint8 [O, K/2] or [O, K/group, group/2], two

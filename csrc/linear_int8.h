@@ -22,8 +22,9 @@
 // compute-bound: register tiles of several rows x 32 channels; decode (a few rows) is
 // memory-bound: each panel is read once per call, as one sequential stream per thread.
 // Kernels (chosen per call from the active SIMD level, the CPU and max_code): AVX-512 VNNI
-// (vpdpbusd), AVX2 (vpmaddubsw + vpmaddwd; vpsignb too where max_code > 64), NEON with the
-// dot-product extension (sdot, ARMv8.2+), else the scalar twin; at the amx level, AMX-INT8 tiles (tdpbusd) for calls
+// (vpdpbusd), AVX-512 BW without VNNI (vpmaddubsw + vpmaddwd on zmm, max_code <= 64), AVX2 (the
+// same on ymm; vpsignb too where max_code > 64), NEON with the dot-product extension (sdot,
+// ARMv8.2+), else the scalar twin; at the amx level, AMX-INT8 tiles (tdpbusd) for calls
 // of >= 16 rows whose K4 is a multiple of 64 (prefill), VNNI for the others.
 //
 // int4 matrices (PackedLinear::group > 0; MatMulNBits bits=4 of an int4 artifact, zero point 8):
