@@ -23,7 +23,8 @@ which adds a vpsignb).
 `decoder="auto"` (the default of engine.load) takes it only where it was measured faster than
 the graphs: at the amx SIMD level (the core's AMX-INT8 kernel, csrc/linear_int8_amx.cpp, against
 MLAS's own AMX kernels: 3B-224 prefill 0.55-0.6 s against 0.7-0.75 s on 2 Xeon cores) and at the
-avx512 level with VNNI on CPUs without AMX. An AMX CPU forced down to avx512 (ENGINE_SIMD) keeps
+avx512 level on CPUs without AMX (VNNI, or the 512-bit vpmaddubsw kernel where VNNI is missing:
+see below). An AMX CPU forced down to avx512 (ENGINE_SIMD) keeps
 the graphs: MLAS still multiplies on AMX tiles there, the core only with VNNI. On CPUs whose best
 level is AVX2 (no AVX-512) it takes the core too: both run vpmaddubsw on ymm there, and on an
 Intel Xeon capped to AVX2 for every runtime (benchmarks/cpuid_cap.c; no AVX2-only CPU was at
