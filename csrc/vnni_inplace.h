@@ -24,8 +24,9 @@ static inline __m512i dpbusd_inplace(__m512i acc, __m512i u8, __m512i s8) {
 }
 
 // acc + vpmaddwd(vpmaddubsw(u8, s8), ones) on 512 bits: the same step for AVX-512 CPUs without
-// VNNI (the caller keeps the int16 pair sums below saturation, as for AVX2 below). Only the add is
-// asm: with all three instructions in one statement GCC copied the accumulators around it again.
+// VNNI (the caller keeps the int16 pair sums below saturation, as for AVX2 below). Only the add,
+// the instruction that writes the accumulator, is asm: with all three in one statement GCC copied
+// the accumulators around it again.
 static inline __m512i maddubs512_acc_inplace(__m512i acc, __m512i u8, __m512i s8, __m512i ones) {
 #if defined(__GNUC__) && !defined(__clang__)
   const __m512i t = _mm512_madd_epi16(_mm512_maddubs_epi16(u8, s8), ones);
@@ -38,16 +39,13 @@ static inline __m512i maddubs512_acc_inplace(__m512i acc, __m512i u8, __m512i s8
 #endif
 
 #if defined(__AVX2__)
-// acc + vpmaddwd(vpmaddubsw(u8, s8), ones): the AVX2 form of the step above (the caller keeps the
-// int16 pair sums below saturation). The same register copies appeared around the int32 add in the
-// 4 x 16 tile of the AVX2 kernels (8 vmovdqa and a spill per 8 updates); tmp is a scratch register.
+// acc + vpmaddwd(vpmaddubsw(u8, s8), ones): the AVX2 form of the step above, its add in place too
+// (the caller keeps the int16 pair sums below saturation). The same register copies appeared
+// around the int32 add in the 4 x 16 tile of the AVX2 kernels (8 vmovdqa and a spill per 8 updates).
 static inline __m256i maddubs_acc_inplace(__m256i acc, __m256i u8, __m256i s8, __m256i ones) {
 #if defined(__GNUC__) && !defined(__clang__)
-  __m256i tmp;
-  __asm__("vpmaddubsw %3, %2, %1\n\t"
-          "vpmaddwd %4, %1, %1\n\t"
-          "vpaddd %1, %0, %0"
-          : "+x"(acc), "=&x"(tmp) : "x"(u8), "x"(s8), "x"(ones));
+  const __m256i t = _mm256_madd_epi16(_mm256_maddubs_epi16(u8, s8), ones);
+  __asm__("vpaddd %1, %0, %0" : "+x"(acc) : "x"(t));
   return acc;
 #else
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u8, s8), ones));
