@@ -114,16 +114,12 @@ def auto_declines() -> str | None:
         # ENGINE_SIMD=avx512 on an AMX CPU: MLAS multiplies the graphs' u8 x s8 products on AMX
         # tiles, the core then only with VNNI (prefill 1.4 s against the graphs' 0.75 s, 3B-224)
         return "the SIMD level is below amx, and onnxruntime's MLAS runs the int8 products on AMX tiles"
-    if features["simd"] == "avx512":
-        # with VNNI (measured on Zen 4 and an Intel Xeon), and without it (the Intel Xeon capped to
-        # AVX-512 without VNNI by benchmarks/cpuid_cap.c, the core's 512-bit vpmaddubsw kernel
-        # against MLAS's: TTFT 3.61 against 4.21 s, decode 7.7 against 5.8 tokens/s, 3B-224 int8)
-        return None
-    if features["best"] == features["simd"] == "avx2":
-        # CPUs without AVX-512, where MLAS's u8 x s8 products are vpmaddubsw on ymm as the core's:
-        # an Intel Xeon capped to AVX2 (benchmarks/cpuid_cap.c), 3B-224, int8: TTFT 5.28 against
-        # 5.58 s, decode 7.5 against 5.9 tokens/s, load 0.24 against 1.2 s; int4: TTFT 8.1
-        # against 10.9 s, decode 9.4 against 6.2 (engine.bench, side by side)
+    if packed_weights.kernels_match_mlas(features):
+        # avx512 with VNNI (measured on Zen 4 and an Intel Xeon) and without it (the Intel Xeon
+        # capped to AVX-512 without VNNI by benchmarks/cpuid_cap.c: TTFT 3.61 against 4.21 s,
+        # decode 7.7 against 5.8 tokens/s, 3B-224 int8); avx2 on CPUs without AVX-512 (capped to
+        # AVX2: int8 TTFT 5.28 against 5.58 s, decode 7.5 against 5.9 tokens/s, load 0.24 against
+        # 1.2 s; int4 TTFT 8.1 against 10.9 s, decode 9.4 against 6.2; engine.bench, side by side)
         return None
     return (f"the native decoder was measured faster only at the amx and avx512 levels, or at avx2 on a CPU "
             f"without AVX-512 (this CPU: avx512_vnni={features['avx512_vnni']}, amx={features['amx']}, best level "

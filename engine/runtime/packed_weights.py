@@ -46,6 +46,17 @@ def unsupported_reason(backend: str, manifest: Manifest, what: str) -> str | Non
     return None
 
 
+def kernels_match_mlas(features: dict) -> bool:
+    """Whether, at this SIMD level on this CPU (engine.cpu_features()), the core's linear kernels run
+    on the same instructions as onnxruntime's MLAS for the graphs, so that the core was measured
+    at least as fast as the graphs end to end (README Performance): the avx512 level without AMX
+    (VNNI or, without it, 512-bit vpmaddubsw on both sides), and avx2 on CPUs without AVX-512.
+    Forced below the CPU's best (ENGINE_SIMD), MLAS keeps the better instructions: not a match."""
+    if features["amx"]:
+        return False
+    return features["simd"] == "avx512" or features["best"] == features["simd"] == "avx2"
+
+
 def is_int4_nbits(manifest: Manifest) -> bool:
     """An int4 artifact whose quantized ONNX matrices are all MatMulNBits (every int4 export): 4-bit
     groups, and int4's per-channel int8 matrices (layer 0, v_proj, the vision tower) in bits=8."""
