@@ -20,6 +20,13 @@ void gelu(float* x, int64_t n);
 namespace norm_avx512 {
 void rms_norm_row(const float* x, int D, const float* w1, float eps, float* y);   // decoder_layer_avx512.cpp
 }
+namespace gelu_avx2 {
+void gelu_mul(float* g, const float* u, int64_t n);   // decoder_layer_avx2.cpp
+void gelu(float* x, int64_t n);
+}
+namespace norm_avx2 {
+void rms_norm_row(const float* x, int D, const float* w1, float eps, float* y);   // decoder_layer_avx2.cpp
+}
 
 float gelu_tanh_scalar(float x) {
   // tanh(y) = y P(y^2) / Q(y^2), |y| <= 9: the rational approximation of MLAS (and Eigen)
@@ -75,6 +82,14 @@ void rms_norm_rows(const float* x, int T, int D, const float* w1, float eps, flo
     return;
   }
 #endif
+#if defined(ENGINE_HAVE_AVX2)
+  if (active_simd() == SimdLevel::Avx2) {
+    parallel_chunks(T, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) norm_avx2::rms_norm_row(x + r * D, D, w1, eps, y + r * D);
+    });
+    return;
+  }
+#endif
   parallel_chunks(T, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* xr = x + r * D;
@@ -92,6 +107,9 @@ void gelu_mul(float* g, const float* u, int64_t n) {
 #if defined(ENGINE_HAVE_AVX512)
   if (uses_avx512(active_simd())) fn = &gelu_avx512::gelu_mul;
 #endif
+#if defined(ENGINE_HAVE_AVX2)
+  if (active_simd() == SimdLevel::Avx2) fn = &gelu_avx2::gelu_mul;
+#endif
   parallel_chunks(n, int64_t(1) << 15, [&](int64_t a, int64_t b) { fn(g + a, u + a, b - a); });
 }
 
@@ -99,6 +117,9 @@ void gelu_inplace(float* x, int64_t n) {
   void (*fn)(float*, int64_t) = &gelu_scalar;
 #if defined(ENGINE_HAVE_AVX512)
   if (uses_avx512(active_simd())) fn = &gelu_avx512::gelu;
+#endif
+#if defined(ENGINE_HAVE_AVX2)
+  if (active_simd() == SimdLevel::Avx2) fn = &gelu_avx2::gelu;
 #endif
   parallel_chunks(n, int64_t(1) << 15, [&](int64_t a, int64_t b) { fn(x + a, b - a); });
 }

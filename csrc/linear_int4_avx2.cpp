@@ -103,6 +103,6 @@ void run_avx2_int4(const lin8::Job& job, int p0, int p1) {
 
 }  // namespace
 
-lin8::Kernel lin8::avx2_int4_kernel() { return {&run_avx2_int4, &quantize_rows_u8, "avx2_int4"}; }
+lin8::Kernel lin8::avx2_int4_kernel() { return {&run_avx2_int4, &quantize_rows_avx2, "avx2_int4"}; }
 
 }  // namespace engine

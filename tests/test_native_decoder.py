@@ -146,6 +146,25 @@ def test_linear_at_the_saturation_edges(level, simd_level):
             assert np.array_equal(y, reference_linear(x, wt, scales)), (level, max_code)
 
 
+@pytest.mark.parametrize("level", LEVELS)
+def test_non_finite_input_is_refused_at_every_level(level, simd_level):
+    """Each level's quantizer checks every element: in its SIMD steps and in a row's tail."""
+    simd_level(level)
+    K = 19
+    codes, colsum, max_code = _native.pack_linear_int8(np.ones((K, 4), np.int8))
+    cs = np.full(4, STEP, np.float32)
+    for at in (2, 9, 17):
+        for bad in (np.nan, np.inf, -np.inf):
+            x = np.ones((3, K), np.float32)
+            x[1, at] = bad
+            with pytest.raises(ValueError, match="non-finite"):
+                _native.linear_int8(x, codes, colsum, cs, K, None, max_code)
+    x = np.full((3, K), 1e36, np.float32)     # large but finite: accepted
+    x[1, ::2] = -1e36
+    y = _native.linear_int8(x, codes, colsum, cs, K, None, max_code)
+    assert np.array_equal(y, reference_linear(x, np.ones((K, 4), np.int8), np.ones(4, np.float32)))
+
+
 def test_linear_bad_input_errors():
     wt = np.ones((8, 4), np.int8)
     codes, colsum, _ = _native.pack_linear_int8(wt)
