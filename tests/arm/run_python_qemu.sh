@@ -200,8 +200,8 @@ timed demo guest -m engine demo --out "$RUN/demo.png" || FAILED+=("demo")
 # NEON vs scalar vs numpy through the bindings (the tests switch levels with set_simd_level):
 # attention, the serving steps, the int8 LM-head product (tests/test_matmul_int8.py) and the native
 # decoder's int8 linear layer with its sdot kernel (tests/test_native_decoder.py), the native vision
-# tower against its numpy oracle (tests/test_native_vision.py), the int4 linear layer (its scalar
-# twin on Arm) against its numpy twin (tests/test_native_int4.py).
+# tower against its numpy oracle (tests/test_native_vision.py), the int4 linear layer (its udot
+# kernel) against its numpy twin (tests/test_native_int4.py).
 # Deselected under qemu: test_thread_pool_survives_fork, whose forked child hangs under
 # qemu-user (fork of a multi-threaded guest; see the README's ARM section).
 A="$SRC/tests/test_native_attention.py"
