@@ -135,3 +135,54 @@ def test_concurrency_defaults():
     assert args.levels == [1, 8] and args.preset == "paligemma2-3b-224"
     assert args.systems == "onnxruntime:int8,pytorch:fp32" and args.detect_tokens == 20
     assert str(args.out).endswith("paligemma2-3b-224-concurrency")
+
+
+class _BurstHandle:
+    """A request whose reader fell behind a fast model (the tiny one, ~1 ms a token, on a loaded CI
+    machine): its first read returns most of the budget at once (RequestHandle.tokens() yields what
+    accumulated since the last read), then the last 3 tokens one at a time."""
+
+    def __init__(self, budget):
+        self.budget, self.cancelled = budget, False
+
+    def tokens(self):
+        if self.budget > 3:
+            yield [1] * (self.budget - 3)
+        yield from ([2] for _ in range(min(3, self.budget)))
+
+    def cancel(self):
+        self.cancelled = True
+
+    def result(self):
+        return None
+
+
+class _BurstModel:
+    def __init__(self):
+        self.handles = []
+
+    def submit(self, image, prompt, *, max_new_tokens, ignore_eos):
+        assert ignore_eos
+        self.handles.append(_BurstHandle(max_new_tokens))
+        return self.handles[-1]
+
+
+def test_decode_steps_survives_a_reader_that_gets_its_tokens_in_one_chunk():
+    """CI once saw StopIteration here: the stream ended before `steps` tokens were read after the
+    first chunk. Now it measures what there was, and the budget leaves slack past `steps`."""
+    model = _BurstModel()
+    out = concurrency.decode_steps(model, [1, 3], steps=8, image_index=0)
+    assert [o["rows"] for o in out] == [1, 3]
+    assert all(o["step_s"] > 0 and o["tokens_per_s"] > 0 for o in out)
+    assert all(h.cancelled for h in model.handles) and len(model.handles) == 4
+    assert all(h.budget >= 1 + 4 * 8 for h in model.handles)
+
+
+def test_decode_steps_refuses_a_request_that_ends_after_its_first_token():
+    class OneToken(_BurstModel):
+        def submit(self, image, prompt, *, max_new_tokens, ignore_eos):
+            h = super().submit(image, prompt, max_new_tokens=1, ignore_eos=ignore_eos)
+            return h
+
+    with pytest.raises(RuntimeError, match="ended after its first token"):
+        concurrency.decode_steps(OneToken(), [1], steps=8, image_index=0)
