@@ -6,8 +6,10 @@
 // 0..15 as the signed operand, u as the unsigned one). After each group the exact sums are
 // corrected (gcorr, qsum8) and added into float accumulators with one fma: 6 x 2 int32 and
 // 6 x 2 float accumulators, 24 of the 32 registers. A decode row reads half the bytes of int8.
-// Built with the AVX-512 flags plus -mavx512vnni (CMakeLists.txt); chosen at run time only where
-// the CPU has AVX-512 VNNI (linear_int8.cpp).
+// Without VNNI (Skylake-SP class) the same tile multiplies with vpmaddubsw + vpmaddwd + vpaddd
+// (u x code <= 255 x 15: pair sums never saturate), as linear_int8_avx512.cpp's BW kernel does.
+// Built with the AVX-512 flags plus -mavx512vnni (CMakeLists.txt); the VNNI kernel is chosen at
+// run time only where the CPU has AVX-512 VNNI, the BW one on other AVX-512 CPUs (linear_int8.cpp).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -25,14 +27,14 @@ namespace {
 
 constexpr int kTileRows = 6;   // the int8 kernel's, so both read the same Job::tiles
 
-template <int MR>
+template <int MR, bool Vnni>
 inline void tile(const lin8::Job& job, int m0, int p, const uint8_t* panel) {
   const PackedLinear& w = *job.w;
   const int K = w.K, G = w.groups(), steps = w.group / 4;
   const bool interleaved = MR == kTileRows && job.tiles != nullptr;
   const uint8_t* a0 = interleaved ? job.tiles + size_t(m0) * K : job.u + size_t(m0) * K;
   const size_t step = interleaved ? 4 * MR : 4, row = interleaved ? 4 : size_t(K);
-  const __m512i low = _mm512_set1_epi8(0x0F);
+  const __m512i low = _mm512_set1_epi8(0x0F), ones = _mm512_set1_epi16(1);
   const float* gs = w.gscale + size_t(p) * G * kLinearPanel;
   const int32_t* gc = w.gcorr + size_t(p) * G * kLinearPanel;
   const int32_t* qs = job.qsum8 + size_t(m0) * G;
@@ -48,8 +50,13 @@ inline void tile(const lin8::Job& job, int m0, int p, const uint8_t* panel) {
       const __m512i b0 = _mm512_and_si512(bw, low), b1 = _mm512_and_si512(_mm512_srli_epi16(bw, 4), low);
       for (int i = 0; i < MR; ++i) {
         const __m512i a = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(a0 + size_t(k) * step + size_t(i) * row));
-        acc[i][0] = dpbusd_inplace(acc[i][0], a, b0);
-        acc[i][1] = dpbusd_inplace(acc[i][1], a, b1);
+        if (Vnni) {
+          acc[i][0] = dpbusd_inplace(acc[i][0], a, b0);
+          acc[i][1] = dpbusd_inplace(acc[i][1], a, b1);
+        } else {
+          acc[i][0] = maddubs512_acc_inplace(acc[i][0], a, b0, ones);
+          acc[i][1] = maddubs512_acc_inplace(acc[i][1], a, b1, ones);
+        }
       }
     }
     for (int h = 0; h < 2; ++h) {
@@ -71,18 +78,19 @@ inline void tile(const lin8::Job& job, int m0, int p, const uint8_t* panel) {
   }
 }
 
-void run_vnni_int4(const lin8::Job& job, int p0, int p1) {
+template <bool Vnni>
+void run_int4(const lin8::Job& job, int p0, int p1) {
   const size_t panel_bytes = size_t(job.w->K) * (kLinearPanel / 2);
   for (int p = p0; p < p1; ++p) {
     const uint8_t* panel = job.w->codes4 + size_t(p) * panel_bytes;
     int m = 0;
-    for (; m + kTileRows <= job.M; m += kTileRows) tile<kTileRows>(job, m, p, panel);
+    for (; m + kTileRows <= job.M; m += kTileRows) tile<kTileRows, Vnni>(job, m, p, panel);
     switch (job.M - m) {
-      case 5: tile<5>(job, m, p, panel); break;
-      case 4: tile<4>(job, m, p, panel); break;
-      case 3: tile<3>(job, m, p, panel); break;
-      case 2: tile<2>(job, m, p, panel); break;
-      case 1: tile<1>(job, m, p, panel); break;
+      case 5: tile<5, Vnni>(job, m, p, panel); break;
+      case 4: tile<4, Vnni>(job, m, p, panel); break;
+      case 3: tile<3, Vnni>(job, m, p, panel); break;
+      case 2: tile<2, Vnni>(job, m, p, panel); break;
+      case 1: tile<1, Vnni>(job, m, p, panel); break;
       default: break;
     }
   }
@@ -91,7 +99,10 @@ void run_vnni_int4(const lin8::Job& job, int p0, int p1) {
 }  // namespace
 
 lin8::Kernel lin8::avx512_vnni_int4_kernel() {
-  return {&run_vnni_int4, avx512_vnni_kernel().quantize, "avx512_vnni_int4", false, kTileRows};
+  return {&run_int4<true>, avx512_vnni_kernel().quantize, "avx512_vnni_int4", false, kTileRows};
+}
+lin8::Kernel lin8::avx512bw_int4_kernel() {
+  return {&run_int4<false>, avx512bw_kernel().quantize, "avx512bw_int4", false, kTileRows};
 }
 
 }  // namespace engine

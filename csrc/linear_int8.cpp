@@ -79,12 +79,13 @@ namespace {
 constexpr int kAmxMinRows = 16;
 
 lin8::Kernel kernel_for(SimdLevel level, const PackedLinear& w, int M) {
-  if (w.group > 0) {   // int4: VNNI at the avx512 and amx levels, else AVX2, NEON udot, else the scalar twin
+  if (w.group > 0) {   // int4: VNNI (or BW without it) at the avx512 and amx levels, else AVX2, NEON udot, else the scalar twin
 #if defined(ENGINE_HAVE_AVX512)
-    if (uses_avx512(level) && cpu_features().avx512_vnni) return lin8::avx512_vnni_int4_kernel();
+    if (uses_avx512(level))
+      return cpu_features().avx512_vnni ? lin8::avx512_vnni_int4_kernel() : lin8::avx512bw_int4_kernel();
 #endif
 #if defined(ENGINE_HAVE_AVX2)
-    if (level == SimdLevel::Avx2 || uses_avx512(level)) return lin8::avx2_int4_kernel();
+    if (level == SimdLevel::Avx2) return lin8::avx2_int4_kernel();
 #endif
 #if defined(ENGINE_HAVE_NEON_DOT)
     if (level == SimdLevel::Neon && cpu_features().neon_dot) return lin8::neon_dot_int4_kernel();

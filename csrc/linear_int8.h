@@ -83,8 +83,8 @@ void linear_int8_many(const float* x, int M, int n, const PackedLinear* const* w
                       const int64_t* ldys);
 
 // The kernel a call of M rows on w takes at the active SIMD level: "amx", "avx512_vnni", "avx2",
-// "neon_dot" or "scalar"; for int4 matrices "avx512_vnni_int4", "avx2_int4", "neon_dot_int4" or
-// "scalar_int4".
+// "neon_dot" or "scalar"; for int4 matrices "avx512_vnni_int4", "avx512bw_int4", "avx2_int4",
+// "neon_dot_int4" or "scalar_int4".
 const char* linear_int8_kernel(int M, const PackedLinear& w);
 
 // Packs W^T as the exporter stores it (wt [K, O] int8, row-major) into codes / colsum (sizes above);
@@ -138,6 +138,7 @@ Kernel neon_dot_kernel();      // ENGINE_HAVE_NEON_DOT (aarch64 with the dot-pro
 // int4 matrices (group > 0)
 void run_scalar_int4(const Job& job, int p0, int p1);
 Kernel avx512_vnni_int4_kernel();   // ENGINE_HAVE_AVX512; reads Job::tiles like avx512_vnni_kernel
+Kernel avx512bw_int4_kernel();      // ENGINE_HAVE_AVX512, AVX-512 without VNNI; the same tiles
 Kernel avx2_int4_kernel();          // ENGINE_HAVE_AVX2
 Kernel neon_dot_int4_kernel();      // ENGINE_HAVE_NEON_DOT (udot)
 }  // namespace lin8

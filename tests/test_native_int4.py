@@ -17,7 +17,7 @@ FEATURES = _native.cpu_features()
 LEVELS = ["scalar"] + {"amx": ["avx2", "avx512", "amx"], "avx512": ["avx2", "avx512"], "avx2": ["avx2"],
                        "neon": ["neon"]}.get(FEATURES["best"], [])
 KERNELS = {"scalar": "scalar_int4", "avx2": "avx2_int4", "neon": "neon_dot_int4" if FEATURES["neon_dot"] else "scalar_int4",
-           "avx512": "avx512_vnni_int4" if FEATURES["avx512_vnni"] else "avx2_int4", "amx": "avx512_vnni_int4"}
+           "avx512": "avx512_vnni_int4" if FEATURES["avx512_vnni"] else "avx512bw_int4", "amx": "avx512_vnni_int4"}
 
 
 @pytest.fixture
