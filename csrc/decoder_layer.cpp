@@ -5,10 +5,12 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <iterator>
 #include <stdexcept>
 #include <vector>
 
 #include "cpu_features.h"
+#include "gelu_tanh.h"
 #include "thread_pool.h"
 
 namespace engine {
@@ -29,21 +31,13 @@ void rms_norm_row(const float* x, int D, const float* w1, float eps, float* y); 
 }
 
 float gelu_tanh_scalar(float x) {
-  // tanh(y) = y P(y^2) / Q(y^2), |y| <= 9: the rational approximation of MLAS (and Eigen)
-  float y = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-  y = std::min(9.f, std::max(-9.f, y));
+  using namespace gelu_tanh;   // tanh(y) = y P(y^2) / Q(y^2), |y| <= 9 (gelu_tanh.h)
+  float y = kSqrt2OverPi * (x + kCubic * x * x * x);
+  y = std::min(kClamp, std::max(-kClamp, y));
   const float p = y * y;
-  float num = -2.76076847742355e-16f;
-  num = num * p + 2.00018790482477e-13f;
-  num = num * p + -8.60467152213735e-11f;
-  num = num * p + 5.12229709037114e-08f;
-  num = num * p + 1.48572235717979e-05f;
-  num = num * p + 6.37261928875436e-04f;
-  num = num * p + 4.89352455891786e-03f;
-  float den = 1.19825839466702e-06f;
-  den = den * p + 1.18534705686654e-04f;
-  den = den * p + 2.26843463243900e-03f;
-  den = den * p + 4.89352518554385e-03f;
+  float num = kNum[0], den = kDen[0];
+  for (size_t i = 1; i < std::size(kNum); ++i) num = num * p + kNum[i];
+  for (size_t i = 1; i < std::size(kDen); ++i) den = den * p + kDen[i];
   return 0.5f * x * (1.f + y * num / den);
 }
 

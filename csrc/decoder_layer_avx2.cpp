@@ -9,6 +9,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <iterator>
+
+#include "gelu_tanh.h"
 
 namespace engine {
 
@@ -18,22 +21,15 @@ namespace gelu_avx2 {
 
 namespace {
 inline __m256 gelu8(__m256 x) {
-  const __m256 c = _mm256_set1_ps(0.7978845608028654f), c3 = _mm256_set1_ps(0.044715f);
-  const __m256 lim = _mm256_set1_ps(9.f), half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.f);
+  using namespace gelu_tanh;
+  const __m256 c = _mm256_set1_ps(kSqrt2OverPi), c3 = _mm256_set1_ps(kCubic);
+  const __m256 lim = _mm256_set1_ps(kClamp), half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.f);
   __m256 y = _mm256_mul_ps(c, _mm256_add_ps(x, _mm256_mul_ps(c3, _mm256_mul_ps(_mm256_mul_ps(x, x), x))));
   y = _mm256_min_ps(lim, _mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), lim), y));
   const __m256 p = _mm256_mul_ps(y, y);
-  __m256 num = _mm256_set1_ps(-2.76076847742355e-16f);
-  num = _mm256_fmadd_ps(num, p, _mm256_set1_ps(2.00018790482477e-13f));
-  num = _mm256_fmadd_ps(num, p, _mm256_set1_ps(-8.60467152213735e-11f));
-  num = _mm256_fmadd_ps(num, p, _mm256_set1_ps(5.12229709037114e-08f));
-  num = _mm256_fmadd_ps(num, p, _mm256_set1_ps(1.48572235717979e-05f));
-  num = _mm256_fmadd_ps(num, p, _mm256_set1_ps(6.37261928875436e-04f));
-  num = _mm256_fmadd_ps(num, p, _mm256_set1_ps(4.89352455891786e-03f));
-  __m256 den = _mm256_set1_ps(1.19825839466702e-06f);
-  den = _mm256_fmadd_ps(den, p, _mm256_set1_ps(1.18534705686654e-04f));
-  den = _mm256_fmadd_ps(den, p, _mm256_set1_ps(2.26843463243900e-03f));
-  den = _mm256_fmadd_ps(den, p, _mm256_set1_ps(4.89352518554385e-03f));
+  __m256 num = _mm256_set1_ps(kNum[0]), den = _mm256_set1_ps(kDen[0]);
+  for (size_t i = 1; i < std::size(kNum); ++i) num = _mm256_fmadd_ps(num, p, _mm256_set1_ps(kNum[i]));
+  for (size_t i = 1; i < std::size(kDen); ++i) den = _mm256_fmadd_ps(den, p, _mm256_set1_ps(kDen[i]));
   const __m256 t = _mm256_div_ps(_mm256_mul_ps(y, num), den);
   return _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, t));
 }

@@ -12,6 +12,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <iterator>
+
+#include "gelu_tanh.h"
 
 namespace engine {
 namespace gelu_avx512 {
@@ -19,22 +22,15 @@ namespace gelu_avx512 {
 namespace {
 // gelu_tanh of 16 floats (the scalar twin's formula and rational tanh)
 inline __m512 gelu16(__m512 x) {
-  const __m512 c = _mm512_set1_ps(0.7978845608028654f), c3 = _mm512_set1_ps(0.044715f);
-  const __m512 lim = _mm512_set1_ps(9.f), half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.f);
+  using namespace gelu_tanh;
+  const __m512 c = _mm512_set1_ps(kSqrt2OverPi), c3 = _mm512_set1_ps(kCubic);
+  const __m512 lim = _mm512_set1_ps(kClamp), half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.f);
   __m512 y = _mm512_mul_ps(c, _mm512_add_ps(x, _mm512_mul_ps(c3, _mm512_mul_ps(_mm512_mul_ps(x, x), x))));
   y = _mm512_min_ps(lim, _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), lim), y));
   const __m512 p = _mm512_mul_ps(y, y);
-  __m512 num = _mm512_set1_ps(-2.76076847742355e-16f);
-  num = _mm512_fmadd_ps(num, p, _mm512_set1_ps(2.00018790482477e-13f));
-  num = _mm512_fmadd_ps(num, p, _mm512_set1_ps(-8.60467152213735e-11f));
-  num = _mm512_fmadd_ps(num, p, _mm512_set1_ps(5.12229709037114e-08f));
-  num = _mm512_fmadd_ps(num, p, _mm512_set1_ps(1.48572235717979e-05f));
-  num = _mm512_fmadd_ps(num, p, _mm512_set1_ps(6.37261928875436e-04f));
-  num = _mm512_fmadd_ps(num, p, _mm512_set1_ps(4.89352455891786e-03f));
-  __m512 den = _mm512_set1_ps(1.19825839466702e-06f);
-  den = _mm512_fmadd_ps(den, p, _mm512_set1_ps(1.18534705686654e-04f));
-  den = _mm512_fmadd_ps(den, p, _mm512_set1_ps(2.26843463243900e-03f));
-  den = _mm512_fmadd_ps(den, p, _mm512_set1_ps(4.89352518554385e-03f));
+  __m512 num = _mm512_set1_ps(kNum[0]), den = _mm512_set1_ps(kDen[0]);
+  for (size_t i = 1; i < std::size(kNum); ++i) num = _mm512_fmadd_ps(num, p, _mm512_set1_ps(kNum[i]));
+  for (size_t i = 1; i < std::size(kDen); ++i) den = _mm512_fmadd_ps(den, p, _mm512_set1_ps(kDen[i]));
   const __m512 t = _mm512_div_ps(_mm512_mul_ps(y, num), den);
   return _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, t));
 }

@@ -50,13 +50,8 @@ inline void tile(const lin8::Job& job, int m0, int p, const uint8_t* panel) {
       const __m512i b0 = _mm512_and_si512(bw, low), b1 = _mm512_and_si512(_mm512_srli_epi16(bw, 4), low);
       for (int i = 0; i < MR; ++i) {
         const __m512i a = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(a0 + size_t(k) * step + size_t(i) * row));
-        if (Vnni) {
-          acc[i][0] = dpbusd_inplace(acc[i][0], a, b0);
-          acc[i][1] = dpbusd_inplace(acc[i][1], a, b1);
-        } else {
-          acc[i][0] = maddubs512_acc_inplace(acc[i][0], a, b0, ones);
-          acc[i][1] = maddubs512_acc_inplace(acc[i][1], a, b1, ones);
-        }
+        acc[i][0] = acc512_inplace<Vnni>(acc[i][0], a, b0, ones);
+        acc[i][1] = acc512_inplace<Vnni>(acc[i][1], a, b1, ones);
       }
     }
     for (int h = 0; h < 2; ++h) {

@@ -36,10 +36,18 @@ static inline __m512i maddubs512_acc_inplace(__m512i acc, __m512i u8, __m512i s8
   return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u8, s8), ones));
 #endif
 }
+
+// The step of the 512-bit tiles (linear_int8_avx512.cpp, linear_int4_avx512.cpp): vpdpbusd where
+// the kernel is the VNNI one, else vpmaddubsw + vpmaddwd (the caller keeps the pairs unsaturated).
+template <bool Vnni>
+static inline __m512i acc512_inplace(__m512i acc, __m512i u8, __m512i s8, __m512i ones) {
+  if constexpr (Vnni) return dpbusd_inplace(acc, u8, s8);
+  else return maddubs512_acc_inplace(acc, u8, s8, ones);
+}
 #endif
 
 #if defined(__AVX2__)
-// acc + vpmaddwd(vpmaddubsw(u8, s8), ones): the AVX2 form of the step above, its add in place too
+// acc + vpmaddwd(vpmaddubsw(u8, s8), ones): the AVX2 form of maddubs512_acc_inplace, its add in place too
 // (the caller keeps the int16 pair sums below saturation). The same register copies appeared
 // around the int32 add in the 4 x 16 tile of the AVX2 kernels (8 vmovdqa and a spill per 8 updates).
 static inline __m256i maddubs_acc_inplace(__m256i acc, __m256i u8, __m256i s8, __m256i ones) {
