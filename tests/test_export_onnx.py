@@ -93,12 +93,12 @@ def artifacts(checkpoints, tmp_path_factory):
     return get
 
 
-def _dequantized(weights, formats, group=GROUP, int8_max=None):
-    """The weights each graph really uses: the reference dequantizer applied per format. The
-    int8 matrices of an int8 artifact have the 7-bit codes of the default int8 kernel (those of
-    an int4 artifact, or with int8_max=127, 8-bit codes)."""
-    if int8_max is None:
-        int8_max = 127 if "int4" in formats.values() else onnx_graphs.DYNAMIC_INT8_MAX
+def _dequantized(weights, formats, group=GROUP):
+    """The weights each graph really uses: the reference dequantizer applied per format. Every
+    int8 matrix has 7-bit codes: those of the default int8 kernel (DYNAMIC_INT8_MAX) and those
+    of MatMulNBits bits=8 (NBITS_INT8_MAX: an int4 artifact's int8 matrices, the "nbits" kernel)."""
+    assert onnx_graphs.DYNAMIC_INT8_MAX == onnx_graphs.NBITS_INT8_MAX == 63
+    int8_max = onnx_graphs.NBITS_INT8_MAX
     out = {}
     for name, w in weights.items():
         w = np.asarray(w, np.float32)
@@ -148,7 +148,7 @@ def test_every_graph_matches_numpy_builder(checkpoints, tmp_path, version, fmt):
         files, formats = onnx_graphs.export_onnx_graphs(cfg, weights, tmp_path, fmt, GROUP, accuracy_level=0,
                                                         int8_kernel="nbits")
     assert set(files) == {"vision", *graph_def.decoder_graph_names(cfg), "lm_head"}
-    deq = _dequantized(weights, formats, int8_max=127)
+    deq = _dequantized(weights, formats)
     rng = np.random.default_rng(0)
     for graph, rel in files.items():
         got, wanted = _run_with_twin(tmp_path / rel, cfg, graph, deq, rng)
@@ -335,10 +335,12 @@ def wide_checkpoints(tmp_path_factory):
 def test_int4_group_sizes_on_a_wider_model(wide_checkpoints, tmp_path, version, group):
     """int4 with group 64 and 128 where every decoder K divides (wide_config), in onnxruntime
     (MatMulNBits at accuracy_level 4), vs the reference model on the original fp32 weights.
-    Measured PG1 / PG2: group 64 0.99862 / 0.99150, group 128 0.99839 / 0.99032 (group 32:
-    0.99886 / 0.99288); before the scale search and the int8 mix (all int4, max / 7 scales):
-    0.989 / 0.947 at group 64, 0.988 / 0.948 at group 128. The decoders are 49% (PG1, 2 layers)
-    and 63% (PG2, 3 layers) int4 by parameters: layer 0 and the v_proj matrices are int8."""
+    Measured PG1 / PG2: group 64 0.99845 / 0.99068, group 128 0.99821 / 0.98971 (with 8-bit
+    codes for the int8 matrices, before NBITS_INT8_MAX: 0.99862 / 0.99150, 0.99839 / 0.99032);
+    before the scale search and the int8 mix (all int4, max / 7 scales): 0.989 / 0.947 at group
+    64, 0.988 / 0.948 at group 128. The decoders are 49% (PG1, 2 layers) and 63% (PG2, 3 layers)
+    int4 by parameters: layer 0 and the v_proj matrices are int8 (a third of PG2's decoder here,
+    so their 7-bit codes weigh more than on a 26-layer one)."""
     art = export_checkpoint(wide_checkpoints[version], tmp_path / "art", weights="int4", group_size=group,
                             progress=False)
     m = load_manifest(art)
@@ -355,7 +357,7 @@ def test_int4_group_sizes_on_a_wider_model(wide_checkpoints, tmp_path, version, 
     cos, cos_orig = _cosine(got, effective.logits(ids, pv, tt)), _cosine(got, original.logits(ids, pv, tt))
     print(f"wide PG{version} int4 group {group}: cosine vs effective weights {cos:.6f}, vs original {cos_orig:.6f}")
     assert cos >= 0.999
-    assert cos_orig >= 0.99
+    assert cos_orig >= 0.985
 
 
 # ---------------------------------------------------------------------------- artifact and manifest
