@@ -130,9 +130,10 @@ def load(path=None, backend: str = DEFAULT_BACKEND, threads: int | None = None, 
 
 # Part of the export cache key: bump it whenever the exporter writes different graphs or weights
 # for the same options, so that cached artifacts of an older exporter are not reused.
-# 5: final_norm.npy for the native int8 LM head; 4: ONNX IR version pinned to 10 (was the
+# 6: 7-bit codes for MatMulNBits bits=8 (int4 artifacts' int8 matrices); 5: final_norm.npy for
+# the native int8 LM head; 4: ONNX IR version pinned to 10 (was the
 # installed onnx's, 14 with onnx 1.23); 3: per-row int8.
-EXPORT_REVISION = 5
+EXPORT_REVISION = 6
 
 
 def _export_cached(checkpoint, backend: str, weights: str, group_size: int, progress: bool):
