@@ -77,12 +77,31 @@ def test_pack_layout():
 
 
 @pytest.mark.parametrize("level", LEVELS)
+def test_int4_extreme_codes_do_not_saturate(level, simd_level):
+    """u = 255 or 1 against codes 15 or 0 everywhere: the largest int16 sums the kernels form
+    (the BW kernel adds four k4 steps: 4 x 2 x 255 x 15 = 30600 <= 32767), bit-equal to numpy."""
+    simd_level(level)
+    pool = _native.ThreadPool(2)
+    M, K, O, group = 13, 256, 64, 128
+    x = np.ones((M, K), np.float32)
+    x[1::2] *= -1.0                                    # rows of u = 255 and of u = 1
+    for code in (15, 0):
+        codes = np.full((O, K), code, np.uint8)
+        scales = np.full((O, K // group), 0.01, np.float32)
+        w = _native.pack_linear_int4(nbits_bytes(codes), STEP * scales, K, group)
+        (y,) = _native.linear_int8_many(x, [w], K, pool)
+        assert np.array_equal(y, reference_int4(x, codes, scales, group)), (level, code)
+
+
+@pytest.mark.parametrize("level", LEVELS)
 def test_int4_linear_equals_numpy_bit_for_bit(level, simd_level):
     simd_level(level)
     rng = np.random.default_rng(1)
     pool = _native.ThreadPool(3)
     for M, K, O, group in ((1, 16, 1, 16), (2, 64, 33, 32), (5, 128, 70, 64), (7, 96, 31, 16), (13, 256, 97, 128),
-                           (6, 128, 64, 32), (19, 64, 40, 16)):
+                           (6, 128, 64, 32), (19, 64, 40, 16),
+                           # groups of 2, 3 and 5 k4 steps: the BW kernel sums 4 steps in int16, then 1-3 alone
+                           (13, 64, 40, 8), (7, 96, 33, 12), (12, 80, 17, 20)):
         assert _native.linear_int8_kernel(M, K, O, 63, group) == KERNELS[level]
         x = (rng.standard_normal((M, K)) * rng.choice([1e-3, 1.0, 50.0], (M, 1))).astype(np.float32)
         x[M // 2] = 0.0                                    # an all-zero row
