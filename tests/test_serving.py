@@ -224,6 +224,25 @@ def test_cancel_mid_decode_frees_its_cache(model):
     assert state.decoding == 0 and state.prefilling == 0 and state.kv_cache_bytes == 0
 
 
+def test_a_finished_request_has_left_the_state_when_its_caller_wakes(model):
+    """The scheduler removes a finished request from its decoding set before it hands the result
+    over, so `serving_state()` read right after `generate` returns does not count it (it did, for
+    a moment, and a slow run under ASan caught the test above reading it)."""
+    sched = model._scheduler
+    seen = []
+
+    def spy(live, **kw):                    # runs where the result is handed to the caller
+        seen.append(model.serving_state().decoding)
+        type(sched)._hand_over(sched, live, **kw)
+
+    sched._hand_over = spy
+    try:
+        r = model.generate(noise_image(3), "caption en", max_new_tokens=5, ignore_eos=True)
+    finally:
+        del sched._hand_over
+    assert len(r.tokens) == 5 and seen == [0]
+
+
 def test_stream_returning_false_cancels(model):
     pieces = []
 

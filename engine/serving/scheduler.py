@@ -339,7 +339,7 @@ class Scheduler:
             return
         t_end = now()
         step_s = t_end - t0
-        keep = []
+        keep, finished = [], []
         acc, acc_tokens, acc_seqs, done = sel.accepted, sel.accepted_tokens, sel.accepted_sequences, sel.done
         offset = 0
         for i, live in enumerate(everyone):
@@ -361,12 +361,12 @@ class Scheduler:
                         ch.tokens[seq].append(tok)
                     ch.cond.notify_all()
                 offset += n
-            if done[i]:
-                self._finish(live, live.decoder.results())
-            else:
-                keep.append(live)
+            (finished if done[i] else keep).append(live)
         with self._cond:
             self._decoding, self._ready = keep, []
+        # Handed over only now: a caller woken by its result sees serving_state() without it.
+        for live in finished:
+            self._finish(live, live.decoder.results())
 
     # ------------------------------------------------------------------ results
     def _finish(self, live: _Live, results: list[dict] | None) -> None:
