@@ -8,7 +8,7 @@
 // is acc - 128 * colsum[n]. Register tiles: 1 row x 32 channels when a call has one row (decode:
 // the panel streams once), else up to 4 rows x 16 channels (8 accumulators, 2 code vectors).
 // Codes above 64 (the 8-bit per-channel matrices of int4 artifacts exported before their 7-bit
-// codes, export/onnx_graphs.py NBITS_INT8_MAX) take the wide variant (tile, below):
+// codes, export/onnx_graphs.py INT8_CODE_MAX) take the wide variant (tile, below):
 // one more multiply-port op per step (vpsignb), about 2/3 of the speed.
 // Quantization (quantize_avx2, also the int4 kernel's): the scalar twin's arithmetic on 8 floats,
 // the same bytes; scalar it was ~3% of a prefill.

@@ -87,20 +87,20 @@ INT8_BLOCK = 128               # MatMulNBits block size used for per-channel int
 # artifact (quantize.matrix_format) always use MatMulNBits.
 INT8_KERNELS = ("dq", "nbits")
 INT8_KERNEL = "dq"
-# 7-bit weight codes for "dq": on x86 without VNNI, MLAS multiplies u8 x s8 with vpmaddubsw, whose
-# int16 sum of two products saturates above 32767 (255 * 127 * 2 = 64770). With |code| <= 63 it
-# cannot (255 * 63 * 2 = 32130). Measured on the tiny test models (AVX2 Zen 3), cosine vs the
-# fp32 graph: vision 0.9909 with 8-bit codes, 0.9996 with 7-bit; lm_head 0.9972 / 0.9999.
-DYNAMIC_INT8_MAX = 63
-# 7-bit codes for MatMulNBits bits=8 too (an int4 artifact's vision tower, layer 0, v_proj): the
-# native decoder and tower read them with the same u8 x s8 kernels, whose AVX2 and AVX-512BW
-# variants need |code| <= 64 (8-bit codes take the AVX2 kernel's wide variant, 2/3 of its speed).
-# Measured on 3B-224 int4 (Intel Xeon, fresh processes alternating, 3 rounds, TTFT min): capped to
-# AVX2 5.50-6.09 -> 4.94-5.57 s, to AVX-512 without VNNI 4.39-4.84 -> 3.64-3.93 s; VNNI unchanged.
-# The int4 matrices' error dominates: default model, first-token logits' cosine vs fp32 on 6
-# prompts 0.99964-0.99998 with 8-bit codes, 0.99978-0.99997 with 7-bit (native decoder); the
-# 3-layer test PG2 (a third of its decoder int8) 0.9903 -> 0.9897 (tests/test_export_onnx.py).
-NBITS_INT8_MAX = 63
+# 7-bit codes (|code| <= 63) for every int8 matrix, "dq" and MatMulNBits bits=8 alike:
+# - "dq": on x86 without VNNI, MLAS multiplies u8 x s8 with vpmaddubsw, whose int16 sum of two
+#   products saturates above 32767 (255 * 127 * 2 = 64770; 255 * 63 * 2 = 32130 cannot). Measured on
+#   the tiny test models (AVX2 Zen 3), cosine vs the fp32 graph: vision 0.9909 with 8-bit codes,
+#   0.9996 with 7-bit; lm_head 0.9972 / 0.9999.
+# - MatMulNBits bits=8 (an int4 artifact's vision tower, layer 0, v_proj): the native decoder and
+#   tower read them with the same u8 x s8 kernels, whose AVX2 and AVX-512BW variants need
+#   |code| <= 64 (8-bit codes take the AVX2 kernel's wide variant, 2/3 of its speed). Measured on
+#   3B-224 int4 (Intel Xeon, fresh processes alternating, 3 rounds, TTFT min): capped to AVX2
+#   5.50-6.09 -> 4.94-5.57 s, to AVX-512 without VNNI 4.39-4.84 -> 3.64-3.93 s; VNNI unchanged. The
+#   int4 matrices' error dominates: default model, first-token logits' cosine vs fp32 on 6 prompts
+#   0.99964-0.99998 with 8-bit codes, 0.99978-0.99997 with 7-bit (native decoder); the 3-layer test
+#   PG2 (a third of its decoder int8) 0.9903 -> 0.9897 (tests/test_export_onnx.py).
+INT8_CODE_MAX = 63
 ACT_SCALE = np.float32(1 / 127)     # rows scaled to max |x| = 1 -> uint8 codes 1..255 around 128
 ACT_ZERO_POINT = 128
 ACCURACY_LEVEL = 4             # MatMulNBits: int8 activations inside the kernel (fast path on CPU)
@@ -340,13 +340,13 @@ class OnnxBuilder:
         does not depend on the other rows of the call: a request gives the same numbers alone or
         batched. (DynamicQuantizeMatMul would quantize with one range for the whole tensor.)
         MatMulIntegerToFloat runs MLAS's u8 x s8 GEMM (VNNI, or vpmaddubsw on AVX2: ~2x fp32
-        there). Wq is int8 W^T [K, O] with 7-bit codes (DYNAMIC_INT8_MAX), s the per-channel
+        there). Wq is int8 W^T [K, O] with 7-bit codes (INT8_CODE_MAX), s the per-channel
         scales."""
         O, K = w.shape
         Wt, view = self.data.tensor(name, np.int8, (K, O))
         scales = np.empty(O, np.float32)
         for rows in _row_chunks(O, K):
-            q = quantize(w[rows], "int8", int8_max=DYNAMIC_INT8_MAX)
+            q = quantize(w[rows], "int8", int8_max=INT8_CODE_MAX)
             view[:, rows] = q.data.T
             scales[rows] = q.scales
         _flush(view)
@@ -375,7 +375,7 @@ class OnnxBuilder:
         B, view = self.data.tensor(name, np.uint8, (O, k_blocks, block * bits // 8))
         scales = np.empty((O, k_blocks), np.float32)
         for rows in _row_chunks(O, K):
-            q = quantize(w[rows], fmt, self.group_size, int8_max=NBITS_INT8_MAX)
+            q = quantize(w[rows], fmt, self.group_size, int8_max=INT8_CODE_MAX)
             n = q.data.shape[0]
             if bits == 8:   # per-channel int8: codes + 128 (default zero point), pad K with zeros
                 codes = np.full((n, k_blocks * block), 128, np.uint8)

@@ -200,7 +200,7 @@ def _export_onnx(cfg, tensors, base_tensors, staging: Path, weights: str, group_
     info = {"formats": formats, "int_kernel": "com.microsoft.MatMulNBits",
             "int8_kernel": ("com.microsoft.MatMulIntegerToFloat (per-row int8, 7-bit codes)"
                             if weights == "int8" and onnx_graphs.INT8_KERNEL == "dq" else "com.microsoft.MatMulNBits"),
-            "int8_codes": "7-bit (|code| <= 63)",
+            "int8_codes": f"7-bit (|code| <= {onnx_graphs.INT8_CODE_MAX})",
             "accuracy_level": onnx_graphs.ACCURACY_LEVEL, "int8_block_size": onnx_graphs.INT8_BLOCK,
             "opset": onnx_graphs.OPSET, "ir_version": onnx_graphs.IR_VERSION, "onnx_version": _onnx_version()}
     return {name: f"onnx/{rel}" for name, rel in files.items()}, info

@@ -95,10 +95,10 @@ def artifacts(checkpoints, tmp_path_factory):
 
 def _dequantized(weights, formats, group=GROUP):
     """The weights each graph really uses: the reference dequantizer applied per format. Every
-    int8 matrix has 7-bit codes: those of the default int8 kernel (DYNAMIC_INT8_MAX) and those
-    of MatMulNBits bits=8 (NBITS_INT8_MAX: an int4 artifact's int8 matrices, the "nbits" kernel)."""
-    assert onnx_graphs.DYNAMIC_INT8_MAX == onnx_graphs.NBITS_INT8_MAX == 63
-    int8_max = onnx_graphs.NBITS_INT8_MAX
+    int8 matrix has 7-bit codes (INT8_CODE_MAX): the default int8 kernel's and MatMulNBits
+    bits=8's (an int4 artifact's int8 matrices, the "nbits" kernel)."""
+    assert onnx_graphs.INT8_CODE_MAX == 63
+    int8_max = onnx_graphs.INT8_CODE_MAX
     out = {}
     for name, w in weights.items():
         w = np.asarray(w, np.float32)
@@ -202,7 +202,7 @@ def test_dynamic_int8_linear_matches_its_integer_twin(tmp_path, rows):
     x = rng.standard_normal((rows, K)).astype(np.float32) * np.logspace(-3, 3, rows, dtype=np.float32)[:, None]
     x[:, 5] *= 30                                   # an outlier channel
     got = ort.InferenceSession(str(tmp_path / "g.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    q = quantize(w, "int8", int8_max=onnx_graphs.DYNAMIC_INT8_MAX)
+    q = quantize(w, "int8", int8_max=onnx_graphs.INT8_CODE_MAX)
     want = _dynamic_int8_twin(x, q.data, q.scales) + bias
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     exact = x @ w.T + bias                           # and close to the float product, row by row
@@ -286,7 +286,7 @@ ACCURACY = {"fp32": ("maxabs", 1e-4), "fp16": ("maxabs", 1e-4), "bf16": ("maxabs
 # export/quantize.py (searched scales; LM head, vision, decoder layer 0 and v_proj at int8).
 # Before that (all int4, round-to-nearest max/7 scales) int4 measured 0.984 / 0.931 here.
 # int8 since the per-row int8 kernel (7-bit weight codes, per-row 8-bit activations, see
-# onnx_graphs.DYNAMIC_INT8_MAX): PG1 / PG2 measured 0.99967 / 0.99851 (MatMulNBits with 8-bit
+# onnx_graphs.INT8_CODE_MAX): PG1 / PG2 measured 0.99967 / 0.99851 (MatMulNBits with 8-bit
 # codes: 0.99986 / 0.99929); the OpenVINO int8 graphs keep 8-bit codes and the 0.999 bound.
 FORMAT_COSINE = {"fp32": 0.999999, "fp16": 0.99999, "bf16": 0.9999, "int8": 0.998, "fp8": 0.99, "int4": 0.99}
 
@@ -336,7 +336,7 @@ def test_int4_group_sizes_on_a_wider_model(wide_checkpoints, tmp_path, version, 
     """int4 with group 64 and 128 where every decoder K divides (wide_config), in onnxruntime
     (MatMulNBits at accuracy_level 4), vs the reference model on the original fp32 weights.
     Measured PG1 / PG2: group 64 0.99845 / 0.99068, group 128 0.99821 / 0.98971 (with 8-bit
-    codes for the int8 matrices, before NBITS_INT8_MAX: 0.99862 / 0.99150, 0.99839 / 0.99032);
+    codes for the int8 matrices, before they got 7-bit codes too: 0.99862 / 0.99150, 0.99839 / 0.99032);
     before the scale search and the int8 mix (all int4, max / 7 scales): 0.989 / 0.947 at group
     64, 0.988 / 0.948 at group 128. The decoders are 49% (PG1, 2 layers) and 63% (PG2, 3 layers)
     int4 by parameters: layer 0 and the v_proj matrices are int8 (a third of PG2's decoder here,

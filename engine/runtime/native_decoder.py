@@ -18,9 +18,9 @@ boundary as close to the fp32 artifact as the graphs, tests/test_native_int4.py)
 When: it needs the onnxruntime backend and an artifact whose decoder matrices are all per-row
 int8 MatMulIntegerToFloat (runtime.ort_backend.per_row_int8_only) or an int4 one. `decoder="native"`
 then runs it on any CPU: the core has AVX-512 VNNI, AVX2 and NEON-sdot kernels and the scalar twin
-(int4: VNNI, AVX-512BW, AVX2, NEON-udot and the scalar twin; int8 matrices with 8-bit codes, in
-int4 artifacts exported before export.onnx_graphs.NBITS_INT8_MAX, take AVX2's wide variant, which
-adds a vpsignb).
+(int4: VNNI, AVX-512BW, AVX2, NEON-udot and the scalar twin; the 8-bit int8 matrices of int4
+artifacts exported before export.onnx_graphs.INT8_CODE_MAX covered them take AVX2's wide variant,
+which adds a vpsignb).
 `decoder="auto"` (the default of engine.load) takes it only where it was measured faster than
 the graphs: at the amx SIMD level (the core's AMX-INT8 kernel, csrc/linear_int8_amx.cpp, against
 MLAS's own AMX kernels: 3B-224 prefill 0.55-0.6 s against 0.7-0.75 s on 2 Xeon cores) and at the
