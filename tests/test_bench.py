@@ -401,3 +401,22 @@ def test_load_files_and_page_cache_warming(tmp_path):
     assert not any(p.startswith(("/proc/", "/dev/")) for p in files)
     read, seconds = warm_page_cache([str(mapped), str(ckpt / "sub" / "model.safetensors"), str(tmp_path / "gone")])
     assert read == 15000 and seconds >= 0
+
+
+def test_prefill_ab_compares_artifacts_in_one_process():
+    """benchmarks/prefill_ab.py on the default model given twice: one line per artifact with four
+    min/median pairs; fewer than two artifacts is a usage error."""
+    import engine
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "prefill_ab.py")
+    model = str(engine.default_model_path())
+    proc = subprocess.run([sys.executable, script, model, model, "--rounds", "1", "--size", "64"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "engine.cpu_features()" in proc.stdout and "CPU:" in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(model[-48:])]
+    assert len(rows) == 2
+    for row in rows:
+        pairs = row[len(model[-48:]):].split()
+        assert len(pairs) == 4 and all(float(a) <= float(b) for a, b in (p.split("/") for p in pairs))
+    bad = subprocess.run([sys.executable, script, model], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "at least two artifacts" in bad.stderr
