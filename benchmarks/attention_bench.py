@@ -4,6 +4,9 @@ Shapes (--model):
   gemma2 (default): PaliGemma 2 3B's Gemma2-2B decoder: 8 q heads, 4 kv heads (GQA), head_dim 256,
                     26 layers, attention logit softcap 50, sliding window 4096 (inactive below 4096).
   pg1:              PaliGemma-1 3B: 8 q heads, 1 kv head, head_dim 256, 18 layers, no softcap.
+  siglip:           the native vision tower's attention (SigLIP So400m): 16 heads of 72, 27
+                    layers, no RoPE; prefill of 256 / 1024 patches (224 / 448 px); the tower
+                    never decodes, so run it with --modes prefill.
 
   decode:  one new token attending to 300 / 1300 cached tokens, all layers, in µs per token
            (Python call overhead included).
@@ -33,6 +36,8 @@ from engine import _native as nat
 MODELS = {  # layers, q heads, kv heads, head_dim, softcap, window
     "gemma2": dict(layers=26, H=8, KV=4, D=256, softcap=50.0, window=4096),
     "pg1": dict(layers=18, H=8, KV=1, D=256, softcap=None, window=None),
+    # the vision tower's (csrc/vision_tower.cpp): 16 heads of 72, no RoPE, 256 / 1024 patches
+    "siglip": dict(layers=27, H=16, KV=16, D=72, softcap=None, window=None, rope_theta=0.0, prefill_T=(256, 1024)),
 }
 PREFILL_T = (260, 1030)
 DECODE_CTX = (300, 1300)
@@ -61,7 +66,7 @@ def best_of(fn, repeat):
 
 
 def attn_kw(m):
-    return dict(scale=m["D"] ** -0.5, softcap=m["softcap"], window=m["window"])
+    return dict(scale=m["D"] ** -0.5, softcap=m["softcap"], window=m["window"], rope_theta=m.get("rope_theta", 10000.0))
 
 
 def decode_us(m, ctx, dtype, rng, steps=10, repeat=3):
@@ -120,6 +125,7 @@ def main():
     nat.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     m = MODELS[args.model]
+    prefill_T = m.get("prefill_T", PREFILL_T)
     modes = set(args.modes.split(","))
     feats = nat.cpu_features()
 
@@ -133,7 +139,7 @@ def main():
     print(f"CPU: {cpu}; cpu_features: {feats}")
     print(f"model {args.model}: {m}; threads: {args.threads}; clock: {args.clock}")
     print(f"{'level':8} {'cache':5} | {'decode@300':>11} {'decode@1300':>12} (µs/token, {m['layers']} layers) | "
-          + " ".join(f"{'prefill ' + str(T):>26}" for T in PREFILL_T) + f" (ms/layer, ms x{m['layers']}, GFLOP/s)")
+          + " ".join(f"{'prefill ' + str(T):>26}" for T in prefill_T) + f" (ms/layer, ms x{m['layers']}, GFLOP/s)")
     for level in args.levels.split(","):
         nat.set_simd_level(level)
         for dtype in args.dtypes.split(","):
@@ -144,8 +150,8 @@ def main():
                 for c, x in zip(DECODE_CTX, us):
                     record(level=level, dtype=dtype, mode="decode", ctx=c, us_per_token=round(x, 1))
             cells = []
-            for T in PREFILL_T:
-                if "prefill" not in modes or (level == "scalar" and T > PREFILL_T[0]):
+            for T in prefill_T:
+                if "prefill" not in modes or (level == "scalar" and T > prefill_T[0]):
                     cells.append(f"{'(skipped)':>26}")
                     continue
                 ms = prefill_ms_per_layer(m, T, dtype, rng, repeat=1 if level == "scalar" else args.repeat)
