@@ -15,24 +15,13 @@ benchmarks/cpuid_cap.c (README, Performance) for the AVX2 and AVX-512-without-VN
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import numpy as np
 from PIL import Image
 
 import engine
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from engine.bench.__main__ import machine_info
 
 
 def main() -> None:
@@ -48,7 +37,10 @@ def main() -> None:
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
 
-    print(f"CPU: {cpu_model()}; engine.cpu_features(): {engine.cpu_features()}; threads {args.threads}")
+    m = machine_info()
+    cap = f"; CPUID capped to {m['cpuid_cap']} (benchmarks/cpuid_cap.c)" if m["cpuid_cap"] else ""
+    print(f"CPU: {m['cpu']}; SIMD flags (/proc/cpuinfo): {', '.join(m['simd_flags'])}{cap}; "
+          f"engine.cpu_features(): {m['engine_cpu_features']}; threads {args.threads}")
     models = [engine.load(a, backend=args.backend, threads=args.threads, progress=False) for a in args.artifacts]
     rng = np.random.default_rng(0)
     samples: list[list[tuple[float, float, float, float]]] = [[] for _ in models]   # per round: ttft, decoder, vision, attention
