@@ -49,7 +49,7 @@ static inline __m512i acc512_inplace(__m512i acc, __m512i u8, __m512i s8, __m512
 #if defined(__AVX2__)
 // acc + vpmaddwd(vpmaddubsw(u8, s8), ones): the AVX2 form of maddubs512_acc_inplace, its add in place too
 // (the caller keeps the int16 pair sums below saturation). The same register copies appeared
-// around the int32 add in the 4 x 16 tile of the AVX2 kernels (8 vmovdqa and a spill per 8 updates).
+// around the int32 add in the 4 x 16 tile of the AVX2 int8 kernel (8 vmovdqa and a spill per 8 updates).
 static inline __m256i maddubs_acc_inplace(__m256i acc, __m256i u8, __m256i s8, __m256i ones) {
 #if defined(__GNUC__) && !defined(__clang__)
   const __m256i t = _mm256_madd_epi16(_mm256_maddubs_epi16(u8, s8), ones);
