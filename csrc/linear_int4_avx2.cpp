@@ -7,10 +7,11 @@
 // the int8 kernel (7-bit codes, no such room) takes 8. A 64-byte k4 row of a panel is two 32-byte
 // vectors: their low nibbles are channels 0-7 and 8-15, their high nibbles 16-23 and 24-31. After
 // each group the exact sums are corrected (gcorr, qsum8) and added into float sums, in L1, with one
-// fma. Tiles (16 ymm): one row x 32 channels for a one-row call (decode: the panel streams once);
-// else 8 rows x 8 channels (tile_rows: 8 int32 sums, the 4 steps' codes, one broadcast and one
-// int16 sum). The 4 rows x 16 channels tile of one step (the int8 kernel's) ran at ~0.85x the int8
-// kernel; two-step int16 sums in that tile spilled and were no faster.
+// fma. Tiles (16 ymm), both with the int16 sums: one row x 32 channels for a one-row call
+// (decode: the panel streams once); else 8 rows x 8 channels (tile_rows: 8 int32 sums, the 4
+// steps' codes, one broadcast and one int16 sum). The 4 rows x 16 channels tile of one step (the
+// int8 kernel's) ran at ~0.85x the int8 kernel; two-step int16 sums in that tile spilled and were
+// no faster.
 // Built only on x86 with -mavx2 -mfma (CMakeLists.txt); chosen at run time (linear_int8.cpp).
 #include <immintrin.h>
 
@@ -38,13 +39,47 @@ inline void store_rows(const lin8::Job& job, int m0, int p, const float* f) {
   }
 }
 
+// acc + vpmaddwd(t16, ones), the add in place (vnni_inplace.h: GCC's accumulator copies).
+static inline __m256i madd16_acc_inplace(__m256i acc, __m256i t16, __m256i ones) {
+#if defined(__GNUC__) && !defined(__clang__)
+  const __m256i t = _mm256_madd_epi16(t16, ones);
+  __asm__("vpaddd %1, %0, %0" : "+x"(acc) : "x"(t));
+  return acc;
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(t16, ones));
+#endif
+}
+
+// J k4 steps from k on into the one-row tile's 4 int32 sums (acc[h][j]): per step one broadcast
+// of u and the 64-byte row unpacked; per vector J vpmaddubsw summed in int16 (<= J x 7650), then
+// one vpmaddwd + vpaddd.
+template <int J>
+inline void one_row_steps(__m256i (&acc)[2][2], const uint8_t* panel, const uint8_t* u, int k, __m256i low,
+                          __m256i ones) {
+  __m256i t[2][2];
+  for (int s = 0; s < J; ++s) {
+    const uint8_t* b = panel + size_t(k + s) * 64;
+    _mm_prefetch(reinterpret_cast<const char*>(b + 1024), _MM_HINT_T0);
+    const __m256i a = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(u + 4 * size_t(k + s)));
+    for (int j = 0; j < 2; ++j) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32 * j));
+      const __m256i lo = _mm256_maddubs_epi16(a, _mm256_and_si256(raw, low));
+      const __m256i hi = _mm256_maddubs_epi16(a, _mm256_and_si256(_mm256_srli_epi16(raw, 4), low));
+      t[0][j] = s == 0 ? lo : _mm256_add_epi16(t[0][j], lo);
+      t[1][j] = s == 0 ? hi : _mm256_add_epi16(t[1][j], hi);
+    }
+  }
+  for (int h = 0; h < 2; ++h)
+    for (int j = 0; j < 2; ++j) acc[h][j] = madd16_acc_inplace(acc[h][j], t[h][j], ones);
+}
+
 // y row 0 x the 32 channels of panel p, for a one-row call (decode): each 64-byte k4 row of the
 // panel is read once and both nibble halves used (vector j of half h: channels 16 h + 8 j .. + 7).
 // The int32 sums of a group (4 vectors) stay in registers, the float sums in L1 (one load / fma /
 // store per group).
 inline void one_row(const lin8::Job& job, int p, const uint8_t* panel) {
   const PackedLinear& w = *job.w;
-  const int K = w.K, G = w.groups(), steps = w.group / 4;
+  const int G = w.groups(), steps = w.group / 4;
   const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F);
   const float* gs = w.gscale + size_t(p) * G * kLinearPanel;
   const int32_t* gc = w.gcorr + size_t(p) * G * kLinearPanel;
@@ -52,16 +87,10 @@ inline void one_row(const lin8::Job& job, int p, const uint8_t* panel) {
   for (int g = 0; g < G; ++g) {
     __m256i acc[2][2] = {{_mm256_setzero_si256(), _mm256_setzero_si256()},
                          {_mm256_setzero_si256(), _mm256_setzero_si256()}};
-    for (int k = g * steps; k < (g + 1) * steps; ++k) {
-      const uint8_t* b = panel + size_t(k) * 64;
-      _mm_prefetch(reinterpret_cast<const char*>(b + 1024), _MM_HINT_T0);
-      const __m256i a = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(job.u + 4 * size_t(k)));
-      for (int j = 0; j < 2; ++j) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32 * j));
-        acc[0][j] = maddubs_acc_inplace(acc[0][j], a, _mm256_and_si256(raw, low), ones);
-        acc[1][j] = maddubs_acc_inplace(acc[1][j], a, _mm256_and_si256(_mm256_srli_epi16(raw, 4), low), ones);
-      }
-    }
+    const int end = (g + 1) * steps;
+    int k = g * steps;
+    for (; k + 4 <= end; k += 4) one_row_steps<4>(acc, panel, job.u, k, low, ones);
+    for (; k < end; ++k) one_row_steps<1>(acc, panel, job.u, k, low, ones);
     for (int h = 0; h < 2; ++h)
       for (int j = 0; j < 2; ++j) {
         const size_t at = size_t(g) * kLinearPanel + 16 * h + 8 * j;
@@ -72,17 +101,6 @@ inline void one_row(const lin8::Job& job, int p, const uint8_t* panel) {
       }
   }
   store_rows<1>(job, 0, p, f);
-}
-
-// acc + vpmaddwd(t16, ones), the add in place (vnni_inplace.h: GCC's accumulator copies).
-static inline __m256i madd16_acc_inplace(__m256i acc, __m256i t16, __m256i ones) {
-#if defined(__GNUC__) && !defined(__clang__)
-  const __m256i t = _mm256_madd_epi16(t16, ones);
-  __asm__("vpaddd %1, %0, %0" : "+x"(acc) : "x"(t));
-  return acc;
-#else
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(t16, ones));
-#endif
 }
 
 // J k4 steps from k on of channel vector (h, j) into MR int32 sums: the codes of the J steps in

@@ -79,7 +79,8 @@ def test_pack_layout():
 @pytest.mark.parametrize("level", LEVELS)
 def test_int4_extreme_codes_do_not_saturate(level, simd_level):
     """u = 255 or 1 against codes 15 or 0 everywhere: the largest int16 sums the kernels form
-    (the BW kernel adds four k4 steps: 4 x 2 x 255 x 15 = 30600 <= 32767), bit-equal to numpy."""
+    (the BW and AVX2 kernels add four k4 steps: 4 x 2 x 255 x 15 = 30600 <= 32767), bit-equal to
+    numpy, in calls of many rows and of one row."""
     simd_level(level)
     pool = _native.ThreadPool(2)
     M, K, O, group = 13, 256, 64, 128
@@ -91,6 +92,9 @@ def test_int4_extreme_codes_do_not_saturate(level, simd_level):
         w = _native.pack_linear_int4(nbits_bytes(codes), STEP * scales, K, group)
         (y,) = _native.linear_int8_many(x, [w], K, pool)
         assert np.array_equal(y, reference_int4(x, codes, scales, group)), (level, code)
+        for row in (0, 1):     # one-row calls take the decode tile, which sums in int16 too
+            (y1,) = _native.linear_int8_many(x[row:row + 1], [w], K, pool)
+            assert np.array_equal(y1, y[row:row + 1]), (level, code, row)
 
 
 @pytest.mark.parametrize("level", LEVELS)
