@@ -39,17 +39,6 @@ inline void store_rows(const lin8::Job& job, int m0, int p, const float* f) {
   }
 }
 
-// acc + vpmaddwd(t16, ones), the add in place (vnni_inplace.h: GCC's accumulator copies).
-static inline __m256i madd16_acc_inplace(__m256i acc, __m256i t16, __m256i ones) {
-#if defined(__GNUC__) && !defined(__clang__)
-  const __m256i t = _mm256_madd_epi16(t16, ones);
-  __asm__("vpaddd %1, %0, %0" : "+x"(acc) : "x"(t));
-  return acc;
-#else
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(t16, ones));
-#endif
-}
-
 // J k4 steps from k on into the one-row tile's 4 int32 sums (acc[h][j]): per step one broadcast
 // of u and the 64-byte row unpacked; per vector J vpmaddubsw summed in int16 (<= J x 7650), then
 // one vpmaddwd + vpaddd.

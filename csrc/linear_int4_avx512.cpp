@@ -32,17 +32,6 @@ namespace {
 
 constexpr int kTileRows = 6;   // the int8 kernel's, so both read the same Job::tiles
 
-// acc + vpmaddwd(t16, ones), the add in place (vnni_inplace.h: GCC's accumulator copies).
-static inline __m512i madd16_acc_inplace(__m512i acc, __m512i t16, __m512i ones) {
-#if defined(__GNUC__) && !defined(__clang__)
-  const __m512i t = _mm512_madd_epi16(t16, ones);
-  __asm__("vpaddd %1, %0, %0" : "+v"(acc) : "v"(t));
-  return acc;
-#else
-  return _mm512_add_epi32(acc, _mm512_madd_epi16(t16, ones));
-#endif
-}
-
 // J k4 steps from k on into the tile's int32 sums: vpdpbusd (VNNI, J = 1), or the int16 sums of
 // J <= 4 vpmaddubsw steps, then one vpmaddwd + vpaddd per vector.
 template <int MR, int J, bool Vnni>

@@ -23,18 +23,24 @@ static inline __m512i dpbusd_inplace(__m512i acc, __m512i u8, __m512i s8) {
 #endif
 }
 
-// acc + vpmaddwd(vpmaddubsw(u8, s8), ones) on 512 bits: the same step for AVX-512 CPUs without
-// VNNI (the caller keeps the int16 pair sums below saturation, as for AVX2 below). Only the add,
-// the instruction that writes the accumulator, is asm: with all three in one statement GCC copied
-// the accumulators around it again.
-static inline __m512i maddubs512_acc_inplace(__m512i acc, __m512i u8, __m512i s8, __m512i ones) {
+// acc + vpmaddwd(t16, ones) on 512 bits: int16 pair sums t16 (vpmaddubsw, or several of them
+// added in int16 by an int4 kernel) into the int32 sums. Only the add, the instruction that writes
+// the accumulator, is asm: with the multiplies in the same statement GCC copied the accumulators
+// around it again.
+static inline __m512i madd16_acc_inplace(__m512i acc, __m512i t16, __m512i ones) {
 #if defined(__GNUC__) && !defined(__clang__)
-  const __m512i t = _mm512_madd_epi16(_mm512_maddubs_epi16(u8, s8), ones);
+  const __m512i t = _mm512_madd_epi16(t16, ones);
   __asm__("vpaddd %1, %0, %0" : "+v"(acc) : "v"(t));
   return acc;
 #else
-  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u8, s8), ones));
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(t16, ones));
 #endif
+}
+
+// acc + vpmaddwd(vpmaddubsw(u8, s8), ones) on 512 bits: the same step for AVX-512 CPUs without
+// VNNI (the caller keeps the int16 pair sums below saturation, as for AVX2 below).
+static inline __m512i maddubs512_acc_inplace(__m512i acc, __m512i u8, __m512i s8, __m512i ones) {
+  return madd16_acc_inplace(acc, _mm512_maddubs_epi16(u8, s8), ones);
 }
 
 // The step of the 512-bit tiles (linear_int8_avx512.cpp, linear_int4_avx512.cpp): vpdpbusd where
@@ -47,17 +53,22 @@ static inline __m512i acc512_inplace(__m512i acc, __m512i u8, __m512i s8, __m512
 #endif
 
 #if defined(__AVX2__)
+// madd16_acc_inplace on 256 bits: acc + vpmaddwd(t16, ones), the add in place.
+static inline __m256i madd16_acc_inplace(__m256i acc, __m256i t16, __m256i ones) {
+#if defined(__GNUC__) && !defined(__clang__)
+  const __m256i t = _mm256_madd_epi16(t16, ones);
+  __asm__("vpaddd %1, %0, %0" : "+x"(acc) : "x"(t));
+  return acc;
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(t16, ones));
+#endif
+}
+
 // acc + vpmaddwd(vpmaddubsw(u8, s8), ones): the AVX2 form of maddubs512_acc_inplace, its add in place too
 // (the caller keeps the int16 pair sums below saturation). The same register copies appeared
 // around the int32 add in the 4 x 16 tile of the AVX2 int8 kernel (8 vmovdqa and a spill per 8 updates).
 static inline __m256i maddubs_acc_inplace(__m256i acc, __m256i u8, __m256i s8, __m256i ones) {
-#if defined(__GNUC__) && !defined(__clang__)
-  const __m256i t = _mm256_madd_epi16(_mm256_maddubs_epi16(u8, s8), ones);
-  __asm__("vpaddd %1, %0, %0" : "+x"(acc) : "x"(t));
-  return acc;
-#else
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u8, s8), ones));
-#endif
+  return madd16_acc_inplace(acc, _mm256_maddubs_epi16(u8, s8), ones);
 }
 #endif
 
