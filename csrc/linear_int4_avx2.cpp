@@ -39,6 +39,13 @@ inline void store_rows(const lin8::Job& job, int m0, int p, const float* f) {
   }
 }
 
+// f8[0, 8) += float(acc - corr - qsum) * scale: a group's exact int32 sums (gcorr, qsum8 removed)
+// into the float sums, which live in L1.
+inline void add_group(float* f8, __m256i acc, __m256i corr, __m256 scale, int32_t qsum) {
+  const __m256i t = _mm256_sub_epi32(_mm256_sub_epi32(acc, corr), _mm256_set1_epi32(qsum));
+  _mm256_store_ps(f8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), scale, _mm256_load_ps(f8)));
+}
+
 // J k4 steps from k on into the one-row tile's 4 int32 sums (acc[h][j]): per step one broadcast
 // of u and the 64-byte row unpacked; per vector J vpmaddubsw summed in int16 (<= J x 7650), then
 // one vpmaddwd + vpaddd.
@@ -83,10 +90,8 @@ inline void one_row(const lin8::Job& job, int p, const uint8_t* panel) {
     for (int h = 0; h < 2; ++h)
       for (int j = 0; j < 2; ++j) {
         const size_t at = size_t(g) * kLinearPanel + 16 * h + 8 * j;
-        const __m256i corr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gc + at));
-        const __m256i t = _mm256_sub_epi32(_mm256_sub_epi32(acc[h][j], corr), _mm256_set1_epi32(job.qsum8[g]));
-        float* fv = f + 16 * h + 8 * j;
-        _mm256_store_ps(fv, _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_loadu_ps(gs + at), _mm256_load_ps(fv)));
+        add_group(f + 16 * h + 8 * j, acc[h][j], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gc + at)),
+                  _mm256_loadu_ps(gs + at), job.qsum8[g]);
       }
   }
   store_rows<1>(job, 0, p, f);
@@ -138,11 +143,7 @@ inline void tile_rows(const lin8::Job& job, int m0, int p, const uint8_t* panel)
       const size_t at = size_t(g) * kLinearPanel + 16 * h + 8 * j;
       const __m256i corr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gc + at));
       const __m256 scale = _mm256_loadu_ps(gs + at);
-      for (int i = 0; i < MR; ++i) {
-        const __m256i t = _mm256_sub_epi32(_mm256_sub_epi32(acc[i], corr), _mm256_set1_epi32(qs[size_t(i) * G + g]));
-        float* fi = f[i] + 16 * h + 8 * j;
-        _mm256_store_ps(fi, _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), scale, _mm256_load_ps(fi)));
-      }
+      for (int i = 0; i < MR; ++i) add_group(f[i] + 16 * h + 8 * j, acc[i], corr, scale, qs[size_t(i) * G + g]);
     }
   }
   store_rows<MR>(job, m0, p, f[0]);
